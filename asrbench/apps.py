@@ -1,0 +1,153 @@
+"""The Hydra apps behind `asrbench <command>`; each has its own primary config in conf/<command>.yaml."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from asrbench import experiment, report, runinfo
+from asrbench.errors import AsrbenchError, CheckpointError, ConfigError
+
+log = logging.getLogger("asrbench")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def user_errors(fn):
+    """Report an AsrbenchError as one line on stderr and exit 2, with no traceback."""
+
+    @wraps(fn)
+    def wrapper(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except AsrbenchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+# ---------------------------------------------------------------- prepare
+@hydra.main(config_path=CONF, config_name="prepare", version_base="1.3")
+@user_errors
+def prepare(cfg: DictConfig) -> None:
+    t0 = time.perf_counter()
+    feats = experiment.load_features(cfg, progress=True)
+    for name, split in feats.items():
+        log.info("%-10s %6d utterances %9d stacked frames", name, len(split), int(split.lengths.sum()))
+    log.info("corpus and features ready in %.1f s", time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- train
+@hydra.main(config_path=CONF, config_name="train", version_base="1.3")
+@user_errors
+def train(cfg: DictConfig) -> None:
+    results = experiment.train(cfg, run_dir())
+    if results:
+        rows = [results]
+        baseline = cfg.get("baseline")
+        if baseline:
+            rows = [report.with_relative(results, report.load_results(Path(to_absolute_path(baseline))))]
+        print(report.markdown_table(rows))
+        print(f"results: {run_dir() / 'results.json'}")
+
+
+# ---------------------------------------------------------------- eval
+def load_run(run: str) -> tuple[Path, DictConfig, dict]:
+    """A finished run's directory, resolved config and results."""
+    path = Path(to_absolute_path(run))
+    results = report.load_results(path)
+    return path, OmegaConf.create(results["config"]), results
+
+
+def load_model(run_path: Path, results: dict) -> torch.nn.Module:
+    from asrbench.model.module import AcousticModule
+
+    ckpt_path = Path(results.get("checkpoint") or run_path / "checkpoints" / "last.ckpt")
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path}: checkpoint missing; re-run training or pass a run dir with checkpoints/")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        module = AcousticModule(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, EOFError, OSError, TypeError) as err:
+        raise CheckpointError(f"{ckpt_path}: not a loadable asrbench checkpoint ({type(err).__name__}); "
+                              f"re-run training to write it again") from None
+    return module.model
+
+
+@hydra.main(config_path=CONF, config_name="eval", version_base="1.3")
+@user_errors
+def evaluate(cfg: DictConfig) -> None:
+    if not cfg.run:
+        raise ConfigError("eval needs run=DIR (a finished `asrbench train` run dir)")
+    run_path, run_cfg, old = load_run(cfg.run)
+    if cfg.get("data"):  # let the user evaluate on other data / with alignments
+        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    run_cfg.eval_batch_size = cfg.eval_batch_size
+    model = load_model(run_path, old)
+    feats = experiment.load_features(run_cfg)
+    frame_labels = experiment.load_frame_labels(run_cfg)
+    out = run_dir()
+    res = old | experiment.evaluate_all(model, feats, frame_labels, run_cfg, out)
+    res["evaluated_by"] = {"git_commit": runinfo.git_commit(), "versions": runinfo.versions()}
+    rows, histories = [], {}
+    if cfg.baseline:
+        base_path, _, base = load_run(cfg.baseline)
+        rows.append(report.with_relative(base, base))
+        histories[f"{base['strategy']} x{base['nodes']} (baseline)"] = report.read_history(base_path)
+    res = report.with_relative(res, rows[0] if rows else None)
+    rows.append(res)
+    histories[f"{res['strategy']} x{res['nodes']}"] = report.read_history(run_path)
+    runinfo.write_json_atomic(out / "results.json", res)
+    md = report.write_report(out, rows, histories)
+    print(md.read_text())
+    print(f"report: {md}")
+
+
+# ---------------------------------------------------------------- align
+@hydra.main(config_path=CONF, config_name="align", version_base="1.3")
+@user_errors
+def align(cfg: DictConfig) -> None:
+    from asrbench.data.features import FeatureConfig
+    from asrbench.data.librispeech import load_word_timings, scan_subsets
+    from asrbench.model.align import align_split, boundary_accuracy, write_alignments
+
+    if not cfg.run:
+        raise ConfigError("align needs run=DIR (a finished `asrbench train` run dir with a CTC model)")
+    run_path, run_cfg, old = load_run(cfg.run)
+    if run_cfg.criterion != "ctc":
+        raise ConfigError(f"{run_path}: align needs a CTC model but this run trained criterion={run_cfg.criterion}")
+    model = load_model(run_path, old)
+    feats = experiment.load_features(run_cfg)
+    fcfg = FeatureConfig(**OmegaConf.to_container(run_cfg.features, resolve=True))
+    frame_s = fcfg.skip * fcfg.frame_shift_ms / 1000.0
+    root = experiment.data_root(run_cfg.data)
+    out = run_dir()
+    summary = {"frame_s": frame_s, "tolerance_s": cfg.tolerance_s, "subsets": {}}
+    for name, subsets in experiment.split_names(run_cfg.data).items():
+        ali, skipped = align_split(model, feats[name], batch_size=cfg.batch_size)
+        utts = []
+        for subset in subsets:
+            subset_utts = scan_subsets(root, [subset])
+            utts += subset_utts
+            write_alignments(out / f"{subset}.ali", {u.utt_id: ali[u.utt_id] for u in subset_utts if u.utt_id in ali})
+        timings = load_word_timings(utts)
+        acc, words = boundary_accuracy(ali, timings, frame_s, cfg.tolerance_s) if timings else (None, 0)
+        summary["subsets"][name] = {"aligned": len(ali), "too_short": skipped,
+                                    "word_start_accuracy": acc, "words_checked": words}
+        log.info("%s: %d aligned, %d too short%s", name, len(ali), skipped,
+                 f", word starts within {cfg.tolerance_s * 1000:.0f} ms: {acc:.1%} of {words}" if words else "")
+    runinfo.write_json_atomic(out / "align.json", summary)
+    print(f"alignments: {out} (use data.alignments={out})")

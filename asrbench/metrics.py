@@ -1,0 +1,36 @@
+"""Error rates: WER/CER through jiwer, FER against frame labels, relative change vs a baseline."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jiwer
+import torch
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus word error rate: total edits / total reference words (jiwer)."""
+    if not refs:
+        return math.nan
+    return float(jiwer.wer(list(refs), [h if h else "" for h in hyps]))
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus character error rate (jiwer)."""
+    if not refs:
+        return math.nan
+    return float(jiwer.cer(list(refs), list(hyps)))
+
+
+def frame_errors(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[int, int]:
+    """(wrong frames, counted frames) of argmax(logits) against labels; padding ignored."""
+    mask = labels != ignore_index
+    wrong = (logits.argmax(-1) != labels) & mask
+    return int(wrong.sum()), int(mask.sum())
+
+
+def relative_change(value: float, baseline: float) -> float:
+    """(value - baseline) / baseline: the paper's relative error-rate change (0.031 = +3.1 %)."""
+    if baseline is None or value is None or not math.isfinite(baseline) or baseline == 0:
+        return math.nan
+    return (value - baseline) / baseline

@@ -1,0 +1,39 @@
+"""Decode a split with a trained model in one process: WER, CER and, with frame labels, FER."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from asrbench import metrics
+from asrbench.data.dataset import SpeechDataset, make_loader
+from asrbench.model.decode import greedy_decode
+from asrbench.model.module import targets_to_text
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, torch.Tensor] | None = None,
+                   batch_size: int = 32, device: str | torch.device = "cpu") -> dict:
+    """Greedy-decode every utterance of `split`; returns metrics and the hypotheses by utterance."""
+    model.eval()
+    labels = {u: frame_labels[u] for u in split.utt_ids if frame_labels and u in frame_labels} or None
+    loader = make_loader(SpeechDataset(split, labels), batch_size=batch_size, shuffle=False, seed=0)
+    refs: list[str] = []
+    hyps: list[str] = []
+    ids: list[str] = []
+    wrong = counted = 0
+    for batch in loader:
+        logits = model(batch["feats"].to(device), batch["feat_lens"].to(device))
+        hyps += greedy_decode(logits, batch["feat_lens"])
+        refs += targets_to_text(batch["targets"], batch["target_lens"])
+        ids += list(batch["utt_ids"])
+        if "frame_labels" in batch:
+            w, c = metrics.frame_errors(logits.cpu(), batch["frame_labels"])
+            wrong, counted = wrong + w, counted + c
+    return {
+        "wer": metrics.wer(refs, hyps),
+        "cer": metrics.cer(refs, hyps),
+        "fer": wrong / counted if counted else None,
+        "utterances": len(refs),
+        "hyps": dict(zip(ids, hyps)),
+    }

@@ -1,0 +1,134 @@
+"""LightningModule for the acoustic model: CTC or frame cross-entropy, greedy decoding, WER/CER/FER.
+
+Training loss is per frame for CE and per utterance (summed over frames, averaged over the
+batch) for CTC. Validation metrics use torchmetrics so they are exact across DDP ranks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from asrbench.data import text
+from asrbench.model.decode import greedy_decode
+from asrbench.model.lstm import LSTMAcousticModel
+
+CRITERIA = ("ctc", "ce")
+
+
+def targets_to_text(targets: torch.Tensor, target_lens: torch.Tensor) -> list[str]:
+    return [text.decode(row[:n].tolist()) for row, n in zip(targets.cpu(), target_lens.cpu())]
+
+
+class AcousticModule(L.LightningModule):
+    def __init__(self, input_dim: int, model: dict, optim: dict, criterion: str = "ctc",
+                 world_size: int = 1) -> None:
+        super().__init__()
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is unknown; use one of {CRITERIA}")
+        self.save_hyperparameters()
+        model_kw = {k: v for k, v in model.items() if k != "name"}
+        self.model = LSTMAcousticModel(input_dim, text.vocab_size(), **model_kw)
+        self.criterion = criterion
+        self.optim_cfg = dict(optim)
+        self.world_size = world_size
+        self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
+        self.val_loss = MeanMetric()
+        self.val_frames_wrong, self.val_frames = SumMetric(), SumMetric()
+        self._t_last: float | None = None
+        self.frames_seen = 0  # stacked frames this worker trained on (not checkpointed)
+        self.train_time_s = 0.0  # wall time inside training batches (forward, backward, communication)
+        self._t_batch = 0.0
+
+    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(feats, feat_lens)
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if self.criterion == "ctc":
+            log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C)
+            return F.ctc_loss(log_probs, batch["targets"], batch["feat_lens"], batch["target_lens"],
+                              blank=0, reduction="mean", zero_infinity=True)
+        if "frame_labels" not in batch:
+            raise ValueError("criterion=ce needs frame labels: run `asrbench align` and set data.alignments=DIR")
+        return F.cross_entropy(logits.flatten(0, 1), batch["frame_labels"].flatten(), ignore_index=-100)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["feats"], batch["feat_lens"])
+        loss = self.loss(logits, batch)
+        frames = float(batch["feat_lens"].sum())
+        self.frames_seen += int(frames)
+        now = time.perf_counter()
+        metrics = {"train/loss": loss.detach()}
+        if self._t_last is not None:
+            metrics["train/frames_per_s"] = frames * self.world_size / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["feat_lens"]))
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t_batch = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_time_s += time.perf_counter() - self._t_batch
+        comm = getattr(self.trainer.strategy, "comm_metrics", None)
+        if comm is not None:
+            self.log_dict({f"comm/{k}": float(v) for k, v in comm().items()}, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["feats"], batch["feat_lens"])
+        if self.criterion == "ctc" or "frame_labels" in batch:
+            self.val_loss.update(self.loss(logits, batch).detach())
+        hyps = greedy_decode(logits, batch["feat_lens"])
+        refs = targets_to_text(batch["targets"], batch["target_lens"])
+        self.val_wer.update(hyps, refs)
+        self.val_cer.update(hyps, refs)
+        if "frame_labels" in batch:
+            labels = batch["frame_labels"]
+            mask = labels != -100
+            self.val_frames_wrong.update(((logits.argmax(-1) != labels) & mask).sum().float())
+            self.val_frames.update(mask.sum().float())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val/wer": self.val_wer.compute(), "val/cer": self.val_cer.compute()}
+        if self.val_loss.update_called:
+            metrics["val/loss"] = self.val_loss.compute()
+        if self.val_frames.update_called:
+            metrics["val/fer"] = self.val_frames_wrong.compute() / self.val_frames.compute().clamp(min=1)
+        self.log_dict(metrics, prog_bar=True)
+        for m in (self.val_wer, self.val_cer, self.val_loss, self.val_frames_wrong, self.val_frames):
+            m.reset()
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        lr = scaled_lr(cfg["lr"], cfg.get("lr_scaling", "none"), self.world_size)
+        name = cfg.get("name", "adam")
+        if name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=cfg.get("momentum", 0.0),
+                                  weight_decay=cfg.get("weight_decay", 0.0))
+        elif name in ("adam", "adamw"):
+            cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            opt = cls(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0))
+        else:
+            raise ValueError(f"optim.name={name!r} is unknown; use sgd, adam or adamw")
+        warmup = int(cfg.get("warmup_steps", 0))
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def scaled_lr(lr: float, rule: str, world_size: int) -> float:
+    """Learning rate for N workers: `none` keeps it, `linear` multiplies by N, `sqrt` by sqrt(N)."""
+    if rule == "none":
+        return lr
+    if rule == "linear":
+        return lr * world_size
+    if rule == "sqrt":
+        return lr * math.sqrt(world_size)
+    raise ValueError(f"optim.lr_scaling={rule!r} is unknown; use none, linear or sqrt")

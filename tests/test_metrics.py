@@ -1,0 +1,24 @@
+import math
+
+import torch
+
+from asrbench import metrics
+
+
+def test_wer_cer_known_cases():
+    assert metrics.wer(["A B C D"], ["A X C"]) == 0.5  # one substitution, one deletion / 4 words
+    assert metrics.wer(["A B", "C D"], ["A B", "C D"]) == 0.0
+    assert math.isclose(metrics.cer(["ABCD"], ["ABXD"]), 0.25)
+    assert metrics.wer(["A B"], [""]) == 1.0  # empty hypothesis: all deleted
+
+
+def test_frame_errors_ignore_padding():
+    logits = torch.tensor([[[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]]])
+    labels = torch.tensor([[0, 1, 1, -100]])
+    assert metrics.frame_errors(logits, labels) == (1, 3)
+
+
+def test_relative_change_is_the_papers_measure():
+    assert math.isclose(metrics.relative_change(0.103, 0.1), 0.03)
+    assert metrics.relative_change(0.09, 0.1) < 0
+    assert math.isnan(metrics.relative_change(0.1, 0.0))
