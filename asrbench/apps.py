@@ -93,8 +93,9 @@ def evaluate(cfg: DictConfig) -> None:
     if not cfg.run:
         raise ConfigError("eval needs run=DIR (a finished `asrbench train` run dir)")
     run_path, run_cfg, old = load_run(cfg.run)
-    if cfg.get("data"):  # let the user evaluate on other data / with alignments
-        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    if overrides:  # evaluate on other data / with alignments
+        run_cfg.data = OmegaConf.merge(run_cfg.data, overrides)
     run_cfg.eval_batch_size = cfg.eval_batch_size
     model = load_model(run_path, old)
     feats = experiment.load_features(run_cfg)
