@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     elif os.environ.get(ENV) in COMMANDS and len(argv) > 1 and argv[1] not in ("-h", "--help"):
         command, rest = os.environ[ENV], argv[1:]
     else:
-        print(usage(), file=sys.stderr if len(argv) > 1 and argv[1] not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
+        asked = len(argv) > 1 and argv[1] in ("-h", "--help")
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     os.environ[ENV] = command
     sys.argv = [argv[0], *rest]
     from asrbench import apps

@@ -30,6 +30,7 @@ from asrbench.model.module import AcousticModule
 from asrbench.strategies import build_strategy
 
 log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- data
@@ -47,7 +48,11 @@ def ensure_corpus(data_cfg: Mapping, progress: bool = True) -> Path:
 
         cfg = OmegaConf.to_container(data_cfg["synth"], resolve=True) if isinstance(
             data_cfg["synth"], DictConfig) else dict(data_cfg["synth"])
-        cfg["sentences"] = to_absolute_path(str(cfg["sentences"]))
+        sentences = Path(str(cfg["sentences"]))
+        if not sentences.is_absolute():  # relative to the cwd, else to the asrbench checkout
+            cwd_path = Path(to_absolute_path(str(sentences)))
+            sentences = cwd_path if cwd_path.exists() else PROJECT_ROOT / sentences
+        cfg["sentences"] = str(sentences)
         generate_corpus(root, cfg, progress=progress)
     return root
 
@@ -189,9 +194,9 @@ def log_results(logger: Any, results: dict) -> None:
 def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
     t0 = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
     accel, devices, machines = trainer_devices(cfg)
     strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     is_rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     feats = load_features(cfg, progress=is_rank0)
     frame_labels = load_frame_labels(cfg)

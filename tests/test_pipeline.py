@@ -1,0 +1,97 @@
+"""The command line end to end on a tiny synthetic corpus: prepare, train (CTC and CE), align, eval."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"strategy", "nodes", "fer", "wer", "cer", "train_frames_per_s", "wall_s", "steps",
+               "bytes_sent_per_worker_per_step", "config", "git_commit", "versions", "seed", "eval"}
+
+
+def asrbench(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env.pop("ASRBENCH_COMMAND", None)
+    proc = subprocess.run([sys.executable, "-m", "asrbench.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"asrbench {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus") / "synth_tiny"
+    asrbench("prepare", "data=synth_tiny", f"data.root={root}", f"hydra.run.dir={root.parent}/prepare")
+    return root
+
+
+TINY = ("model=lstm_tiny", "batch_size=4", "eval_batch_size=16", "optim.lr=0.004")
+
+
+@pytest.fixture(scope="module")
+def ctc_run(corpus) -> Path:
+    run = corpus.parent / "ctc"
+    asrbench("train", "data=synth_tiny", f"data.root={corpus}", *TINY, "logger=csv", "trainer.max_epochs=6",
+             "trainer.log_every_n_steps=1", f"hydra.run.dir={run}")
+    return run
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_usage_and_help():
+    proc = asrbench(check=False)
+    assert proc.returncode == 2 and "commands:" in proc.stderr
+    assert "strategy" in asrbench("train", "--help").stdout
+    cfg = asrbench("train", "--cfg", "job", "nodes=4", "strategy=gtc_bmuf", "trainer.max_steps=7").stdout
+    assert "nodes: 4" in cfg and "max_steps: 7" in cfg and "group_size" in cfg
+
+
+def test_config_errors_are_one_line(tmp_path):
+    proc = asrbench("train", "strategy=single", "nodes=2", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: strategy=single") and "Traceback" not in proc.stderr
+    proc = asrbench("train", "data=librispeech", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "data.root" in proc.stderr and "Traceback" not in proc.stderr
+    proc = asrbench("eval", f"run={tmp_path}", check=False)
+    assert proc.returncode == 2 and "results.json" in proc.stderr
+
+
+def test_ctc_training_learns_and_writes_results(ctc_run):
+    results = json.loads((ctc_run / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["strategy"] == "single" and results["nodes"] == 1
+    assert results["bytes_sent_per_worker_per_step"] == 0
+    assert results["config"]["model"]["name"] == "lstm_tiny"
+    assert set(results["eval"]) == {"dev", "test", "test_seen"}
+    loss = losses(ctc_run)
+    assert len(loss) >= 10 and sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3
+    assert (ctc_run / "checkpoints" / "last.ckpt").is_file()
+    assert (ctc_run / "hyps" / "test.txt").is_file()
+
+
+def test_align_eval_and_ce_training(ctc_run, corpus):
+    asrbench("align", f"run={ctc_run}")
+    ali = ctc_run / "align"
+    assert {p.name for p in ali.glob("*.ali")} == {"train.ali", "dev.ali", "test.ali", "test_seen.ali"}
+    summary = json.loads((ali / "align.json").read_text())
+    assert summary["subsets"]["train"]["words_checked"] > 0
+
+    out = asrbench("eval", f"run={ctc_run}", f"baseline={ctc_run}", f"data.alignments={ali}").stdout
+    res = json.loads((ctc_run / "eval" / "results.json").read_text())
+    assert res["fer"] is not None and 0 <= res["fer"] <= 1 and res["rel_wer"] == 0.0
+    assert "rel. WER" in out and (ctc_run / "eval" / "curves.png").stat().st_size > 1000
+
+    ce = corpus.parent / "ce"
+    asrbench("train", "data=synth_tiny", f"data.root={corpus}", f"data.alignments={ali}", "criterion=ce",
+             *TINY, "logger=csv", "trainer.max_epochs=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={ce}")
+    res = json.loads((ce / "results.json").read_text())
+    assert res["criterion"] == "ce" and res["fer"] is not None
+    loss = losses(ce)
+    assert loss[-1] < 0.8 * loss[0]
