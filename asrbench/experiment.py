@@ -193,6 +193,10 @@ def log_results(logger: Any, results: dict) -> None:
 
 def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
+    if cfg.cluster.name == "simulated":
+        from asrbench.cluster.simulated import train_simulated
+
+        return train_simulated(cfg, out_dir)
     t0 = time.perf_counter()
     accel, devices, machines = trainer_devices(cfg)
     strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
@@ -234,7 +238,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
         "train_frames_per_s": module.frames_seen * int(cfg.nodes) / max(module.train_time_s, 1e-9),
     }
     comm = getattr(trainer.strategy, "comm_summary", None)
-    results.update(comm() if comm else {"bytes_sent_per_worker_per_step": 0,
+    summary = dict(comm()) if comm else {}
+    if "steps" in summary:
+        summary["comm_steps"] = int(summary.pop("steps"))
+    results.update(summary or {"bytes_sent_per_worker_per_step": 0,
                                          "bytes_received_per_worker_per_step": 0,
                                          "dense_bytes_per_worker_per_step": 0})
     results.update(evaluate_all(module.model, feats, frame_labels, cfg, out_dir))

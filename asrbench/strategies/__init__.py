@@ -47,7 +47,12 @@ def build_strategy(cfg: Mapping[str, Any], *, nodes: int, timeout_s: float) -> A
     registry_name = cfg.get("registry_name") or f"asrbench_{name}"
     kwargs = strategy_kwargs(cfg)
     kwargs["timeout"] = timedelta(seconds=timeout_s)
+    if name == "gtc_bmuf":
+        from asrbench.strategies.gtc_bmuf import number_of_groups
+
+        number_of_groups(nodes, int(kwargs.get("group_size", 1)))  # fails before any process starts
+    entry = StrategyRegistry[registry_name]
     try:
-        return StrategyRegistry.get(registry_name, **kwargs)
+        return entry["strategy"](**entry["init_params"], **kwargs)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"strategy={name}: {err}") from None

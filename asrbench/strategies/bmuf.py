@@ -1,0 +1,615 @@
+"""Blockwise model-update filtering (BMUF; Chen & Huo, ICASSP 2016) and DiLoCo as its preset.
+
+Each of N workers trains its own replica for a block of K optimizer steps with no gradient
+communication; then the workers' models are averaged (one all-reduce of the flat parameters)
+and the change of the block is filtered with block momentum before the next block starts.
+
+Symbols (Chen & Huo 2016, Sec. 2; the config key in brackets)
+
+    ======  ==========================  ================================================
+    K       ``block_size``              optimizer steps per block (per worker)
+    N                                   workers averaged per block
+    eta     ``block_momentum`` (η)      block momentum, 0 <= η < 1 (default 1 - 1/N)
+    zeta    ``block_lr`` (ζ)            block learning rate, ζ > 0 (default 1)
+    W_i(t)                              worker i's model at the end of block t
+    W̄(t)                               mean_i W_i(t), the one all-reduce per block
+    S(t)                                block start: the model every worker starts block t+1 from
+    G(t)                                block gradient W̄(t) - S(t-1)
+    Δ(t)    ``delta``                   filtered update (the paper's Δ)
+    W_g(t)  ``global_model``            global model
+    ======  ==========================  ================================================
+
+Both forms filter alike, Δ(t) = η Δ(t-1) + ζ G(t), and differ only in the point Δ(t) is
+added to:
+
+    nesterov_form: paper                        nesterov_form: cntk
+    (Chen & Huo 2016, Sec. 2)                   (CNTK BlockMomentumSGD, fairseq FairseqBMUF)
+    keeps W_g beside the block start            keeps only the block start
+    W_g(t) = W_g(t-1) + Δ(t)                    W_g(t) = S(t-1) + Δ(t)
+    S(t)   = W_g(t) + η Δ(t)     (NBM)          S(t)   = W_g(t) + η Δ(t)     (NBM)
+    S(t)   = W_g(t)              (CBM)          S(t)   = W_g(t)              (CBM)
+
+(In the cntk form W_g(t) is the start without its look-ahead, the model CNTK restores at the
+end of an epoch.)
+
+With classical block momentum (CBM) S(t-1) = W_g(t-1) and the forms coincide. With NBM the
+paper's form equals an outer ``torch.optim.SGD(lr=ζ, momentum=η, nesterov=True)`` stepped on
+the pseudo-gradient S(t-1) - W̄(t), which is DiLoCo's outer optimizer (Douillard et al. 2023,
+Alg. 1); the CNTK form adds Δ(t) to the previous start, look-ahead included. CNTK all-reduces
+the sum Σ_i (S - W_i) and filters it with gain (1 - η)·block_lr; on the mean that is
+ζ = N (1 - η)·block_lr, i.e. ζ = block_lr when η = 1 - 1/N (`block_lr_from_cntk`).
+
+CNTK gives K in samples over all workers (``globalModelAggregationBlockSize``, here
+``block_size_samples``) and η as a time constant in samples
+(``blockMomentumAsTimeConstant``, here ``block_momentum_time_constant``):
+η = exp(-block_size_samples / time_constant).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch._utils import _unflatten_dense_tensors
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from asrbench.errors import CheckpointError
+from asrbench.strategies.accounting import CommStats
+
+log = logging.getLogger(__name__)
+
+NESTEROV_FORMS = ("paper", "cntk")
+STATE_DTYPE = torch.float32  # the filter's state and the wire format of the parameter all-reduce
+
+
+def _optimizer_classes() -> dict[str, type[Optimizer]]:
+    classes = (getattr(torch.optim, n) for n in dir(torch.optim))
+    return {c.__name__.lower(): c for c in classes if isinstance(c, type) and issubclass(c, Optimizer)
+            and c is not Optimizer}
+
+
+def steps_per_block(block_size_samples: int, batch_size: int, num_workers: int) -> int:
+    """K in optimizer steps from CNTK's block size in samples over all workers (nearest step)."""
+    per_step = batch_size * num_workers
+    steps = round(block_size_samples / per_step)
+    if steps < 1:
+        raise ValueError(f"Arg `block_size_samples` ({block_size_samples}) is less than one step of all "
+                         f"workers (batch_size * N = {per_step} samples); raise it")
+    if steps * per_step != block_size_samples:
+        warnings.warn(f"block_size_samples={block_size_samples} is not a multiple of batch_size * N = "
+                      f"{per_step}; using K = {steps} steps ({steps * per_step} samples)", stacklevel=2)
+    return steps
+
+
+def momentum_from_time_constant(time_constant: float, block_size_samples: float) -> float:
+    """η = exp(-block_size_samples / time_constant) (CNTK's TimeConstant2Momentum, both in samples)."""
+    return math.exp(-block_size_samples / time_constant)
+
+
+def block_lr_from_cntk(cntk_block_lr: float, block_momentum: float, num_workers: int) -> float:
+    """ζ on the mean equal to CNTK's gain (1 - η)·block_lr on the sum of N workers' deltas."""
+    return num_workers * (1.0 - block_momentum) * cntk_block_lr
+
+
+@dataclass(frozen=True)
+class BMUFConfig:
+    """BMUF knobs (conf/strategy/bmuf.yaml). Checks that need N wait for `resolve`."""
+
+    block_size: int | None = None  # K, optimizer steps per block; fairseq `global_sync_iter`
+    block_size_samples: int | None = None  # K in samples over all workers; CNTK globalModelAggregationBlockSize
+    batch_size: int | None = None  # samples per worker per step; converts the two *_samples knobs
+    block_momentum: float | None = None  # η; None -> 1 - 1/N (CNTK's default)
+    block_momentum_time_constant: float | None = None  # η as CNTK blockMomentumAsTimeConstant, samples
+    block_lr: float = 1.0  # ζ; fairseq `block_lr`, CNTK blockLearningRate (see block_lr_from_cntk)
+    nesterov: bool = True  # NBM (fairseq `use_nbm`, CNTK useNesterovMomentum); False is CBM
+    nesterov_form: str = "paper"  # paper | cntk, see the module docstring
+    outer_optimizer: str = "filter"  # filter (the paper's) or a torch.optim name stepped on S - W̄
+    outer_optimizer_kwargs: Mapping[str, Any] | None = None  # e.g. {lr: 0.7, momentum: 0.9, nesterov: true}
+    reset_momentum: bool = False  # CNTK resetSGDMomentum: clear the local optimizer state after a sync
+    warmup_steps: int = 0  # fairseq warmup_iterations: local training, then one plain average
+    average_sync: bool = False  # fairseq average_sync: average the local optimizer state at a sync
+
+    def __post_init__(self) -> None:
+        if (self.block_size is None) == (self.block_size_samples is None):
+            raise ValueError("Give one of `block_size` (K, optimizer steps per block) and "
+                             "`block_size_samples` (samples over all workers)")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"Arg `block_size` must be a positive value (steps per block), got {self.block_size}")
+        if self.block_size_samples is not None and self.block_size_samples < 1:
+            raise ValueError(f"Arg `block_size_samples` must be a positive value, got {self.block_size_samples}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"Arg `batch_size` must be a positive value (samples per step), got {self.batch_size}")
+        if self.block_momentum is not None and self.block_momentum_time_constant is not None:
+            raise ValueError("Args `block_momentum` and `block_momentum_time_constant` are both set; "
+                             "give η directly or as CNTK's time constant in samples, not both")
+        if self.block_momentum is not None and not 0.0 <= self.block_momentum < 1.0:
+            raise ValueError(f"Arg `block_momentum` must be in [0, 1), got {self.block_momentum}")
+        if self.block_momentum_time_constant is not None and self.block_momentum_time_constant <= 0:
+            raise ValueError("Arg `block_momentum_time_constant` must be a positive value (samples), "
+                             f"got {self.block_momentum_time_constant}")
+        needs_batch = self.block_size_samples is not None or self.block_momentum_time_constant is not None
+        if needs_batch and self.batch_size is None:
+            raise ValueError("Args `block_size_samples` and `block_momentum_time_constant` count samples; "
+                             "set `batch_size` (samples per worker per step) to convert them")
+        if not self.block_lr > 0:
+            raise ValueError(f"Arg `block_lr` must be a positive value, got {self.block_lr}")
+        if self.nesterov_form not in NESTEROV_FORMS:
+            raise ValueError(f"Arg `nesterov_form` must be one of {', '.join(NESTEROV_FORMS)}, "
+                             f"got {self.nesterov_form!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"Arg `warmup_steps` must be a non-negative number, got {self.warmup_steps}")
+        if self.outer_optimizer != "filter":
+            if self.outer_optimizer.lower() not in _optimizer_classes():
+                raise ValueError(f"Arg `outer_optimizer` must be `filter` or a torch.optim optimizer "
+                                 f"name (sgd, adam, ...), got {self.outer_optimizer!r}")
+            if self.block_momentum is not None or self.block_momentum_time_constant is not None:
+                raise ValueError(f"Arg `block_momentum` applies to outer_optimizer=filter; with "
+                                 f"outer_optimizer={self.outer_optimizer} set momentum in `outer_optimizer_kwargs`")
+        if self.reset_momentum and self.average_sync:
+            raise ValueError("Args `reset_momentum` and `average_sync` exclude each other; set one")
+
+    def resolve(self, num_workers: int) -> tuple[int, float]:
+        """(K in steps, η) for N = `num_workers`, warning on degenerate settings."""
+        assert num_workers >= 1
+        if self.block_size is not None:
+            block_size = self.block_size
+            block_samples = None if self.batch_size is None else block_size * self.batch_size * num_workers
+        else:
+            assert self.batch_size is not None and self.block_size_samples is not None
+            block_size = steps_per_block(self.block_size_samples, self.batch_size, num_workers)
+            block_samples = self.block_size_samples
+        if self.block_momentum is not None:
+            eta = self.block_momentum
+        elif self.block_momentum_time_constant is not None:
+            assert block_samples is not None
+            eta = momentum_from_time_constant(self.block_momentum_time_constant, block_samples)
+        else:
+            eta = 1.0 - 1.0 / num_workers
+        if self.outer_optimizer == "filter" and block_size == 1 and eta == 0.0 and self.block_lr == 1.0:
+            warnings.warn("block_size=1, block_momentum=0, block_lr=1 averages the models after every step: "
+                          "plain model averaging; sync SGD (strategy=sync) communicates no more", stacklevel=2)
+        return block_size, eta
+
+
+class BlockMomentumFilter:
+    """Chen & Huo 2016, Sec. 2: the blockwise model-update filter on flat fp32 vectors.
+
+    `update(W̄)` takes the mean of the workers' models at the end of block t and returns the
+    next block start S(t):
+
+        G(t)   = W̄(t) - S(t-1)                       block gradient
+        Δ(t)   = η Δ(t-1) + ζ G(t)                    block momentum filter
+        W_g(t) = W_g(t-1) + Δ(t)     (paper)          global model
+               = S(t-1)   + Δ(t)     (cntk)
+        S(t)   = W_g(t) + η Δ(t)     (NBM)            next block start
+               = W_g(t)              (CBM)
+
+    Pure tensor math with no communication, so a simulated cluster can drive it with the
+    mean over a worker dimension of stacked models.
+    """
+
+    def __init__(self, start: torch.Tensor, *, block_momentum: float, block_lr: float,
+                 nesterov: bool = True, nesterov_form: str = "paper") -> None:
+        assert start.dim() == 1 and nesterov_form in NESTEROV_FORMS
+        self.block_momentum, self.block_lr = block_momentum, block_lr
+        self.nesterov, self.nesterov_form = nesterov, nesterov_form
+        self.start = start.detach().to(STATE_DTYPE).clone()  # S
+        self.global_model = self.start.clone()  # W_g
+        self.delta = torch.zeros_like(self.start)  # Δ
+        self.num_blocks = 0
+
+    def reset(self, start: torch.Tensor) -> None:
+        """Start afresh from `start` (W_g = S = start, Δ = 0), e.g. after fairseq's warm-up."""
+        self.start.copy_(start)
+        self.global_model.copy_(start)
+        self.delta.zero_()
+
+    @torch.no_grad()
+    def update(self, mean: torch.Tensor) -> torch.Tensor:
+        """One block: W̄(t) in, S(t) out (the returned tensor is the filter's own `start`)."""
+        block_grad = mean.to(STATE_DTYPE) - self.start
+        self.delta.mul_(self.block_momentum).add_(block_grad, alpha=self.block_lr)
+        if self.nesterov_form == "cntk":
+            self.global_model.copy_(self.start)
+        self.global_model.add_(self.delta)
+        if self.nesterov:
+            torch.add(self.global_model, self.delta, alpha=self.block_momentum, out=self.start)
+        else:
+            self.start.copy_(self.global_model)
+        self.num_blocks += 1
+        return self.start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start.clone(), "global_model": self.global_model.clone(),
+                "delta": self.delta.clone(), "num_blocks": self.num_blocks}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name in ("start", "global_model", "delta"):
+            getattr(self, name).copy_(state[name])
+        self.num_blocks = int(state["num_blocks"])
+
+
+class OuterOptimizerFilter:
+    """DiLoCo's outer step (Douillard et al. 2023, Alg. 1): any torch.optim optimizer stepped on
+    the pseudo-gradient S(t-1) - W̄(t). SGD(lr=ζ, momentum=η, nesterov) equals the paper form."""
+
+    def __init__(self, start: torch.Tensor, optimizer: str, optimizer_kwargs: Mapping[str, Any] | None = None) -> None:
+        assert start.dim() == 1
+        self._param = torch.nn.Parameter(start.detach().to(STATE_DTYPE).clone())
+        self.optimizer = _optimizer_classes()[optimizer.lower()]([self._param], **dict(optimizer_kwargs or {}))
+        self.start = self._param.data  # S, shares storage with the optimized parameter
+        self.num_blocks = 0
+
+    @property
+    def global_model(self) -> torch.Tensor:
+        return self.start
+
+    def reset(self, start: torch.Tensor) -> None:
+        self.start.copy_(start)
+        self.optimizer.state.clear()
+
+    @torch.no_grad()
+    def update(self, mean: torch.Tensor) -> torch.Tensor:
+        self._param.grad = self.start - mean.to(STATE_DTYPE)
+        self.optimizer.step()
+        self._param.grad = None
+        self.num_blocks += 1
+        return self.start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start.clone(), "num_blocks": self.num_blocks, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.start.copy_(state["start"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_blocks = int(state["num_blocks"])
+
+
+def _tensors(params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]]) -> list[torch.Tensor]:
+    """Parameters, or an optimizer's param_groups, as a list (kept whole: the flat layout is fixed)."""
+    out: list[torch.Tensor] = []
+    for p in params:
+        out.extend(p["params"] if isinstance(p, Mapping) else [p])
+    return out
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat fp32 copy of `tensors`."""
+    return torch.cat([t.detach().reshape(-1).to(STATE_DTYPE) for t in tensors])
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the flat vector back into `tensors` in place (casting to each one's dtype)."""
+    torch._foreach_copy_(tensors, list(_unflatten_dense_tensors(flat, tensors)))
+
+
+def _optimizer_state_tensors(optimizer: Optimizer) -> list[torch.Tensor]:
+    """The local optimizer's floating-point state (momentum buffers, Adam moments), step counts excluded."""
+    return [v for group in optimizer.param_groups for p in group["params"]
+            for k, v in sorted(optimizer.state.get(p, {}).items())
+            if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+
+
+class BMUFAverager(ModelAverager):
+    """Averages parameters every K optimizer steps through the block momentum filter.
+
+    Call `average_parameters(params)` after every optimizer step, as with PyTorch's
+    `PeriodicModelAverager`; it counts steps and, at the end of each block, all-reduces the
+    mean of the flat parameters once over `process_group`, applies the filter and writes the
+    next block start S(t) into `params`. Knobs are `BMUFConfig`'s fields. The start is
+    broadcast from the group's first rank at construction so every replica begins the same.
+    Each collective of a sync is counted in `comm_stats` when one is given.
+
+    State (`state_dict`) is replicated: every worker holds the same S, W_g, Δ and counters.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]],
+                 config: BMUFConfig | None = None, *, process_group: dist.ProcessGroup | None = None,
+                 comm_stats: CommStats | None = None, **knobs: Any) -> None:
+        super().__init__(process_group)
+        self.comm_stats = comm_stats
+        if config is None:
+            config = BMUFConfig(**knobs)
+        elif knobs:
+            raise TypeError(f"give BMUFAverager a config or keyword knobs, not both: {sorted(knobs)}")
+        self.config = config
+        self.num_workers = self._num_workers()
+        self.block_size, self.block_momentum = config.resolve(self.num_workers)
+        self.block_lr = config.block_lr
+        tensors = _tensors(params)
+        start = flatten(tensors)
+        self._broadcast_start(start)
+        unflatten_into(start, tensors)
+        self.numel = start.numel()
+        self.filter: BlockMomentumFilter | OuterOptimizerFilter
+        if config.outer_optimizer == "filter":
+            self.filter = BlockMomentumFilter(start, block_momentum=self.block_momentum, block_lr=self.block_lr,
+                                              nesterov=config.nesterov, nesterov_form=config.nesterov_form)
+        else:
+            self.filter = OuterOptimizerFilter(start, config.outer_optimizer, config.outer_optimizer_kwargs)
+
+    # The communication, in three small methods a hierarchical or simulated variant overrides.
+    def _num_workers(self) -> int:
+        return dist.get_world_size(self.process_group)
+
+    def _broadcast_start(self, flat: torch.Tensor) -> None:
+        dist.broadcast(flat, group=self.process_group, group_src=0)
+
+    def _mean_over_workers(self, flat: torch.Tensor) -> torch.Tensor:
+        """W̄ = mean over the N workers, in place: the one all-reduce of a block."""
+        flat.div_(self.num_workers)
+        dist.all_reduce(flat, group=self.process_group)
+        if self.comm_stats is not None:
+            self.comm_stats.record_all_reduce(flat, self.num_workers)
+        return flat
+
+    @property
+    def bytes_per_sync(self) -> int:
+        """Bytes of the flat parameter vector all-reduced at each block end."""
+        return self.numel * STATE_DTYPE.itemsize
+
+    @property
+    def global_model(self) -> torch.Tensor:
+        """W_g, the model the filter trains (S without the Nesterov look-ahead)."""
+        return self.filter.global_model
+
+    def is_sync_step(self, step: int) -> bool:
+        """Whether optimizer step number `step` (1-based) ends warm-up or a block."""
+        after = step - self.config.warmup_steps
+        return (after == 0 and self.config.warmup_steps > 0) or (after > 0 and after % self.block_size == 0)
+
+    @torch.no_grad()
+    def average_parameters(self, params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]],
+                           optimizer: Optimizer | None = None) -> bool:
+        """Count one optimizer step; at a block end, filter and write S(t). True when it synced.
+
+        `optimizer` (the local one) is needed for `reset_momentum` and `average_sync`.
+        """
+        self.step += 1
+        if not self.is_sync_step(self.step):
+            return False
+        tensors = _tensors(params)
+        mean = self._mean_over_workers(flatten(tensors))
+        assert mean.numel() == self.numel, "the parameters averaged must be the same at every call"
+        if self.step == self.config.warmup_steps:
+            self.filter.reset(mean)
+            start = mean
+        else:
+            start = self.filter.update(mean)
+        unflatten_into(start, tensors)
+        self._sync_local_optimizer(optimizer)
+        return True
+
+    @torch.no_grad()
+    def finalize(self, params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]]) -> None:
+        """End of training: close a partial block, then write W_g (no look-ahead) into `params`.
+
+        Its one collective is not counted in `comm_stats`: per-step bytes are those of training
+        steps, and this happens once per run (like DDP's start broadcast).
+        """
+        tensors = _tensors(params)
+        stats, self.comm_stats = self.comm_stats, None
+        try:
+            if self.step > self.config.warmup_steps and not self.is_sync_step(self.step):
+                self.filter.update(self._mean_over_workers(flatten(tensors)))
+            elif self.step < self.config.warmup_steps:
+                self.filter.reset(self._mean_over_workers(flatten(tensors)))
+        finally:
+            self.comm_stats = stats
+        unflatten_into(self.filter.global_model, tensors)
+
+    def _sync_local_optimizer(self, optimizer: Optimizer | None) -> None:
+        if not (self.config.reset_momentum or self.config.average_sync):
+            return
+        if optimizer is None:
+            raise ValueError("reset_momentum/average_sync act on the local optimizer: pass it to average_parameters")
+        if self.config.reset_momentum:
+            optimizer.state.clear()
+            return
+        state = _optimizer_state_tensors(optimizer)
+        if state:
+            unflatten_into(self._mean_over_workers(flatten(state)), state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Replicated state: step counter, filter tensors (S, W_g, Δ) and block counter."""
+        return {"step": self.step, "numel": self.numel, "filter": self.filter.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["numel"]) != self.numel:
+            raise ValueError(f"BMUF state holds {state['numel']} parameters but the model has {self.numel}; "
+                             "resume with the model the checkpoint was written by")
+        self.step = int(state["step"])
+        self.filter.load_state_dict(state["filter"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning edge
+# ---------------------------------------------------------------------------------------------
+from asrbench.strategies.sync import AccountedDDPStrategy  # noqa: E402  (Lightning lives at the edge)
+
+CHECKPOINT_KEY = "asrbench_bmuf"  # checkpoint entry: replicated BMUF state + every rank's local model
+
+
+class BMUFLightning:
+    """BMUF wired into a Lightning DDP strategy: mixed in before the strategy class.
+
+    After every optimizer step `BMUFAverager.average_parameters` runs (where DDPStrategy runs
+    its post-local-SGD averager); at the end of fit the partial block is closed and W_g is
+    written into the model. Checkpoints carry the averager's replicated state (rank 0's copy,
+    checked equal on every rank first) and every rank's local parameters and optimizer state
+    (gathered to rank 0, which writes the file), so a run stopped mid-block resumes exactly.
+    """
+
+    bmuf_config: BMUFConfig
+    averager: BMUFAverager | None
+
+    def __init__(self, *, block_size: int | None = None, block_size_samples: int | None = None,
+                 batch_size: int | None = None, block_momentum: float | None = None,
+                 block_momentum_time_constant: float | None = None, block_lr: float = 1.0,
+                 nesterov: bool = True, nesterov_form: str = "paper", outer_optimizer: str = "filter",
+                 outer_optimizer_kwargs: Mapping[str, Any] | None = None, reset_momentum: bool = False,
+                 warmup_steps: int = 0, average_sync: bool = False, **kwargs: Any) -> None:
+        self.bmuf_config = BMUFConfig(
+            block_size=block_size, block_size_samples=block_size_samples, batch_size=batch_size,
+            block_momentum=block_momentum, block_momentum_time_constant=block_momentum_time_constant,
+            block_lr=block_lr, nesterov=nesterov, nesterov_form=nesterov_form, outer_optimizer=outer_optimizer,
+            outer_optimizer_kwargs=dict(outer_optimizer_kwargs or {}), reset_momentum=reset_momentum,
+            warmup_steps=warmup_steps, average_sync=average_sync)
+        super().__init__(**kwargs)
+        self.averager = None
+        self._params: list[torch.Tensor] = []
+
+    # Hooks for the hierarchical variant.
+    def _make_averager(self, params: list[torch.Tensor]) -> BMUFAverager:
+        return BMUFAverager(params, self.bmuf_config, comm_stats=self.bmuf_comm_stats)
+
+    @property
+    def bmuf_comm_stats(self) -> CommStats:
+        """Where the averager's collectives are counted."""
+        return self.comm_stats
+
+    def _close_step(self) -> None:
+        """Close the step's byte count (the averager recorded its collectives as it ran them)."""
+        stats = self.bmuf_comm_stats
+        stats.record_dense(sum(p.numel() * p.element_size() for p in self._params))  # sync SGD's all-reduce
+        stats.step()
+
+    # Lightning hooks.
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
+            raise ValueError(f"BMUF averages after one local optimizer's step; the module configures "
+                             f"{len(self.optimizers)} optimizers")
+        assert self.lightning_module is not None
+        self._params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        self.averager = self._make_averager(self._params)
+        log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g, %s (%s form), N = %d", self.averager.block_size,
+                 self.averager.block_momentum, self.averager.block_lr,
+                 "NBM" if self.bmuf_config.nesterov else "CBM", self.bmuf_config.nesterov_form,
+                 self.averager.num_workers)
+
+    def _local_optimizer(self) -> Optimizer:
+        opt = self.optimizers[0]
+        return opt._optimizer if isinstance(opt, LightningOptimizer) else opt
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: pl.LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.averager is not None:
+            self.averager.average_parameters(self._params, self._local_optimizer())
+            self._close_step()
+        return out
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.averager is not None:
+            self.averager.finalize(self._params)
+
+    def comm_summary(self) -> dict[str, float]:
+        """Per-step byte means (CommStats.per_step keys) plus the schedule that ran, prefixed `bmuf_`."""
+        out = super().comm_summary()
+        if self.averager is not None:
+            out |= {"bmuf_block_size": float(self.averager.block_size),
+                    "bmuf_block_momentum": self.averager.block_momentum, "bmuf_block_lr": self.averager.block_lr,
+                    "bmuf_blocks": float(self.averager.filter.num_blocks)}
+        return out
+
+    # Checkpoints.
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Called on every rank: gathers the rank-local state to rank 0, which writes the file."""
+        if self.averager is not None:
+            entry = self._gather_bmuf_state()
+            if self.is_global_zero:
+                checkpoint = {**checkpoint, CHECKPOINT_KEY: entry}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _gather_bmuf_state(self) -> dict[str, Any]:
+        assert self.averager is not None
+        replicated = self.averager.state_dict()
+        _assert_replicas_agree(replicated)
+        local = {"params": [p.detach().cpu().clone() for p in self._params],
+                 "optimizer": self._local_optimizer().state_dict(),
+                 "comm_stats": self.bmuf_comm_stats.state_dict()}
+        gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
+        dist.gather_object(local, gathered, dst=0)
+        return {"world_size": self.world_size, "replicated": replicated, "ranks": gathered}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if self.averager is None:
+            return
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry is None:
+            raise CheckpointError(f"the checkpoint has no `{CHECKPOINT_KEY}` entry (written by another strategy?); "
+                                  "resume it with that strategy or start afresh")
+        if entry["world_size"] != self.world_size:
+            raise CheckpointError(f"the checkpoint holds BMUF state of {entry['world_size']} workers but this run "
+                                  f"has {self.world_size}; resume with nodes={entry['world_size']}")
+        self.averager.load_state_dict(entry["replicated"])
+        mine = entry["ranks"][self.global_rank]
+        with torch.no_grad():
+            torch._foreach_copy_(self._params, [t.to(self.root_device) for t in mine["params"]])
+        optimizer = self._local_optimizer()
+        optimizer.load_state_dict(mine["optimizer"])
+        _optimizer_to_device(optimizer, self.root_device)
+        self.bmuf_comm_stats.load_state_dict(mine["comm_stats"])
+
+
+def _assert_replicas_agree(state: Mapping[str, Any]) -> None:
+    """Internal invariant: every rank holds the same replicated state (elementwise max == min)."""
+    tensors = [t for t in state["filter"].values() if torch.is_tensor(t) and t.is_floating_point()]
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_tensor([float(state["step"])])])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    assert torch.equal(hi, lo), "BMUF replicas diverged: the replicated state differs between ranks"
+
+
+class BMUFStrategy(BMUFLightning, AccountedDDPStrategy):
+    """DDP without gradient communication plus BMUF (`strategy=bmuf`, registered `asrbench_bmuf`).
+
+    Keywords: `BMUFConfig`'s fields; others go to Lightning's DDPStrategy (`timeout` in seconds
+    or a timedelta, `start_method`, ...). Gradients stay local: DDP runs PyTorch's debugging
+    `noop_hook`, registered on CPU as well (Lightning's DDPStrategy registers comm hooks only on
+    CUDA). Keeping the DDP wrapper rather than dropping it keeps the model set-up (start
+    broadcast, forward redirection, unused-parameter handling) the same as for the sync and GTC
+    strategies, so runs differ only in what crosses the wire. Buffers are synced at the start
+    only (`forward_sync_buffers=False`, torch's successor of `broadcast_buffers=False`): after
+    that they are part of each worker's local model.
+    """
+
+    registry_name = "asrbench_bmuf"
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"strategy=bmuf communicates no gradients; remove `{key}`")
+        super().__init__(forward_sync_buffers=False, **kwargs)
+
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, DistributedDataParallel)
+        _register_ddp_comm_hook(model=self.model, ddp_comm_hook=noop_hook)
+
+
+def _register() -> None:
+    BMUFStrategy.register_strategies(StrategyRegistry)
+
+
+_register()

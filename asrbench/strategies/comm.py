@@ -1,0 +1,124 @@
+"""When a collective fails, say which rank is at fault.
+
+Gloo and NCCL report a lost peer as "Connection closed by peer [addr]:port" or "Timed out
+waiting 300000ms": no rank, no step. The workers already share a key-value store (the one
+``init_process_group`` rendezvoused through), so:
+
+* a rank that fails on its own (an exception in its training step, a non-finite gradient)
+  writes ``failed/<rank>`` with a one-line reason before it exits (:func:`publish_failure`);
+* a rank whose collective fails writes ``alive/<rank>`` and waits a few seconds for the
+  others to do one or the other (:func:`describe_peer_failures`); a rank that wrote neither
+  died or hangs.
+
+The collective that failed then ends the run with a :class:`CollectiveError` naming the step,
+the collective and the rank(s) at fault. A collective never waits longer than the process
+group's timeout (the strategies' ``timeout``), so a dead or hung worker ends the run in
+bounded time.
+"""
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_PREFIX = "asrbench/failure"
+# Messages of lost peers and timeouts from gloo, NCCL and c10d.
+_COLLECTIVE_PATTERN = re.compile(
+    r"gloo|nccl|connection (closed|reset|refused)|timed out|timeout|broken pipe|peer|socket", re.IGNORECASE)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank failed, died or hangs; the message names it."""
+
+
+def _store() -> dist.Store | None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True when `exc` comes from a collective losing a peer rather than from this rank's own code."""
+    if isinstance(exc, CollectiveError):
+        return True
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_PATTERN.search(str(exc)))
+
+
+def publish_failure(exc: BaseException, step: int | None = None) -> None:
+    """Record in the shared store that this rank failed with `exc` (no-op without a process group)."""
+    store = _store()
+    if store is None:
+        return
+    where = f" at step {step}" if step is not None else ""
+    try:
+        store.set(f"{_PREFIX}/failed/{dist.get_rank()}", f"raised{where} {_one_line(exc)}")
+    except (RuntimeError, ValueError):  # the store's host is gone too; nothing more to say
+        pass
+
+
+def describe_peer_failures(wait_s: float = 3.0, poll_s: float = 0.05) -> str:
+    """Which other ranks failed (and how), or went silent, as seen from this rank.
+
+    Checks in as alive, then waits up to `wait_s` for every other rank to have either checked in
+    or published a failure. Returns one clause such as "rank 1 raised at step 3 ValueError: boom"
+    or "rank 2 did not answer (it died or hangs)".
+    """
+    store = _store()
+    if store is None:
+        return "no process group to ask which rank failed"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failed: dict[int, str] = {}
+    alive: set[int] = {rank}
+    try:
+        store.set(f"{_PREFIX}/alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            for peer in range(world):
+                if peer in failed or peer in alive:
+                    continue
+                key = f"{_PREFIX}/failed/{peer}"
+                if store.check([key]):
+                    failed[peer] = store.get(key).decode()
+                elif store.check([f"{_PREFIX}/alive/{peer}"]):
+                    alive.add(peer)
+            if len(failed) + len(alive) == world or time.monotonic() >= deadline:
+                break
+            time.sleep(poll_s)
+    except (RuntimeError, ValueError) as err:
+        return f"the rendezvous store is unreachable ({_one_line(err, 120)}): rank 0, which hosts it, likely died"
+    silent = [p for p in range(world) if p not in failed and p not in alive]
+    parts = [f"rank {p} {msg}" for p, msg in sorted(failed.items())]
+    parts += [f"rank {p} did not answer (it died or hangs)" for p in silent]
+    return "; ".join(parts) if parts else "every rank is alive; the collective itself failed"
+
+
+def collective_error(err: BaseException, what: str, step: int | None = None,
+                     wait_s: float = 3.0) -> CollectiveError:
+    """A :class:`CollectiveError` for `err` raised by collective `what`, naming the rank(s) at fault."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    where = f" at step {step}" if step is not None else ""
+    return CollectiveError(f"{what}{where} failed on rank {rank}: {describe_peer_failures(wait_s)} "
+                           f"[{_one_line(err, 160)}]")
+
+
+def as_timedelta(timeout: timedelta | float | int | None) -> timedelta | None:
+    """A collective timeout from seconds (as configs give it) or a timedelta (as Lightning takes it)."""
+    if timeout is None or isinstance(timeout, timedelta):
+        return timeout
+    if timeout <= 0:
+        raise ValueError(f"Arg `timeout` must be a positive number of seconds, got {timeout}")
+    return timedelta(seconds=float(timeout))

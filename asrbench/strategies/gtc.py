@@ -1,0 +1,625 @@
+"""Gradient threshold compression (GTC; N. Strom, "Scalable distributed DNN training using
+commodity GPU cloud computing", Interspeech 2015) as a DDP communication hook.
+
+Each worker keeps the part of its gradient it has not sent yet, the residual r. Every step it
+adds its new gradient to r and sends only the elements whose residual reached the threshold τ,
+each as +τ or -τ in one 32-bit word; what is sent is taken out of r and the rest waits for
+later steps (error feedback). Every worker decodes every worker's message and applies the mean.
+
+Symbols (Strom 2015; config key in brackets)
+
+    =====  =================  ===========================================================
+    g      local gradient     this worker's gradient of one minibatch (one DDP bucket)
+    r      residual           gradient not yet sent; fp32, per bucket, starts at 0
+    τ      ``tau``            threshold, in gradient units: elements with |r| >= τ are sent
+    N                         workers in the process group
+    M_w                       worker w's message: {(i, ±τ) : |r_i| >= τ}, one word per element
+    =====  =================  ===========================================================
+
+Wire format of one element (step 3): bit 31 is the sign (1 = -τ), bits 0-30 the element's index
+in its bucket, so a word is ``index | (sign << 31)`` read as an int32 and a negative word is a
+negative update. A bucket therefore holds at most 2**31 elements (DDP buckets are ~25 MB).
+
+The core (:func:`encode`, :func:`decode`, :func:`pack`, :func:`unpack`) works on plain tensors
+with no process group, so a simulated cluster can run it for many logical workers;
+:func:`exchange` holds the two collectives; :func:`gtc_hook` wires them into DDP and
+:class:`GTCStrategy` into Lightning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from asrbench.errors import CheckpointError
+from asrbench.strategies.accounting import CommStats
+from asrbench.strategies.comm import collective_error
+from asrbench.strategies.sync import AccountedDDPStrategy
+
+log = logging.getLogger(__name__)
+
+MAX_BUCKET_NUMEL = 2**31  # 31 index bits per word
+INDEX_MASK = 0x7FFFFFFF
+CHECKPOINT_KEY = "asrbench_gtc"  # checkpoint entry with every rank's residual
+DEFAULT_TAU = 0.001  # keep in step with conf/strategy/gtc.yaml
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient (hence the residual r) holds NaN or inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Core: steps 1-4 and 6 on flat tensors, no process group
+# ---------------------------------------------------------------------------------------------
+def pack(index: Tensor, negative: Tensor) -> Tensor:
+    """Step 3: one int32 word per element, ``index | (negative << 31)``; indices must be < 2**31."""
+    words = index.to(torch.int32)
+    return words.bitwise_or_(negative.to(torch.int32).bitwise_left_shift_(31))
+
+
+def unpack(words: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`pack`: (int64 element indices, bool "value is -τ")."""
+    return words.bitwise_and(INDEX_MASK).long(), words < 0
+
+
+def quantum(negative: Tensor, tau: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The value an element carries on the wire: -τ where `negative`, else +τ."""
+    return torch.where(negative, -tau, tau).to(dtype)
+
+
+def _flatnonzero(mask: Tensor) -> Tensor:
+    """Ascending indices of the True elements of a flat bool tensor.
+
+    On CPU, first finds the 8-byte blocks holding any True (an int64 view, 8 flags per word),
+    then the flags inside those blocks only: at 1 % density about 2x faster than nonzero().
+    """
+    n = mask.numel()
+    head = n - n % 8
+    if mask.device.type != "cpu" or head == 0 or mask.storage_offset() % 8:
+        return mask.nonzero().view(-1)
+    blocks = torch.ne(mask[:head].view(torch.int64), 0).nonzero().view(-1)
+    inside = mask[:head].view(-1, 8).index_select(0, blocks).view(-1).nonzero().view(-1)
+    index = blocks.index_select(0, inside >> 3).mul_(8).add_(inside & 7)
+    if head < n:
+        index = torch.cat([index, mask[head:].nonzero().view(-1).add_(head)])
+    return index
+
+
+def accumulate(residual: Tensor, grad: Tensor) -> None:
+    """Step 1: r <- r + g."""
+    residual.add_(grad)
+
+
+def _float32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def select(residual: Tensor, tau: float, scratch: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """Step 2: indices i with |r_i| >= τ.
+
+    For fp32 r the test runs on the IEEE-754 bits: clearing the sign bit gives |r_i|, and
+    non-negative floats order like their bit patterns read as integers. NaN and inf (exponent all
+    ones) always pass, so the sent values are the only ones :func:`encode` checks for them.
+    """
+    if residual.dtype != torch.float32:
+        return _flatnonzero(torch.lt(residual.abs(), tau).logical_not_())
+    bits = scratch.view(torch.int32) if scratch is not None else None
+    magnitude = torch.bitwise_and(residual.view(torch.int32), INDEX_MASK, out=bits) if bits is not None \
+        else torch.bitwise_and(residual.view(torch.int32), INDEX_MASK)
+    mask = torch.ge(magnitude, _float32_bits(tau), out=mask) if mask is not None \
+        else torch.ge(magnitude, _float32_bits(tau))
+    return _flatnonzero(mask)
+
+
+def subtract_sent(residual: Tensor, index: Tensor, values: Tensor, negative: Tensor, tau: float) -> None:
+    """Step 4: r_i <- r_i - (±τ) for the sent elements; everything else stays in r."""
+    residual.scatter_(0, index, values.sub_(quantum(negative, tau, values.dtype)))
+
+
+def encode(residual: Tensor, grad: Tensor, tau: float, *, scratch: Tensor | None = None,
+           mask: Tensor | None = None) -> Tensor:
+    """Steps 1-4 for one worker and one flat bucket: update `residual` in place, return the words.
+
+    `scratch` (float, like `residual`) and `mask` (bool) are optional preallocated work buffers of
+    the same length; `scratch` may be `grad` itself, which is read first. Raises
+    :class:`NonFiniteGradientError` when r holds NaN/inf (checked on the selected values only:
+    :func:`select` always selects non-finite elements).
+    """
+    if residual.numel() > MAX_BUCKET_NUMEL:
+        raise ValueError(f"A GTC bucket holds {residual.numel()} elements but a word has 31 index bits "
+                         f"(at most {MAX_BUCKET_NUMEL}); lower `bucket_cap_mb`")
+    accumulate(residual, grad)
+    index = select(residual, tau, scratch, mask)
+    values = residual.index_select(0, index)
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteGradientError(f"{int((~torch.isfinite(values)).sum())} non-finite gradient elements")
+    negative = values < 0
+    words = pack(index, negative)
+    subtract_sent(residual, index, values, negative, tau)
+    return words
+
+
+def decode(words: Tensor | Sequence[Tensor], lengths: Tensor | Sequence[int] | None, numel: int, tau: float,
+           out: Tensor | None = None) -> Tensor:
+    """Step 6: the mean over workers of their decoded messages, written into `out` (or a new tensor).
+
+    `words` is either the gathered (N, L_max) matrix of messages padded to the longest, with
+    `lengths` (N,) giving each worker's true length, or a sequence of N one-dimensional messages
+    (`lengths` None). Each message adds ±τ at its indices and the sum is divided by N, computed as
+    adding ±τ/N (no pass over the bucket; exact when N is a power of two, else within rounding).
+    """
+    if isinstance(words, Tensor) and words.dim() == 2:
+        workers, lmax = words.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=words.device).view(-1, 1)
+            words = words[torch.arange(lmax, device=words.device).view(1, -1) < lengths]
+        flat = words.reshape(-1)
+    elif isinstance(words, Tensor):
+        workers, flat = 1, words if lengths is None else words[: int(torch.as_tensor(lengths).reshape(-1)[0])]
+    else:
+        workers = len(words)
+        flat = torch.cat(list(words)) if workers else torch.empty(0, dtype=torch.int32)
+    if workers < 1:
+        raise ValueError("decode needs the messages of at least one worker")
+    index, negative = unpack(flat)
+    if index.numel() and int(index.max()) >= numel:
+        raise ValueError(f"a GTC message addresses element {int(index.max())} of a {numel}-element bucket: "
+                         f"the workers' buckets differ (same model and bucket_cap_mb on every rank?)")
+    out = torch.zeros(numel, dtype=torch.float32, device=flat.device) if out is None else out.zero_()
+    return out.scatter_add_(0, index, quantum(negative, tau / workers, out.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 5: the collectives, in one place
+# ---------------------------------------------------------------------------------------------
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def exchange(words: Tensor, nonfinite: bool, group: dist.ProcessGroup | None = None
+             ) -> tuple[Tensor, torch.futures.Future[Tensor] | None]:
+    """Step 5: all_gather the headers (length, non-finite flag), 8 bytes per worker, blocking; then
+    start the all_gather of the messages padded to the longest.
+
+    Returns the (N, 2) headers and a future of the (N, L_max) padded messages, or None when no
+    worker sent anything or one reported non-finite values (then no message is exchanged).
+    """
+    world = dist.get_world_size(group)
+    header = torch.tensor([words.numel(), int(nonfinite)], dtype=torch.int32, device=words.device)
+    headers = header.new_empty(world * 2)
+    _all_gather_single(headers, header, group=group)
+    headers = headers.view(world, 2)
+    lmax = int(headers[:, 0].max())
+    if lmax == 0 or bool(headers[:, 1].any()):
+        return headers, None
+    padded = words.new_empty(world * lmax)
+    work = _all_gather_single(padded, F.pad(words, (0, lmax - words.numel())), group=group, async_op=True)
+    return headers, work.get_future().then(lambda fut: (fut.value(), padded.view(world, lmax))[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP communication hook
+# ---------------------------------------------------------------------------------------------
+class GTCState:
+    r"""Hyper-parameters, per-bucket residuals and the step counter of :func:`gtc_hook`.
+
+    ``tau`` (τ) is the threshold in gradient units. ``max_density`` (0 < d <= 1, or None): warn,
+    at most once every ``density_warn_interval`` steps, when a step sends more than this fraction
+    of the elements (τ is too small for the gradients). ``pass_through`` sends the gradient dense
+    with an all-reduce instead (plain DDP; for equivalence tests). ``parameters`` fixes the
+    canonical order in which residuals are checkpointed (the model's parameters; without it, the
+    order in which buckets first show them).
+
+    Residuals are rank-local. DDP rebuilds its buckets after the first step (a new order and
+    split), so each residual is stored with its bucket's parameter layout and moved, once, when a
+    layout changes; :meth:`state_dict` holds them in the canonical order.
+    """
+
+    __slots__ = [
+        "process_group",
+        # Hyper-parameters.
+        "tau",
+        "max_density",
+        "density_warn_interval",
+        "pass_through",
+        # Per-bucket memory (rank-local): residual r, a bool work mask, the parameter layout.
+        "residuals",
+        "masks",
+        "layouts",
+        "_slots",
+        "_owner",
+        "_pending",
+        # Iteration counter.
+        "iter",
+        # Statistics.
+        "comm_stats",
+        "hook_calls",
+        "_step_sent",
+        "_step_total",
+        "_last_warn_iter",
+    ]
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, tau: float = DEFAULT_TAU,
+                 max_density: float | None = None, pass_through: bool = False,
+                 parameters: Iterable[Tensor] | None = None, density_warn_interval: int = 100) -> None:
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= torch.finfo(torch.float32).tiny):
+            raise ValueError(f"Arg `tau` (Strom's threshold τ, gradient units) must be a positive value "
+                             f"(a normal fp32 number), got {tau}")
+        if max_density is not None and not 0 < max_density <= 1:
+            raise ValueError(f"Arg `max_density` must be in (0, 1] (a fraction of the elements) or None, "
+                             f"got {max_density}")
+        if density_warn_interval < 1:
+            raise ValueError(f"Arg `density_warn_interval` must be a positive value, got {density_warn_interval}")
+        log.info("GTC config: tau = %s; max_density = %s; pass_through = %s", tau, max_density, pass_through)
+        self.process_group = process_group
+        self.tau = float(tau)
+        self.max_density = max_density
+        self.density_warn_interval = int(density_warn_interval)
+        self.pass_through = bool(pass_through)
+        self.residuals: dict[int, Tensor] = {}
+        self.masks: dict[int, Tensor] = {}
+        self.layouts: dict[int, tuple[int, ...]] = {}
+        self._slots: dict[int, tuple[int, int]] = {}  # id(param) -> (offset, numel) in the canonical order
+        self._owner: dict[int, int] = {}  # id(param) -> index of the bucket whose residual holds it
+        self._pending: Tensor | None = None  # canonical residual not yet moved into buckets
+        self.iter = 0
+        self.comm_stats = CommStats(world_size=1)
+        self.hook_calls = 0
+        self._step_sent = 0
+        self._step_total = 0
+        self._last_warn_iter: int | None = None
+        if parameters is not None:
+            self.bind_parameters(parameters)
+
+    # -- canonical layout -------------------------------------------------------------------
+    def bind_parameters(self, parameters: Iterable[Tensor]) -> None:
+        """Fix the canonical order (and size) of the checkpointed residual: these parameters in order."""
+        params = [p for p in parameters if p.requires_grad]
+        if self.residuals:
+            self._pending = self.canonical_residual()
+            self._clear_buckets()
+        offset, slots = 0, {}
+        for p in params:
+            slots[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        self._slots = slots
+        if self._pending is not None and self._pending.numel() != offset:
+            raise ValueError(f"the GTC residual to restore has {self._pending.numel()} elements but the model's "
+                             f"trainable parameters have {offset}: the checkpoint is of another model")
+
+    @property
+    def canonical_numel(self) -> int:
+        return sum(n for _, n in self._slots.values())
+
+    def canonical_residual(self) -> Tensor:
+        """This rank's residual over all bound parameters in the canonical order (fp32, on its device)."""
+        device = next(iter(self.residuals.values())).device if self.residuals else torch.device("cpu")
+        out = torch.zeros(self.canonical_numel, dtype=torch.float32, device=device)
+        if self._pending is not None:  # parameters first seen after it was made are missing from its end
+            out[: self._pending.numel()].copy_(self._pending)
+        for b, layout in self.layouts.items():
+            start = 0
+            for pid in layout:
+                offset, n = self._slots[pid]
+                out[offset:offset + n] = self.residuals[b][start:start + n]
+                start += n
+        return out
+
+    def _clear_buckets(self) -> None:
+        self.residuals.clear()
+        self.masks.clear()
+        self.layouts.clear()
+        self._owner.clear()
+
+    def memory(self, bucket: dist.GradBucket) -> tuple[Tensor, Tensor]:
+        """The bucket's residual r and work mask, allocated on first sight and moved if DDP rebuilt buckets."""
+        b = bucket.index()
+        params = bucket.parameters()
+        layout = tuple(id(p) for p in params)
+        if self.layouts.get(b) == layout:
+            return self.residuals[b], self.masks[b]
+        if b in self.layouts or any(self._owner.get(pid, b) != b for pid in layout):
+            # DDP rebuilt its buckets: gather every residual in the canonical order, then re-split.
+            self._pending = self.canonical_residual()
+            self._clear_buckets()
+        for p in params:  # parameters first seen here (no bound order) go to the end
+            if id(p) not in self._slots:
+                self._slots[id(p)] = (self.canonical_numel, p.numel())
+        buffer = bucket.buffer()
+        assert sum(p.numel() for p in params) == buffer.numel(), "GTC expects dense, unpadded buckets"
+        if self._pending is not None:
+            pending = self._pending.to(buffer.device)
+            pieces = [pending[o:o + n] if o + n <= pending.numel() else torch.zeros(n, device=buffer.device)
+                      for o, n in (self._slots[pid] for pid in layout)]
+            residual = torch.cat(pieces) if pieces else torch.zeros(0, device=buffer.device)
+        else:
+            residual = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+        self.residuals[b] = residual
+        self.masks[b] = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
+        self.layouts[b] = layout
+        self._owner.update(dict.fromkeys(layout, b))
+        if self._pending is not None and len(self._owner) == len(self._slots):
+            self._pending = None  # every parameter's residual lives in a bucket again
+        return residual, self.masks[b]
+
+    # -- step counter and statistics ----------------------------------------------------------
+    def record_bucket(self, elements_sent: int, elements_total: int, is_last: bool) -> None:
+        """Count a bucket's elements; on the step's last bucket close the step (and maybe warn)."""
+        self._step_sent += elements_sent
+        self._step_total += elements_total
+        if not is_last:
+            return
+        self.comm_stats.record_elements(self._step_sent, self._step_total)
+        self.comm_stats.step()
+        density = self._step_sent / max(self._step_total, 1)
+        if (not self.pass_through and self.max_density is not None and density > self.max_density
+                and (self._last_warn_iter is None or self.iter - self._last_warn_iter >= self.density_warn_interval)):
+            log.warning("GTC step %d sent %.2f%% of the gradient elements (max_density %.2f%%): tau = %g is small "
+                        "for these gradients; raise it (warned at most every %d steps)", self.iter, 100 * density,
+                        100 * self.max_density, self.tau, self.density_warn_interval)
+            self._last_warn_iter = self.iter
+        self._step_sent = self._step_total = 0
+        self.iter += 1
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Rank-local state as tensors and plain numbers (loads with ``weights_only=True``)."""
+        return {"iter": self.iter, "tau": self.tau, "residual": self.canonical_residual().cpu(),
+                "comm_stats": self.comm_stats.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        residual = state["residual"]
+        if self._slots and residual.numel() != self.canonical_numel:
+            raise ValueError(f"the GTC residual to restore has {residual.numel()} elements but the model's "
+                             f"trainable parameters have {self.canonical_numel}: the checkpoint is of another model")
+        if float(state.get("tau", self.tau)) != self.tau:
+            log.warning("GTC residuals were saved with tau = %s and resume with tau = %s", state["tau"], self.tau)
+        self._clear_buckets()
+        self._pending = residual.detach().to(torch.float32).clone()
+        self.iter = int(state["iter"])
+        self.comm_stats.load_state_dict(state["comm_stats"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the process group; residuals travel in the canonical order."""
+        state = {slot: getattr(self, slot) for slot in self.__slots__
+                 if slot not in ("process_group", "residuals", "masks", "layouts", "_owner", "_slots", "_pending")}
+        state["_pending"] = self.canonical_residual().cpu() if (self.residuals or self._pending is not None) else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The process group becomes the default one (None); call :meth:`bind_parameters` again."""
+        self.process_group = None
+        self.residuals, self.masks, self.layouts, self._owner, self._slots = {}, {}, {}, {}, {}
+        for slot, value in state.items():
+            setattr(self, slot, value)
+
+
+def _world(state: GTCState) -> tuple[dist.ProcessGroup | None, int]:
+    return state.process_group, dist.get_world_size(state.process_group)
+
+
+def _exchange_dense(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """``pass_through``: the mean gradient by one all-reduce, as DDP's default hook does."""
+    group, world = _world(state)
+    buffer = bucket.buffer()
+    state.comm_stats.record_all_reduce(buffer, world)
+    state.comm_stats.record_dense(buffer.numel() * buffer.element_size(), world)
+    state.record_bucket(buffer.numel(), buffer.numel(), bucket.is_last())
+    fut = dist.all_reduce(buffer.div_(world), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """GTC (Strom 2015) on one DDP bucket; the future holds the mean of the decoded messages.
+
+    1. Accumulate: r <- r + g (:func:`accumulate`), r this bucket's fp32 residual.
+    2. Select the elements with |r_i| >= τ (:func:`select`).
+    3. Encode each as one 32-bit word, 31 bits of index and 1 bit of sign (:func:`pack`).
+    4. Subtract what is sent: r_i <- r_i - (±τ) (:func:`subtract_sent`); the rest stays in r.
+    5. Exchange (:func:`exchange`): all_gather the message lengths, then the messages padded
+       to the longest.
+    6. Decode every worker's message, adding ±τ at its indices, divide by N and return it as the
+       bucket's gradient (:func:`decode`).
+
+    Steps 1-4 are :func:`encode`. A non-finite r on any rank ends the step on every rank with one
+    error naming the step and the rank(s); a lost peer ends it naming the rank at fault.
+    """
+    group, world = _world(state)
+    state.hook_calls += 1
+    if state.comm_stats.world_size != world:
+        state.comm_stats.world_size = world
+        state.comm_stats.rank = dist.get_rank(group)
+    if state.pass_through:
+        return _exchange_dense(state, bucket)
+    buffer = bucket.buffer()
+    residual, mask = state.memory(bucket)
+    fp32 = buffer.dtype == torch.float32
+    nonfinite = False
+    try:
+        words = encode(residual, buffer, state.tau, scratch=buffer if fp32 else None, mask=mask)
+    except NonFiniteGradientError:
+        words, nonfinite = torch.empty(0, dtype=torch.int32, device=buffer.device), True
+    try:
+        headers, fut = exchange(words, nonfinite, group)
+    except RuntimeError as err:
+        raise collective_error(err, f"GTC exchange of bucket {bucket.index()}", state.iter) from err
+    if bool(headers[:, 1].any()):
+        bad = [int(r) for r in torch.nonzero(headers[:, 1]).view(-1)]
+        raise NonFiniteGradientError(f"GTC step {state.iter}: NaN/inf in the gradient of rank(s) "
+                                     f"{', '.join(map(str, bad))} (bucket {bucket.index()}); lower the learning "
+                                     f"rate or clip gradients")
+    lmax = int(headers[:, 0].max())
+    state.comm_stats.record_all_gather(headers[0], world)
+    if fut is not None:
+        state.comm_stats.record_all_gather(lmax * words.element_size(), world)
+    state.comm_stats.record_dense(buffer.numel() * buffer.element_size(), world)
+    state.record_bucket(words.numel(), buffer.numel(), bucket.is_last())
+    out = buffer if fp32 else torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
+    lengths = headers[:, 0]
+    step, index = state.iter, bucket.index()
+
+    def decode_messages(f: torch.futures.Future[Tensor] | None) -> Tensor:
+        if f is None:
+            out.zero_()
+        else:
+            try:
+                padded = f.value()
+            except RuntimeError as err:
+                raise collective_error(err, f"GTC exchange of bucket {index}", step) from err
+            decode(padded, lengths, buffer.numel(), state.tau, out)
+        return buffer if fp32 else buffer.copy_(out)
+
+    if fut is None:
+        done: torch.futures.Future[Tensor] = torch.futures.Future()
+        done.set_result(decode_messages(None))
+        return done
+    return fut.then(decode_messages)
+
+
+# DDP inspects the hook's annotations as objects; with postponed evaluation they are strings.
+gtc_hook.__annotations__.update(state=GTCState, bucket=dist.GradBucket, **{"return": torch.futures.Future[Tensor]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark of the codec
+# ---------------------------------------------------------------------------------------------
+def benchmark_codec(numel: int = 10_000_000, density: float = 0.01, repeats: int = 10,
+                    seed: int = 0) -> dict[str, float]:
+    """Time encode + decode of one `numel` fp32 vector sending `density` of it, against one torch.add pass.
+
+    Gradients are uniform in [-1, 1] and τ = 1 - density, so a fraction `density` of a zero residual
+    is sent. Returns the best-of-`repeats` seconds of each and ``ratio`` = codec / add (<= 4 is the
+    target: at least 25 % of an add's throughput).
+    """
+    import time
+
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.rand(numel, generator=gen).mul_(2).sub_(1)
+    tau = 1.0 - density
+    residual = torch.zeros(numel)
+    scratch, out, mask = torch.empty(numel), torch.empty(numel), torch.empty(numel, dtype=torch.bool)
+
+    def best(fn: Any, reset: Any = None) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            if reset is not None:
+                reset()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    def codec() -> None:
+        words = encode(residual, grad, tau, scratch=scratch, mask=mask)
+        decode(words.view(1, -1), None, numel, tau, out)
+
+    t_codec = best(codec, reset=residual.zero_)
+    t_add = best(lambda: torch.add(residual, grad, out=out))
+    words = encode(residual.zero_(), grad, tau, scratch=scratch, mask=mask)
+    return {"numel": float(numel), "density": words.numel() / numel, "codec_s": t_codec, "add_s": t_add,
+            "ratio": t_codec / t_add, "threads": float(torch.get_num_threads())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning strategy
+# ---------------------------------------------------------------------------------------------
+class GTCStrategy(AccountedDDPStrategy):
+    """DDP with :func:`gtc_hook` on every bucket, on CPU (gloo) as on GPU (NCCL).
+
+    Keywords: ``tau`` (τ, gradient units), ``max_density`` (warn above this fraction of elements
+    sent per step), ``density_warn_interval`` (steps between such warnings), ``pass_through``
+    (dense all-reduce instead of GTC), ``bucket_cap_mb`` (DDP bucket size, MB),
+    ``gradient_as_bucket_view`` (gradients alias the bucket, so the hook decodes in place and no
+    model-sized copy is kept); other keywords go to Lightning's ``DDPStrategy`` (``timeout``:
+    collective timeout as a timedelta or seconds, ``start_method``, ``find_unused_parameters``, ...).
+
+    Defaults: ``gradient_as_bucket_view=True`` because step 1 reads the gradient once into r, after
+    which the bucket serves as step 2's scratch and step 6's output, so GTC adds only r (4 B per
+    element) and a mask (1 B) to DDP's memory. ``bucket_cap_mb=25`` (DDP's default): each bucket
+    costs two all_gathers whose latency outweighs a ~1 % payload, so few large buckets beat many
+    small ones; smaller buckets only buy more overlap with the backward pass.
+
+    Checkpoints hold every rank's residual under ``"asrbench_gtc"`` (rank 0 writes the file, so the
+    residuals are gathered to it at save time); on load each rank takes its own.
+    """
+
+    registry_name = "asrbench_gtc"
+
+    def __init__(self, tau: float = DEFAULT_TAU, max_density: float | None = 0.1, pass_through: bool = False,
+                 bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True, density_warn_interval: int = 100,
+                 timeout: timedelta | float | None = None, **kwargs: Any) -> None:
+        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"GTCStrategy registers its own DDP communication hook; remove `{key}`")
+        self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
+                                   density_warn_interval=density_warn_interval)
+        super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
+                         gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    @property
+    def gtc_state(self) -> GTCState:
+        return self._gtc_state
+
+    @property
+    def comm_stats(self) -> CommStats:
+        return self._gtc_state.comm_stats
+
+    def _register_ddp_hooks(self) -> None:
+        """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
+        assert isinstance(self.model, DistributedDataParallel)
+        self._gtc_state.bind_parameters(self.model.module.parameters())
+        _register_ddp_comm_hook(model=self.model, ddp_comm_state=self._gtc_state, ddp_comm_hook=gtc_hook)
+
+    def comm_metrics(self) -> dict[str, float]:
+        metrics = super().comm_metrics()
+        metrics["tau"] = self._gtc_state.tau
+        return metrics
+
+    # -- checkpoints: rank-local residuals, gathered to rank 0 --------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        entry = self._gather_rank_states()
+        if self.is_global_zero:
+            checkpoint = {**checkpoint, CHECKPOINT_KEY: entry}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _gather_rank_states(self) -> dict[str, Any]:
+        """Every rank's :meth:`GTCState.state_dict`, as ``{"world_size", "ranks": {rank: state}}`` on rank 0."""
+        local = self._gtc_state.state_dict()
+        world = self.world_size
+        if world == 1 or not dist.is_initialized():
+            return {"world_size": world, "ranks": {0: local}}
+        device = self.root_device
+        residual = local.pop("residual").to(device)
+        stacked = [torch.empty_like(residual) for _ in range(world)] if self.is_global_zero else None
+        dist.gather(residual, stacked, dst=0)
+        others: list[Any] = [None] * world if self.is_global_zero else None  # type: ignore[assignment]
+        dist.gather_object(local, others, dst=0)
+        if not self.is_global_zero:
+            return {}
+        ranks = {r: {**others[r], "residual": stacked[r].cpu()} for r in range(world)}
+        return {"world_size": world, "ranks": ranks}
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry is None:
+            log.warning("%s holds no GTC residuals (written by another strategy?): they start at 0", checkpoint_path)
+            return checkpoint
+        if entry["world_size"] != self.world_size:
+            raise CheckpointError(f"{checkpoint_path} holds GTC residuals of {entry['world_size']} workers but this "
+                                  f"run has {self.world_size}; resume with nodes={entry['world_size']}")
+        self._gtc_state.load_state_dict(entry["ranks"][self.global_rank])
+        return checkpoint
+
+
+GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_gtc")
