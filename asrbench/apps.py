@@ -152,3 +152,61 @@ def align(cfg: DictConfig) -> None:
                  f", word starts within {cfg.tolerance_s * 1000:.0f} ms: {acc:.1%} of {words}" if words else "")
     runinfo.write_json_atomic(out / "align.json", summary)
     print(f"alignments: {out} (use data.alignments={out})")
+
+
+# ---------------------------------------------------------------- reproduce
+@hydra.main(config_path=CONF, config_name="reproduce", version_base="1.3")
+@user_errors
+def reproduce(cfg: DictConfig) -> None:
+    from hydra import compose
+
+    from asrbench import reproduce as rep
+
+    t0 = time.perf_counter()
+    out = run_dir()
+    common = [*cfg.reproduce.overrides, f"logger={cfg.logger}", "experiment=reproduce"]
+
+    def run(name: str, extra: list[str]) -> tuple[Path, dict]:
+        path = out / name
+        if (path / "results.json").is_file():
+            log.info("%s: finished before, reused", name)
+            return path, report.load_results(path)
+        log.info("== %s", name)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, experiment.train(compose("train", overrides=[*common, *extra]), path)
+
+    run_dirs, results = {}, []
+    run_dirs["single"], baseline = run("single", ["strategy=single", "nodes=1", "cluster=processes"])
+    for strategy in cfg.reproduce.strategies:
+        for nodes in cfg.reproduce.nodes:
+            name = rep.run_name(strategy, nodes)
+            extra = [f"strategy={strategy}", f"nodes={nodes}", "cluster=simulated",
+                     f"cluster.network={cfg.network}", *cfg.reproduce.strategy_overrides.get(strategy, [])]
+            run_dirs[name], res = run(name, extra)
+            results.append(res)
+    md, rows, median = rep.write(out, baseline, results, run_dirs, cfg.network, time.perf_counter() - t0)
+    runinfo.write_json_atomic(out / "reproduce.json", {"baseline": baseline, "runs": rows,
+                                                       "median_speedup_rel_error": median,
+                                                       "wall_s": time.perf_counter() - t0})
+    if cfg.logger == "wandb":
+        log_report_to_wandb(out, rows, cfg)
+    print(md.read_text())
+    print(f"report: {md}")
+
+
+def log_report_to_wandb(out: Path, rows: list[dict], cfg: DictConfig) -> None:
+    import os
+
+    import wandb
+
+    if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
+        os.environ["WANDB_MODE"] = "offline"
+    keys = ["strategy", "nodes", "predicted_speedup", "rel_wer", "wer", "cer", "steps",
+            "bytes_sent_per_worker_per_step", "compression_ratio"]
+    with wandb.init(project="asrbench", group="reproduce", name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
+                    config=OmegaConf.to_container(cfg, resolve=True)) as run:
+        run.log({"reproduce/table": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])}
+                | {f"reproduce/{p.stem}": wandb.Image(str(p)) for p in out.glob("*.png")})
+
+
+COMMANDS = {"prepare": prepare, "train": train, "eval": evaluate, "align": align, "reproduce": reproduce}

@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "train one run (strategy=single|sync|gtc|bmuf|gtc_bmuf|diloco, nodes=N)",
     "eval": "recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md",
     "align": "CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali",
+    "reproduce": "the paper's table on the simulated cluster: reproduce=cpu|paper|tiny -> report.md + plots",
 }
 # Lightning restarts the script for ranks > 0 with the same arguments; the command travels in
 # the environment because the first argument is removed before Hydra reads the overrides.
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [argv[0], *rest]
     from asrbench import apps
 
-    {"prepare": apps.prepare, "train": apps.train, "eval": apps.evaluate, "align": apps.align}[command]()
+    apps.COMMANDS[command]()
 
 
 if __name__ == "__main__":

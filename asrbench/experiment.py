@@ -86,17 +86,17 @@ class SpeechDataModule(L.LightningDataModule):
     """Train/dev loaders; each rank reads exactly the shard DistributedSampler gives it."""
 
     def __init__(self, feats: Mapping[str, SplitFeatures], frame_labels, batch_size: int,
-                 eval_batch_size: int, seed: int, num_workers: int = 0) -> None:
+                 eval_batch_size: int, seed: int, num_workers: int = 0, bucket_by_length: bool = False) -> None:
         super().__init__()
         self.feats, self.frame_labels = feats, frame_labels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.bucket_by_length = seed, num_workers, bucket_by_length
 
     def _loader(self, split: str, batch_size: int, shuffle: bool):
         return make_loader(SpeechDataset(self.feats[split], self.frame_labels), batch_size=batch_size,
                            shuffle=shuffle, seed=self.seed, rank=self.trainer.global_rank,
                            world_size=self.trainer.world_size, num_workers=self.num_workers,
-                           drop_last=shuffle)
+                           drop_last=shuffle, sort_by_length=self.bucket_by_length and shuffle)
 
     def train_dataloader(self):
         return self._loader("train", self.batch_size, shuffle=True)
@@ -210,7 +210,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     input_dim = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True)).dim
     module = AcousticModule(input_dim, OmegaConf.to_container(cfg.model, resolve=True), inner_optim(cfg),
                             cfg.criterion, world_size=int(cfg.nodes))
-    dm = SpeechDataModule(feats, frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.num_workers)
+    dm = SpeechDataModule(feats, frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.num_workers,
+                          cfg.get("bucket_by_length", False))
     logger = build_logger(cfg, out_dir)
     ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
                            every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_top_k=0)

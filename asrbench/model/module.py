@@ -117,10 +117,14 @@ class AcousticModule(L.LightningModule):
         else:
             raise ValueError(f"optim.name={name!r} is unknown; use sgd, adam or adamw")
         warmup = int(cfg.get("warmup_steps", 0))
-        if warmup <= 0:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        decay = float(cfg.get("lr_decay_per_epoch", 1.0))
+        schedulers = []
+        if warmup > 0:
+            ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+            schedulers.append({"scheduler": ramp, "interval": "step"})
+        if decay != 1.0:
+            schedulers.append({"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, decay), "interval": "epoch"})
+        return ([opt], schedulers) if schedulers else opt
 
 
 def scaled_lr(lr: float, rule: str, world_size: int) -> float:
