@@ -210,3 +210,18 @@ def log_report_to_wandb(out: Path, rows: list[dict], cfg: DictConfig) -> None:
 
 
 COMMANDS = {"prepare": prepare, "train": train, "eval": evaluate, "align": align, "reproduce": reproduce}
+
+
+# ---------------------------------------------------------------- bench
+@hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
+@user_errors
+def bench(cfg: DictConfig) -> None:
+    from asrbench import bench as benchmarks
+
+    out = run_dir()
+    results = benchmarks.run(cfg.bench, out)
+    print(benchmarks.markdown(results))
+    print(f"bench: {out / 'bench.json'}")
+
+
+COMMANDS["bench"] = bench

@@ -1,0 +1,1040 @@
+"""A simulated cluster: N logical workers in one process, on the cores of the real strategies.
+
+``asrbench train cluster=simulated nodes=128 strategy=gtc_bmuf`` trains 128 workers in one
+process (on the CPU, or on one GPU) and writes the results.json of the multi-process path, plus
+the step time and speedup that the communication cost model (:mod:`asrbench.cluster.cost`)
+predicts for those workers on a network preset (conf/network/*.yaml).
+
+Nothing is re-derived here. Gradients come from the run's own model and loss
+(:class:`AcousticModule`), each worker's data from ``make_loader(rank=i, world_size=N)`` with
+Lightning's ``set_epoch`` calls, GTC from :func:`asrbench.strategies.gtc.encode` and
+:func:`~asrbench.strategies.gtc.decode`, BMUF from :class:`BMUFAverager` (schedule, filter,
+optimizer-state sync), the optimizer and its warm-up from ``AcousticModule.configure_optimizers``,
+and bytes from the strategies' own :class:`CommStats`. Only the place the workers live changes:
+a collective becomes a tensor operation over the worker dimension.
+
+Symbols
+
+    =====  ========================  =====================================================
+    N      ``nodes``                 logical workers
+    n                                trainable parameters of the model
+    P      (N, n)                    every worker's parameters, one row each
+    G      (N, n)                    every worker's gradient, then the exchanged one
+    R      (N, n)                    GTC residuals r, one per worker (gtc, gtc_bmuf)
+    g      ``strategy.group_size``   workers per group: N for sync and gtc, 1 for bmuf
+    K      ``strategy.block_size``   optimizer steps per BMUF block
+    =====  ========================  =====================================================
+
+One optimizer step of the cluster:
+
+1. Local gradients: for each worker i, the model's parameters and gradients become views of
+   P[i] and G[i] (no copy); forward and backward on worker i's batch.
+2. Exchange over rows, within each group of g consecutive workers: sync, the mean of the rows
+   (the all-reduce); gtc, :func:`encode` on each row, then :func:`decode` of the group's
+   messages in rank order, as the hook does, written to every row of the group.
+3. Gradient clipping of each worker's gradient as Lightning does it
+   (``torch.nn.utils.clip_grad_norm_`` over that worker's parameters).
+4. One ``torch.optim`` optimizer whose parameters are the N rows of P (views) steps them all.
+   Adam, AdamW and SGD are elementwise, so this equals N optimizers, one per worker (tested);
+   row by row, each update's temporaries stay the size of one model.
+5. BMUF (bmuf, gtc_bmuf): :class:`BMUFAverager` counts the step and, at a block end, filters
+   the mean of the group representatives' rows and writes the next block start into every row.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from asrbench.errors import ConfigError
+from asrbench.strategies.accounting import CommStats
+from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig
+from asrbench.strategies.gtc import GTCState, NonFiniteGradientError, decode, encode, pack
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+NETWORK_DIR = PROJECT_ROOT / "conf" / "network"
+FP32_BYTES = 4
+GTC_HEADER_BYTES = 8  # the hook's header: (message length, non-finite flag) as two int32
+# Trainer keys (conf/trainer/) the simulated loop follows, and those with no meaning for it.
+TRAINER_KEYS = frozenset({"max_epochs", "max_steps", "max_time", "val_check_interval", "check_val_every_n_epoch",
+                          "log_every_n_steps", "gradient_clip_val", "gradient_clip_algorithm",
+                          "enable_progress_bar"})
+TRAINER_KEYS_WITHOUT_EFFECT = frozenset({"num_sanity_val_steps", "enable_model_summary", "enable_checkpointing",
+                                         "benchmark", "default_root_dir"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers as rows
+# ---------------------------------------------------------------------------------------------
+class RowBinding:
+    """The model's trainable parameters (and gradients) as views into one row of P (and G).
+
+    Binding a row costs a few attribute writes per parameter tensor, no copy: the forward and
+    backward of worker i read P[i] and accumulate into G[i] directly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+
+    def flat(self) -> Tensor:
+        """The model's current parameters as one flat fp32 vector (n,)."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    def views(self, row: Tensor) -> list[Tensor]:
+        """`row` (n,) cut into tensors shaped like the parameters (views)."""
+        return [v.view(s) for v, s in zip(row.split(self.sizes), self.shapes)]
+
+    @torch.no_grad()
+    def bind(self, row: Tensor, grad_row: Tensor | None = None) -> None:
+        """Make the model's parameters views of `row` and, if given, its gradients views of `grad_row`."""
+        grads = self.views(grad_row) if grad_row is not None else [None] * len(self.params)
+        for p, value, grad in zip(self.params, self.views(row), grads):
+            p.data = value
+            p.grad = grad
+
+
+class _WorkerRows:
+    """What `AcousticModule.configure_optimizers` reads, with the rows of P as the parameters."""
+
+    def __init__(self, module: Any, rows: Sequence[nn.Parameter]) -> None:
+        self.optim_cfg, self.world_size, self._params = module.optim_cfg, module.world_size, list(rows)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(self._params)
+
+
+def row_parameters(stacked: Tensor) -> list[nn.Parameter]:
+    """The rows of `stacked` (N, n) as N parameters that share its storage."""
+    return [nn.Parameter(row, requires_grad=True) for row in stacked.unbind(0)]
+
+
+def build_worker_optimizer(module: Any, rows: Sequence[nn.Parameter]) -> tuple[torch.optim.Optimizer, list[Any]]:
+    """The optimizer and lr schedulers of `module.configure_optimizers()` over the N worker rows.
+
+    Adam, AdamW and SGD (with momentum and weight decay) update each element from that element's
+    gradient and state alone, so one optimizer over the rows of P equals N optimizers, one per
+    worker. The return value is parsed by Lightning's own parser, so the schedulers come back as
+    its ``LRSchedulerConfig`` (scheduler, interval, frequency), stepped by :func:`step_schedulers`.
+    """
+    from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+
+    from asrbench.model.module import AcousticModule
+
+    conf = AcousticModule.configure_optimizers(_WorkerRows(module, rows))
+    optimizers, schedulers, monitor = _configure_optimizers(conf)
+    if len(optimizers) != 1:
+        raise ConfigError(f"cluster=simulated trains with one optimizer; the module configured {len(optimizers)}")
+    configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+    if any(c.reduce_on_plateau for c in configs):
+        raise ConfigError("cluster=simulated does not step ReduceLROnPlateau schedulers (they need a monitored "
+                          "metric); use a step- or epoch-wise schedule")
+    return optimizers[0], configs
+
+
+def step_schedulers(configs: Sequence[Any], interval: str, index: int) -> None:
+    """Lightning's rule: a scheduler of `interval` steps when (index + 1) % frequency == 0, `index`
+    being the batch index in the epoch (interval step) or the epoch (interval epoch)."""
+    for config in configs:
+        if config.interval == interval and (index + 1) % config.frequency == 0:
+            config.scheduler.step()
+
+
+@torch.no_grad()
+def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: int = 1,
+              algorithm: str = "norm") -> None:
+    """Lightning's gradient clipping applied to each worker's row of `grads`.
+
+    ``norm``: ``torch.nn.utils.clip_grad_norm_`` per worker: the L2 norm ‖g‖ over all of that
+    worker's parameter tensors (computed per tensor, then over the tensor norms, as torch does),
+    and g <- g min(1, max_norm / (‖g‖ + 1e-6)). ``value``: clamp to [-max_norm, max_norm]. Rows
+    of one group are equal after the exchange, so the norm is computed once per group.
+    """
+    if algorithm == "value":
+        grads.clamp_(-max_norm, max_norm)
+        return
+    workers, numel = grads.shape
+    norms = torch.stack([torch.nn.utils.get_total_norm(binding.views(grads[i]))
+                         for i in range(0, workers, group_size)])
+    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    grads.view(-1, group_size, numel).mul_(coef.view(-1, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The exchanges: sync's all-reduce and GTC over rows
+# ---------------------------------------------------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DenseMean:
+    """Sync SGD's all-reduce: every worker gets the mean of all N gradients.
+
+    `stats` is worker 0's, filled as :class:`SyncStrategy` fills it: one ring all-reduce of the
+    n fp32 gradient elements per step.
+    """
+
+    def __init__(self, stats: CommStats, nodes: int, numel: int) -> None:
+        self.stats, self.nodes, self.numel = stats, nodes, numel
+        stats.world_size, stats.rank = nodes, 0
+
+    @torch.no_grad()
+    def exchange(self, grads: Tensor, step: int) -> None:
+        grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))
+        nbytes = self.numel * FP32_BYTES
+        self.stats.record_all_reduce(nbytes)
+        self.stats.record_dense(nbytes)
+        self.stats.record_elements(self.numel, self.numel)
+        self.stats.step()
+
+
+class GroupGTC:
+    """GTC (Strom 2015) within groups of g consecutive workers, on the rows of G.
+
+    Per group: :func:`encode` each member's row into its message (updating its residual row
+    R[i]), then :func:`decode` the members' messages in rank order (the mean, ±τ/g at each sent
+    index) into every row of the group, which is what the hook leaves in each member's bucket.
+    GTC is elementwise, so DDP's split of the gradient into buckets changes no value; this
+    treats the whole gradient as one bucket. `state` is worker 0's :class:`GTCState` (its
+    statistics, density warnings and step counter); ``pass_through`` exchanges the group mean
+    dense, as the hook's pass-through does.
+
+    Besides worker 0's statistics it keeps what the cost model reads over all workers: message
+    sizes (mean, and the largest per step: the padded size), and encode and decode times.
+    """
+
+    def __init__(self, state: GTCState, nodes: int, group_size: int, numel: int, device: torch.device) -> None:
+        assert nodes % group_size == 0
+        self.state, self.nodes, self.group_size, self.numel = state, nodes, group_size, numel
+        self.device = device
+        state.comm_stats.world_size, state.comm_stats.rank = group_size, 0
+        self.residual = None if state.pass_through else torch.zeros(nodes, numel, device=device)  # R
+        self.mask = None if state.pass_through else torch.empty(numel, dtype=torch.bool, device=device)
+        self.steps = 0
+        self.elements_sent = 0  # over all workers and steps
+        self.largest_sum = 0  # sum over steps of the largest message of any worker (elements)
+        self.encode_s = 0.0
+        self.decode_s = 0.0
+        self.decoded_elements = 0
+
+    @torch.no_grad()
+    def exchange(self, grads: Tensor, step: int) -> None:
+        if self.state.pass_through:
+            self._exchange_dense(grads)
+            return
+        tau, g = self.state.tau, self.group_size
+        lengths = []
+        for first in range(0, self.nodes, g):
+            _synchronize(self.device)
+            t0 = time.perf_counter()
+            words = [self._encode(grads, i, step) for i in range(first, first + g)]
+            _synchronize(self.device)
+            t1 = time.perf_counter()
+            decode(words, None, self.numel, tau, out=grads[first])
+            grads[first + 1:first + g].copy_(grads[first].expand(g - 1, -1))
+            _synchronize(self.device)
+            self.encode_s += t1 - t0
+            self.decode_s += time.perf_counter() - t1
+            sizes = [w.numel() for w in words]
+            self.decoded_elements += sum(sizes)
+            lengths += sizes
+        self.steps += 1
+        self.elements_sent += sum(lengths)
+        self.largest_sum += max(lengths)
+        self._record_worker0(lengths[0], max(lengths[:g]))
+
+    def _encode(self, grads: Tensor, i: int, step: int) -> Tensor:
+        assert self.residual is not None
+        try:
+            return encode(self.residual[i], grads[i], self.state.tau, scratch=grads[i], mask=self.mask)
+        except NonFiniteGradientError:
+            raise NonFiniteGradientError(f"GTC step {step}: NaN/inf in the gradient of worker {i}; lower the "
+                                         f"learning rate or clip gradients") from None
+
+    def _record_worker0(self, sent: int, largest_in_group: int) -> None:
+        """Worker 0's bytes, as :func:`gtc_hook` records them for one bucket."""
+        stats, g = self.state.comm_stats, self.group_size
+        stats.record_all_gather(GTC_HEADER_BYTES, g)
+        if largest_in_group > 0:
+            stats.record_all_gather(largest_in_group * FP32_BYTES, g)
+        stats.record_dense(self.numel * FP32_BYTES, g)
+        self.state.record_bucket(sent, self.numel, True)
+
+    def _exchange_dense(self, grads: Tensor) -> None:
+        g = self.group_size
+        rows = grads.view(-1, g, self.numel)
+        rows.copy_(rows.mean(1, keepdim=True).expand_as(rows))
+        stats = self.state.comm_stats
+        stats.record_all_reduce(self.numel * FP32_BYTES, g)
+        stats.record_dense(self.numel * FP32_BYTES, g)
+        self.state.record_bucket(self.numel, self.numel, True)
+        self.steps += 1
+        self.elements_sent += self.numel * self.nodes
+        self.largest_sum += self.numel
+
+    def cost_stats(self) -> dict[str, float]:
+        """Per worker per step: mean and largest (padded) message bytes, elements sent, decode rate."""
+        steps = max(self.steps, 1)
+        per_worker = self.elements_sent / (steps * self.nodes)
+        rate = (self.decoded_elements / self.decode_s if self.decoded_elements and self.decode_s > 0
+                else measure_decode_rate(self.numel, self.device))
+        return {"gtc_msg_bytes_mean": per_worker * FP32_BYTES,
+                "gtc_msg_bytes_max": self.largest_sum / steps * FP32_BYTES,
+                "elements_sent_per_step": per_worker, "decode_rate": rate}
+
+
+def measure_decode_rate(numel: int, device: torch.device, density: float = 0.01, repeats: int = 5) -> float:
+    """GTC decode rate (elements per second) of one message sending `density` of `numel` elements."""
+    k = max(1, int(numel * density))
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randperm(numel, generator=gen)[:k].sort().values
+    words = pack(index, torch.rand(k, generator=gen) < 0.5).to(device)
+    out = torch.empty(numel, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        t0 = time.perf_counter()
+        decode([words], None, numel, 1.0, out=out)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return k / max(best, 1e-9)
+
+
+class _NoProcessGroup:
+    """Stands for the process group of an averager whose workers are rows of one tensor."""
+
+
+class SimulatedBMUFAverager(BMUFAverager):
+    """:class:`BMUFAverager` over the rows of P: its schedule, filter and optimizer-state sync, unchanged.
+
+    The workers it averages are the group representatives, rows 0, g, 2g, ... of `stacked`
+    (every row of a group is equal). Call :meth:`average_parameters` with ``[stacked[0]]`` (it
+    writes the next block start into row 0) and then copy row 0 into every row, as the
+    broadcast inside each group does; :meth:`broadcast_row0` does that copy.
+    `comm_stats` receives worker 0's collectives, as :class:`GroupBMUFAverager` records them.
+    """
+
+    def __init__(self, stacked: Tensor, config: BMUFConfig, *, group_size: int = 1,
+                 comm_stats: CommStats | None = None) -> None:
+        nodes, numel = stacked.shape
+        assert nodes % group_size == 0
+        self.stacked, self.group_size, self.num_groups = stacked, group_size, nodes // group_size
+        super().__init__([stacked[0]], config, process_group=_NoProcessGroup(),  # type: ignore[arg-type]
+                         comm_stats=comm_stats)
+        assert self.numel == numel
+
+    def _num_workers(self) -> int:
+        return self.num_groups
+
+    def _broadcast_start(self, flat: Tensor) -> None:
+        assert torch.equal(self.stacked, flat.expand_as(self.stacked)), "workers must start from one model"
+
+    def _mean_over_workers(self, flat: Tensor) -> Tensor:
+        """W̄ over the representatives' rows; or, for ``average_sync``, the mean of their optimizer state.
+
+        `flat` is ``flatten`` of what the averager hands over: row 0 (n elements: parameters) or
+        the optimizer's state tensors of the N rows, row by row (N x T x n elements), written back.
+        """
+        nodes, g = self.stacked.shape[0], self.group_size
+        if flat.numel() == self.stacked.shape[1]:
+            torch.mean(self.stacked[::g], 0, out=flat)
+            nbytes = flat.numel() * FP32_BYTES
+        else:
+            per_worker = flat.view(nodes, -1, self.stacked.shape[1])
+            per_worker.copy_(per_worker[::g].mean(0, keepdim=True).expand_as(per_worker))
+            nbytes = flat.numel() // nodes * FP32_BYTES
+        if self.comm_stats is not None:
+            self.comm_stats.record_all_reduce(nbytes, self.num_groups)
+            if g > 1:
+                self.comm_stats.record_broadcast(nbytes, src=0, rank=0, world_size=g)
+        return flat
+
+    @torch.no_grad()
+    def broadcast_row0(self) -> None:
+        self.stacked[1:].copy_(self.stacked[0].expand(self.stacked.shape[0] - 1, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster
+# ---------------------------------------------------------------------------------------------
+def strategy_kind(strategy: Any) -> str:
+    """single | sync | gtc | bmuf | gtc_bmuf for a strategy built by `asrbench.strategies.build_strategy`."""
+    if isinstance(strategy, str):
+        return "single"
+    from asrbench.strategies.bmuf import BMUFLightning
+    from asrbench.strategies.gtc import GTCStrategy
+    from asrbench.strategies.gtc_bmuf import GTCBMUFStrategy
+    from asrbench.strategies.sync import SyncStrategy
+
+    if isinstance(strategy, GTCBMUFStrategy):
+        return "gtc_bmuf"
+    if isinstance(strategy, BMUFLightning):
+        return "bmuf"
+    if isinstance(strategy, GTCStrategy):
+        return "gtc"
+    if isinstance(strategy, SyncStrategy):
+        return "sync"
+    raise ConfigError(f"cluster=simulated has no simulation of {type(strategy).__name__}; "
+                      f"use strategy=single|sync|gtc|bmuf|diloco|gtc_bmuf")
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each part of the cluster's steps (all workers together)."""
+
+    compute_s: float = 0.0  # forward + backward of every worker
+    exchange_s: float = 0.0  # the gradient exchange (sync's mean, GTC's encode/decode)
+    optimizer_s: float = 0.0  # clipping + the optimizer step of the N rows
+    averaging_s: float = 0.0  # BMUF's block syncs
+    worker_steps: int = 0
+    frames: int = 0
+
+
+class SimulatedCluster:
+    """N workers of one strategy as rows of P (parameters) and G (gradients), on one device.
+
+    `module` is the run's :class:`AcousticModule` (built with ``world_size=nodes``), `strategy`
+    what ``asrbench.strategies.build_strategy`` returns for the run's config: it supplies the
+    strategy's settings (τ, g, the BMUF config) and the accounting the real strategy keeps, so
+    :meth:`comm_summary` has the real path's keys. Call :meth:`train_step` with one batch per
+    worker, then :meth:`finalize` once; the model then holds the model to evaluate.
+    """
+
+    def __init__(self, module: Any, strategy: Any, nodes: int, *, device: str | torch.device = "cpu",
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+        if nodes < 1:
+            raise ConfigError(f"nodes={nodes} must be a positive number of workers")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ConfigError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is unknown; "
+                              f"use norm or value")
+        self.kind = strategy_kind(strategy)
+        self.strategy, self.nodes = strategy, nodes
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+        self.module.train()
+        self.binding = RowBinding(module.model)
+        n = self.numel = self.binding.numel
+        self.clip_val = float(gradient_clip_val) if gradient_clip_val else None
+        self.clip_algorithm = gradient_clip_algorithm
+        self.P = self.binding.flat().to(self.device).expand(nodes, n).clone()
+        self.G = torch.zeros(nodes, n, device=self.device)
+        self.rows = row_parameters(self.P)
+        for row, grad in zip(self.rows, self.G.unbind(0)):
+            row.grad = grad
+        self.optimizer, self.schedulers = build_worker_optimizer(module, self.rows)
+        self.group_size = {"single": 1, "sync": nodes, "gtc": nodes, "bmuf": 1,
+                           "gtc_bmuf": int(getattr(strategy, "group_size", 1))}[self.kind]
+        self.exchange: DenseMean | GroupGTC | None = None
+        self.averager: SimulatedBMUFAverager | None = None
+        self.bmuf_stats: CommStats | None = None
+        if self.kind == "sync":
+            self.exchange = DenseMean(strategy.comm_stats, nodes, n)
+        elif self.kind in ("gtc", "gtc_bmuf") and self.group_size > 1:
+            self.exchange = GroupGTC(strategy.gtc_state, nodes, self.group_size, n, self.device)
+        if self.kind in ("bmuf", "gtc_bmuf"):
+            self.bmuf_stats = strategy.bmuf_comm_stats
+            self.bmuf_stats.world_size, self.bmuf_stats.rank = nodes, 0
+            self.averager = SimulatedBMUFAverager(self.P, strategy.bmuf_config, group_size=self.group_size,
+                                                  comm_stats=self.bmuf_stats)
+            strategy.averager = self.averager  # BMUFLightning.comm_summary reads the schedule from it
+            log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g over %d workers", self.averager.block_size,
+                     self.averager.block_momentum, self.averager.block_lr, self.averager.num_workers)
+        self.steps = 0
+        self.batch_in_epoch = 0
+        self.timings = Timings()
+        self._rng = self._worker_rng_states(module.model)
+        self.binding.bind(self.P[0])
+
+    def _worker_rng_states(self, model: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
+        """Every worker starts from this process's RNG state, as every rank does after seed_everything."""
+        random = any((isinstance(m, nn.RNNBase) and m.dropout > 0 and m.training) or
+                     (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for m in model.modules())
+        if not random:
+            return None
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return [(torch.get_rng_state(), cuda)] * self.nodes
+
+    @contextlib.contextmanager
+    def _worker_rng(self, i: int) -> Iterator[None]:
+        if self._rng is None:
+            yield
+            return
+        cpu, cuda = self._rng[i]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        yield
+        self._rng[i] = (torch.get_rng_state(),
+                        torch.cuda.get_rng_state(self.device) if cuda is not None else None)
+
+    # -- one step -------------------------------------------------------------------------------
+    def _local_gradients(self, batches: Sequence[Mapping[str, Any]]) -> Tensor:
+        """Step 1: each worker's loss and gradient (into G[i]) on its own batch; returns the N losses."""
+        losses = []
+        self.G.zero_()
+        t = self.timings
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            self.binding.bind(self.P[i], self.G[i])
+            _synchronize(self.device)
+            t0 = time.perf_counter()
+            with self._worker_rng(i):
+                loss = self.module.loss(self.module(batch["feats"], batch["feat_lens"]), batch)
+                loss.backward()
+            _synchronize(self.device)
+            t.compute_s += time.perf_counter() - t0
+            losses.append(loss.detach())
+            t.frames += int(batch["feat_lens"].sum())
+        t.worker_steps += len(batches)
+        return torch.stack(losses)
+
+    def train_step(self, batches: Sequence[Mapping[str, Any]]) -> Tensor:
+        """One optimizer step of every worker (steps 1-5 of the module docstring); returns the N losses."""
+        if len(batches) != self.nodes:
+            raise ValueError(f"train_step needs one batch per worker ({self.nodes}), got {len(batches)}")
+        losses = self._local_gradients(batches)
+        t = self.timings
+        t0 = time.perf_counter()
+        if self.exchange is not None:
+            self.exchange.exchange(self.G, self.steps)
+        _synchronize(self.device)
+        t1 = time.perf_counter()
+        if self.clip_val is not None:
+            clip_rows(self.G, self.binding, self.clip_val, self.group_size, self.clip_algorithm)
+        self.optimizer.step()
+        _synchronize(self.device)
+        t2 = time.perf_counter()
+        if self.averager is not None:
+            assert self.bmuf_stats is not None
+            if self.averager.average_parameters([self.P[0]], self.optimizer):
+                self.averager.broadcast_row0()
+            self.bmuf_stats.record_dense(self.numel * FP32_BYTES)  # BMUFLightning._close_step
+            self.bmuf_stats.step()
+        step_schedulers(self.schedulers, "step", self.batch_in_epoch)
+        self.batch_in_epoch += 1
+        _synchronize(self.device)
+        t.exchange_s += t1 - t0
+        t.optimizer_s += t2 - t1
+        t.averaging_s += time.perf_counter() - t2
+        self.steps += 1
+        return losses
+
+    def end_epoch(self, epoch: int) -> None:
+        """Step the epoch-wise lr schedulers, as Lightning does after each training epoch."""
+        step_schedulers(self.schedulers, "epoch", epoch)
+        self.batch_in_epoch = 0
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """End of training: BMUF closes a partial block and writes W_g into every row (as
+        BMUFLightning.on_train_end does); the model is then bound to the one model of the run."""
+        if self.averager is not None:
+            self.averager.finalize([self.P[0]])
+            self.averager.broadcast_row0()
+        assert torch.equal(self.P, self.P[:1].expand_as(self.P)), "the workers must end with one model"
+        self.binding.bind(self.P[0])
+
+    def bind_worker(self, i: int) -> None:
+        """Point the model at worker i's current parameters (no copy), e.g. to validate."""
+        self.binding.bind(self.P[i])
+
+    # -- what happened ----------------------------------------------------------------------------
+    def comm_metrics(self) -> dict[str, float]:
+        """Worker 0's last step, the keys the real strategy logs under comm/."""
+        return dict(self.strategy.comm_metrics()) if self.kind != "single" else {}
+
+    def comm_summary(self) -> dict[str, float]:
+        """Worker 0's means per step, the keys the real strategy's comm_summary() gives results.json."""
+        return dict(self.strategy.comm_summary()) if self.kind != "single" else {}
+
+    def cost_stats(self) -> dict[str, float]:
+        """The per-worker, per-step inputs of :func:`asrbench.cluster.cost.step_time` for this run."""
+        grad_bytes = float(self.numel * FP32_BYTES)
+        stats: dict[str, float] = {"dense_bytes_per_worker_per_step": grad_bytes}
+        if self.kind in ("gtc", "gtc_bmuf"):
+            if isinstance(self.exchange, GroupGTC):
+                stats |= self.exchange.cost_stats()
+            else:  # groups of one send nothing
+                stats |= {"gtc_msg_bytes_mean": 0.0, "gtc_msg_bytes_max": 0.0, "elements_sent_per_step": 0.0,
+                          "decode_rate": measure_decode_rate(self.numel, self.device)}
+        if self.averager is not None:
+            state = sum(v.numel() for per_row in self.optimizer.state.values() for k, v in per_row.items()
+                        if k != "step" and torch.is_tensor(v) and v.is_floating_point()) // self.nodes
+            synced_state = state if self.averager.config.average_sync else 0
+            stats |= {"model_bytes": float((self.numel + synced_state) * FP32_BYTES),
+                      "block_size": float(self.averager.block_size), "group_size": float(self.group_size)}
+        return stats
+
+    def compute_s_per_worker_step(self) -> float:
+        """Measured seconds of one worker's step without communication: forward + backward, plus
+        its share (1/N) of the clipping and the optimizer step over the rows of P."""
+        t = self.timings
+        if not t.worker_steps:
+            return 0.0
+        return t.compute_s / t.worker_steps + t.optimizer_s / t.worker_steps
+
+    def encode_s_per_worker_step(self) -> float:
+        """Measured seconds of one worker's GTC encode (steps 1-4 of the hook), 0 without GTC."""
+        if not isinstance(self.exchange, GroupGTC) or not self.timings.worker_steps:
+            return 0.0
+        return self.exchange.encode_s / self.timings.worker_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: epochs, stopping, validation, as Lightning's fit loop runs them
+# ---------------------------------------------------------------------------------------------
+def parse_max_time(value: Any) -> float | None:
+    """Seconds from Lightning's `max_time` forms: "DD:HH:MM:SS", {days:, hours:, ...}, a timedelta."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, str):
+        parts = value.strip().split(":")
+        try:
+            days, hours, minutes, seconds = (int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"trainer.max_time={value!r} must read DD:HH:MM:SS, e.g. 00:08:00:00") from None
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    if isinstance(value, Mapping):
+        return timedelta(**dict(value)).total_seconds()
+    raise ConfigError(f"trainer.max_time={value!r} must read DD:HH:MM:SS or be a mapping such as {{hours: 8}}")
+
+
+@dataclass
+class LoopConfig:
+    """The Trainer knobs (conf/trainer/) the simulated loop follows, with Lightning's meanings."""
+
+    max_epochs: int | None = 10  # None: no limit
+    max_steps: int = -1  # -1: no limit
+    max_time_s: float | None = None
+    val_check_interval: float | int = 1.0  # fraction of an epoch, or training batches
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    enable_progress_bar: bool = True
+
+    @classmethod
+    def from_trainer(cls, trainer: Mapping[str, Any]) -> LoopConfig:
+        for key, value in trainer.items():
+            if key not in TRAINER_KEYS and key not in TRAINER_KEYS_WITHOUT_EFFECT and value is not None:
+                log.warning("trainer.%s=%r is a Lightning Trainer option cluster=simulated does not follow", key, value)
+        max_steps = int(trainer.get("max_steps", -1) if trainer.get("max_steps") is not None else -1)
+        max_epochs = trainer.get("max_epochs")
+        if max_epochs is None:  # Lightning: 1000 epochs unless max_steps limits the run
+            max_epochs = 1000 if max_steps == -1 else -1
+        return cls(max_epochs=None if int(max_epochs) < 0 else int(max_epochs), max_steps=max_steps,
+                   max_time_s=parse_max_time(trainer.get("max_time")),
+                   val_check_interval=trainer.get("val_check_interval", 1.0) or 1.0,
+                   check_val_every_n_epoch=trainer.get("check_val_every_n_epoch", 1),
+                   log_every_n_steps=int(trainer.get("log_every_n_steps", 10) or 10),
+                   gradient_clip_val=trainer.get("gradient_clip_val") or None,
+                   gradient_clip_algorithm=trainer.get("gradient_clip_algorithm") or "norm",
+                   enable_progress_bar=bool(trainer.get("enable_progress_bar", True)))
+
+
+@dataclass
+class FitOutcome:
+    steps: int = 0
+    epochs: int = 0  # epochs begun (the last one may have stopped early)
+    train_time_s: float = 0.0  # inside train_step, validation and data loading excluded
+    fit_wall_s: float = 0.0
+    stopped_by: str = "max_epochs"
+    losses: list[float] = field(default_factory=list)  # mean over workers, per step
+
+
+def worker_loaders(dataset: Dataset, nodes: int, *, batch_size: int, seed: int) -> list[Any]:
+    """Worker i's training loader: exactly the real path's (SpeechDataModule.train_dataloader) on rank i."""
+    from asrbench.data.dataset import make_loader
+
+    return [make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, rank=i, world_size=nodes,
+                        drop_last=True) for i in range(nodes)]
+
+
+def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: int, loop: LoopConfig,
+        on_step: Callable[[SimulatedCluster, Tensor, int, int], None] | None = None,
+        validate: Callable[[int, int], None] | None = None) -> FitOutcome:
+    """Train every worker on its shard, epoch by epoch, until max_epochs, max_steps or max_time.
+
+    Each epoch calls ``set_epoch(epoch)`` on every worker's sampler the way Lightning's fit loop
+    does (``_set_sampler_epoch``). `on_step(cluster, losses, step, epoch)` runs after each
+    optimizer step (step counted from 1), `validate(epoch, step)` where Lightning would validate.
+    """
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from tqdm.auto import tqdm
+
+    loaders = worker_loaders(dataset, cluster.nodes, batch_size=batch_size, seed=seed)
+    per_epoch = len(loaders[0])
+    if per_epoch == 0:
+        raise ConfigError(f"nodes={cluster.nodes} x batch_size={batch_size} is more than the {len(dataset)} "
+                          f"training utterances: every worker needs a full batch; lower nodes or batch_size")
+    interval = loop.val_check_interval
+    val_every = max(1, int(per_epoch * interval)) if isinstance(interval, float) else int(interval)
+    total = per_epoch * loop.max_epochs if loop.max_epochs is not None else None
+    if loop.max_steps >= 0:
+        total = loop.max_steps if total is None else min(total, loop.max_steps)
+    out = FitOutcome()
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc=f"simulated {cluster.kind} x{cluster.nodes}", unit="step",
+               disable=not loop.enable_progress_bar, dynamic_ncols=True)
+    epoch = 0
+    stop = total == 0
+    while not stop and (loop.max_epochs is None or epoch < loop.max_epochs):
+        for loader in loaders:
+            _set_sampler_epoch(loader, epoch)
+        iterators = [iter(loader) for loader in loaders]
+        out.epochs = epoch + 1
+        for batch_idx in range(per_epoch):
+            batches = [next(it) for it in iterators]
+            t0 = time.perf_counter()
+            losses = cluster.train_step(batches)
+            out.train_time_s += time.perf_counter() - t0
+            out.steps += 1
+            out.losses.append(float(losses.mean()))
+            bar.update(1)
+            if out.steps % loop.log_every_n_steps == 0:
+                bar.set_postfix(loss=f"{out.losses[-1]:.3f}")
+            if on_step is not None:
+                on_step(cluster, losses, out.steps, epoch)
+            check_epoch = loop.check_val_every_n_epoch is None or (epoch + 1) % loop.check_val_every_n_epoch == 0
+            if validate is not None and check_epoch and (batch_idx + 1) % val_every == 0:
+                validate(epoch, out.steps)
+            if 0 <= loop.max_steps <= out.steps:
+                stop, out.stopped_by = True, "max_steps"
+            elif loop.max_time_s is not None and time.perf_counter() - t_start >= loop.max_time_s:
+                stop, out.stopped_by = True, "max_time"
+            if stop:
+                break
+        cluster.end_epoch(epoch)
+        epoch += 1
+    bar.close()
+    out.fit_wall_s = time.perf_counter() - t_start
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: refuse what cannot fit before starting
+# ---------------------------------------------------------------------------------------------
+def stacked_arrays(kind: str, optim: Mapping[str, Any], pass_through: bool = False,
+                   group_size: int = 1) -> dict[str, int]:
+    """How many (N, n) fp32 arrays a run holds: name -> count."""
+    name = optim.get("name", "adam")
+    arrays = {"parameters": 1, "gradients": 1}
+    if name in ("adam", "adamw"):
+        arrays["optimizer state"] = 2  # exp_avg, exp_avg_sq
+    elif name == "sgd" and float(optim.get("momentum", 0.0) or 0.0) > 0:
+        arrays["optimizer state"] = 1  # momentum buffer
+    if kind in ("gtc", "gtc_bmuf") and not pass_through and (kind == "gtc" or group_size > 1):
+        arrays["residuals"] = 1
+    return arrays
+
+
+def activation_bytes(model_cfg: Mapping[str, Any], input_dim: int, num_classes: int, batch_size: int,
+                     max_frames: int) -> int:
+    """Rough upper bound of one worker's forward + backward memory: per frame, the input, each
+    LSTM layer's gates and states (kept for backward, plus their gradients), the logits."""
+    hidden = int(model_cfg.get("hidden_size", 320))
+    layers = int(model_cfg.get("num_layers", 3))
+    per_frame = 2 * input_dim + layers * 16 * hidden + 4 * num_classes
+    return int(FP32_BYTES * batch_size * max_frames * per_frame)
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes free, what) on the device: GPU memory, or the RAM the kernel reports available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), "GPU memory"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "RAM"
+    except ImportError:
+        pass
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "RAM"
+    raise RuntimeError("cannot read the available memory (no psutil, no MemAvailable in /proc/meminfo)")
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_memory(nodes: int, numel: int, arrays: Mapping[str, int], device: torch.device, *,
+                 activations: int = 0, fraction: float = 0.9, report: bool = True) -> int:
+    """Bytes the run needs (logged when `report`); a one-line ConfigError when more than `fraction`
+    of the free memory."""
+    per_array = nodes * numel * FP32_BYTES
+    need = sum(arrays.values()) * per_array + activations + 8 * numel * FP32_BYTES  # + n-sized buffers
+    free, what = available_memory(device)
+    parts = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in arrays.items())
+    if report:
+        log.info("cluster=simulated: %s for %d workers x %d parameters (%s: %d arrays of N x n x 4 bytes = %s each; "
+                 "activations %s); %s free", _gib(need), nodes, numel, parts, sum(arrays.values()),
+                 _gib(per_array), _gib(activations), _gib(free))
+    if need > fraction * free:
+        raise ConfigError(f"cluster=simulated with nodes={nodes} needs {_gib(need)} ({sum(arrays.values())} arrays "
+                          f"of nodes x {numel} parameters x 4 bytes: {parts}; activations {_gib(activations)}) but "
+                          f"{_gib(free)} of {what} is free; lower nodes or batch_size, or pick a smaller model")
+    return need
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model inputs: network preset and compute profile
+# ---------------------------------------------------------------------------------------------
+def load_network(spec: Any) -> dict[str, Any]:
+    """A network preset by name (conf/network/<name>.yaml), by path, or given inline as a mapping."""
+    from omegaconf import OmegaConf
+
+    from asrbench.cluster import cost
+
+    if isinstance(spec, Mapping):
+        return cost.check_network(spec)
+    if not spec:
+        raise ConfigError("cluster.network is empty; name a preset of conf/network/ (e.g. cluster.network=paper)")
+    path = Path(str(spec))
+    if path.suffix not in (".yaml", ".yml"):
+        path = NETWORK_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in NETWORK_DIR.glob("*.yaml")))
+        raise ConfigError(f"cluster.network={spec} is not a preset; use one of {presets} or a path to a yaml file")
+    return cost.check_network(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def load_compute_profile(path: str | Path | None) -> dict[str, Any] | None:
+    """A yaml/json file with ``compute_s_per_worker_step`` (seconds of one worker's step on the target
+    device); optional ``decode_rate`` (GTC decode, elements/s) and ``gtc_encode_s_per_worker_step``."""
+    if not path:
+        return None
+    from hydra.utils import to_absolute_path
+    from omegaconf import OmegaConf
+
+    file = Path(to_absolute_path(str(path)))
+    if not file.is_file():
+        raise ConfigError(f"cluster.compute_profile={path}: no such file; give a yaml/json file with "
+                          f"compute_s_per_worker_step")
+    profile = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    value = profile.get("compute_s_per_worker_step") if isinstance(profile, Mapping) else None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"cluster.compute_profile={path}: needs compute_s_per_worker_step, a positive number "
+                          f"of seconds (got {value!r})")
+    return dict(profile) | {"path": str(file)}
+
+
+def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: Mapping[str, Any] | None = None,
+            overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
+    """The cost model's step time and speedup for this run's strategy, N and measured statistics.
+
+    T_1 = compute (one worker, no communication); T_N = compute + GTC encode + communication;
+    speedup = N T_1 / T_N (asrbench.cluster.cost.speedup).
+    """
+    from asrbench.cluster import cost
+
+    kind = cluster.kind
+    stats = cluster.cost_stats()
+    measured = cluster.compute_s_per_worker_step()
+    compute = float(profile["compute_s_per_worker_step"]) if profile else measured
+    encode_s = (float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if profile
+                else cluster.encode_s_per_worker_step())
+    if profile and profile.get("decode_rate") and "decode_rate" in stats:
+        stats["decode_rate"] = float(profile["decode_rate"])
+    if compute <= 0:
+        raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
+    step = cost.step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
+    out = {
+        "simulated": True,
+        "network": network["name"],
+        "compute_source": profile["path"] if profile else "measured",
+        "compute_s_per_worker_step": compute,
+        "measured_compute_s_per_worker_step": measured,
+        "gtc_encode_s_per_worker_step": encode_s,
+        "predicted_step_s": step["total_s"],
+        "predicted_comm_s": step["comm_s"],
+        "predicted_comm_parts": cost.comm_parts(kind, stats, cluster.nodes, network),
+        "predicted_speedup": cost.speedup(cluster.nodes, step["total_s"], compute),
+        "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
+                       "network": dict(network)},
+    }
+    if frames_per_worker_step:
+        out["predicted_train_frames_per_s"] = cluster.nodes * frames_per_worker_step / step["total_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `asrbench train cluster=simulated`
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _TrainerView:
+    """What experiment.MetricsHistory reads from a Lightning Trainer."""
+
+    global_step: int = 0
+    current_epoch: int = 0
+    callback_metrics: dict[str, float] = field(default_factory=dict)
+    is_global_zero: bool = True
+    sanity_checking: bool = False
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """cpu, or the first GPU for accelerator=gpu (auto: gpu when CUDA is visible)."""
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("accelerator=gpu but no CUDA device is visible; use accelerator=cpu")
+        return torch.device("cuda", 0)
+    if accelerator != "cpu":
+        raise ConfigError(f"accelerator={accelerator!r} is unknown to cluster=simulated; use cpu, gpu or auto")
+    return torch.device("cpu")
+
+
+def train_simulated(cfg: Any, out_dir: Path) -> dict:
+    """Train `cfg.nodes` workers of `cfg.strategy` in this process and write `<out_dir>/results.json`.
+
+    The same keys as the multi-process path, plus ``simulated: true`` and the cost model's
+    prediction on `cfg.cluster.network` (see :func:`predict`).
+    """
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from asrbench import experiment, runinfo
+    from asrbench.data import text
+    from asrbench.data.dataset import SpeechDataset
+    from asrbench.data.features import FeatureConfig
+    from asrbench.model.evaluate import evaluate_split
+    from asrbench.model.module import AcousticModule
+    from asrbench.strategies import build_strategy
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume"):
+        raise ConfigError("cluster=simulated cannot resume a checkpoint; drop resume= or use cluster=processes")
+    nodes = int(cfg.nodes)
+    strategy = build_strategy(cfg.strategy, nodes=nodes, timeout_s=cfg.collective_timeout_s)
+    kind = strategy_kind(strategy)
+    cluster_cfg = cfg.cluster
+    network = load_network(cluster_cfg.get("network") or "paper")
+    profile = load_compute_profile(cluster_cfg.get("compute_profile"))
+    loop = LoopConfig.from_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
+    device = resolve_device(cfg.accelerator)
+    fraction = float(cluster_cfg.get("memory_fraction", 0.9))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    fcfg = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    optim = experiment.inner_optim(cfg)
+    module = AcousticModule(fcfg.dim, model_cfg, optim, cfg.criterion, world_size=nodes)
+    numel = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    gtc_state = getattr(strategy, "gtc_state", None)
+    arrays = stacked_arrays(kind, optim, bool(gtc_state and gtc_state.pass_through),
+                            int(getattr(strategy, "group_size", 1)))
+    check_memory(nodes, numel, arrays, device, fraction=fraction, report=False)  # before reading any data
+
+    feats = experiment.load_features(cfg)
+    frame_labels = experiment.load_frame_labels(cfg)
+    if cfg.criterion == "ce" and frame_labels is None:
+        raise ConfigError("criterion=ce trains on frame labels: run `asrbench align run=DIR` and pass "
+                          "data.alignments=<its output dir>")
+    train_set = SpeechDataset(feats["train"], frame_labels)
+    max_frames = int(feats["train"].lengths.max()) if len(feats["train"]) else 0
+    check_memory(nodes, numel, arrays, device, fraction=fraction, activations=activation_bytes(
+        model_cfg, fcfg.dim, text.vocab_size(), int(cfg.batch_size), max_frames))
+    if int(cfg.num_workers):
+        log.info("cluster=simulated reads every worker's batches in this process (num_workers=%s unused)",
+                 cfg.num_workers)
+
+    cluster = SimulatedCluster(module, strategy, nodes, device=device, gradient_clip_val=loop.gradient_clip_val,
+                               gradient_clip_algorithm=loop.gradient_clip_algorithm)
+    logger = experiment.build_logger(cfg, out_dir)
+    history = experiment.MetricsHistory(out_dir / "metrics.jsonl", loop.log_every_n_steps)
+    view = _TrainerView()
+    last = {"t": time.perf_counter(), "frames": 0}
+
+    def on_step(c: SimulatedCluster, losses: Tensor, step: int, epoch: int) -> None:
+        now = time.perf_counter()
+        frames = c.timings.frames - last["frames"]
+        metrics = {"train/loss": float(losses.mean()), "train/frames_per_s": frames / max(now - last["t"], 1e-9)}
+        metrics |= {f"comm/{k}": float(v) for k, v in c.comm_metrics().items()}
+        last.update(t=now, frames=c.timings.frames)
+        view.global_step, view.current_epoch = step, epoch
+        view.callback_metrics.update(metrics)
+        history.on_train_batch_end(view, None, None, None, step - 1)
+        if logger and step % loop.log_every_n_steps == 0:
+            logger.log_metrics(metrics, step=step)
+
+    def validate(epoch: int, step: int) -> None:
+        cluster.bind_worker(0)
+        res = evaluate_split(cluster.module.model, feats["dev"], frame_labels, batch_size=int(cfg.eval_batch_size),
+                             device=device)
+        cluster.module.model.train()
+        metrics = {"val/wer": res["wer"], "val/cer": res["cer"]}
+        if res["fer"] is not None:
+            metrics["val/fer"] = res["fer"]
+        view.global_step, view.current_epoch = step, epoch
+        view.callback_metrics.update(metrics)
+        history.on_validation_end(view, None)
+        if logger:
+            logger.log_metrics(metrics, step=step)
+
+    outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
+                  on_step=on_step, validate=validate)
+    cluster.finalize()
+    t = cluster.timings
+    frames_per_worker_step = t.frames / max(t.worker_steps, 1)
+    prediction = predict(cluster, network, profile=profile, overlap=float(cluster_cfg.get("overlap", 0.0)),
+                         frames_per_worker_step=frames_per_worker_step) if outcome.steps else {"simulated": True}
+
+    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
+                "simulated": True}, ckpt)
+
+    results: dict[str, Any] = {
+        "strategy": cfg.strategy.name,
+        "nodes": nodes,
+        "criterion": cfg.criterion,
+        "seed": int(cfg.seed),
+        "steps": outcome.steps,
+        "epochs": outcome.epochs,
+        "stopped_by": outcome.stopped_by,
+        "train_frames": t.frames,
+        "fit_wall_s": outcome.fit_wall_s,
+        "train_time_s": outcome.train_time_s,
+        # All workers' frames over the time this process spent training them, one after another.
+        "train_frames_per_s": t.frames / max(outcome.train_time_s, 1e-9),
+        "simulator_s": {"compute": t.compute_s, "exchange": t.exchange_s, "optimizer": t.optimizer_s,
+                        "averaging": t.averaging_s},
+    }
+    summary = cluster.comm_summary()
+    if "steps" in summary:
+        summary["comm_steps"] = int(summary.pop("steps"))
+    results.update(summary or {"bytes_sent_per_worker_per_step": 0, "bytes_received_per_worker_per_step": 0,
+                               "dense_bytes_per_worker_per_step": 0})
+    results.update(prediction)
+    results.update(experiment.evaluate_all(cluster.module.model, feats, frame_labels, cfg, out_dir))
+    results["wall_s"] = time.perf_counter() - t0
+    results |= {"checkpoint": str(ckpt), "config": experiment.resolved_config(cfg),
+                "git_commit": runinfo.git_commit(), "versions": runinfo.versions(), "host": runinfo.host()}
+    runinfo.write_json_atomic(out_dir / "results.json", results)
+    experiment.log_results(logger, results)
+    if logger:
+        logger.finalize("success")
+    return results

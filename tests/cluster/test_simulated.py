@@ -1,0 +1,329 @@
+"""The simulated cluster against real gloo processes, the stacked optimizer against N optimizers,
+per-worker clipping against torch's, the memory guard, and `asrbench train cluster=simulated`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asrbench.cluster.simulated import (LoopConfig, RowBinding, SimulatedCluster, build_worker_optimizer, check_memory,
+                                        clip_rows, fit, parse_max_time, row_parameters, stacked_arrays)
+from asrbench.data.dataset import SpeechDataset
+from asrbench.data.features import SplitFeatures
+from asrbench.errors import ConfigError
+from asrbench.model.module import AcousticModule
+from asrbench.strategies import build_strategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "strategies"))  # dist_utils
+
+ROOT = Path(__file__).resolve().parents[2]
+DIM = 8  # feature width of the synthetic corpus
+MODEL = {"hidden_size": 16, "num_layers": 1}  # 2157 parameters
+OPTIM = {"name": "adam", "lr": 0.01, "warmup_steps": 4, "lr_scaling": "sqrt", "lr_decay_per_epoch": 0.8}
+NODES, BATCH, STEPS, SEED = 4, 2, 26, 3  # 48 utterances: 6 steps per epoch, so 26 steps cross 4 epochs
+CLIP = 5.0  # clips some steps' gradients (norms seen: 0.5-26), not others
+TAU = 0.05  # sends ~30 % of this model's gradient elements per step (checked below)
+STRATEGIES = {
+    "sync": {"name": "sync"},
+    "gtc": {"name": "gtc", "tau": TAU, "max_density": None},
+    "bmuf": {"name": "bmuf", "block_size": 4},
+    "gtc_bmuf": {"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": TAU, "max_density": None},
+}
+
+
+def synthetic_split(utterances: int, seed: int) -> SplitFeatures:
+    """Random features with short transcripts (CTC-feasible), held in memory like a loaded cache."""
+    gen = torch.Generator().manual_seed(seed)
+    words = ("THE", "CAT", "SAT", "ON", "A", "MAT", "DOG")
+    lengths = torch.randint(20, 40, (utterances,), generator=gen)
+    counts = torch.randint(1, 4, (utterances,), generator=gen).tolist()
+    texts = [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist()) for k in counts]
+    feats = torch.randn(int(lengths.sum()), DIM, generator=gen)
+    return SplitFeatures([], [f"utt{i:03d}" for i in range(utterances)], texts, lengths,
+                         torch.zeros(utterances, dtype=torch.long), torch.cumsum(lengths, 0) - lengths,
+                         {"mean": torch.zeros(DIM), "std": torch.ones(DIM)}, shards=[feats])
+
+
+def _module() -> AcousticModule:
+    torch.manual_seed(SEED)
+    return AcousticModule(DIM, MODEL, OPTIM, "ctc", world_size=NODES)
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Against real processes: Lightning's fit loop with the project's strategies, 4 gloo ranks
+# ---------------------------------------------------------------------------------------------
+def _real(rank, world):
+    """Each strategy through the full Lightning path of `asrbench train` (SpeechDataModule, the
+    registered strategy, gradient clipping, the lr schedulers): this rank's parameters per step."""
+    import lightning.pytorch as pl
+
+    from asrbench.experiment import SpeechDataModule
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.flats = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.flats.append(_flat(module.model))
+
+    feats = {"train": synthetic_split(NODES * BATCH * 6, 1), "dev": synthetic_split(4, 2)}
+    out = {}
+    for name, cfg in STRATEGIES.items():
+        record = Record()
+        strategy = build_strategy(cfg, nodes=world, timeout_s=30)
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
+                             callbacks=[record], gradient_clip_val=CLIP, limit_val_batches=0, num_sanity_val_steps=0,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             use_distributed_sampler=False)
+        module = _module()
+        trainer.fit(module, datamodule=SpeechDataModule(feats, None, BATCH, 4, SEED))
+        out[name] = {"per_step": torch.stack(record.flats), "final": _flat(module.model),
+                     "summary": strategy.comm_summary()}
+    return out
+
+
+def _simulated(name: str) -> dict:
+    module = _module()
+    cluster = SimulatedCluster(module, build_strategy(STRATEGIES[name], nodes=NODES, timeout_s=30), NODES,
+                               gradient_clip_val=CLIP)
+    per_step = []
+    fit(cluster, SpeechDataset(synthetic_split(NODES * BATCH * 6, 1)), batch_size=BATCH, seed=SEED,
+        loop=LoopConfig(max_steps=STEPS, enable_progress_bar=False),
+        on_step=lambda c, losses, step, epoch: per_step.append(c.P.clone()))
+    cluster.finalize()
+    return {"per_step": torch.stack(per_step), "final": _flat(module.model), "summary": cluster.comm_summary(),
+            "cluster": cluster}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def real_runs():
+    from dist_utils import run_workers
+
+    return run_workers(_real, NODES, timeout=240, collective_timeout_s=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_simulated_workers_equal_real_processes(real_runs, name):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each gloo worker runs
+    try:
+        sim = _simulated(name)
+    finally:
+        torch.set_num_threads(threads)
+    real = [r[name] for r in real_runs]
+    assert sim["per_step"].shape[0] == STEPS
+    worst = max(_rel(sim["per_step"][s, rank], real[rank]["per_step"][s])
+                for s in range(STEPS) for rank in range(NODES))
+    assert worst <= 1e-5, f"{name}: parameters differ from the real workers' by {worst:.2e} (relative)"
+    if name in ("gtc", "gtc_bmuf"):  # no sum of floats in another order: the same bits as the hook
+        assert all(torch.equal(sim["per_step"][s, rank], real[rank]["per_step"][s])
+                   for s in range(STEPS) for rank in range(NODES))
+    for rank in range(NODES):
+        assert _rel(sim["final"], real[rank]["final"]) <= 1e-5
+    moved = _rel(sim["final"], sim["per_step"][0, 0])
+    assert moved > 1e-2  # the model trained: equality is not of two idle models
+    s, r = sim["summary"], real[0]["summary"]
+    assert s["steps"] == r["steps"] == STEPS
+    # Worker 0's accounting is the real rank 0's (this model fits one DDP bucket, GTC's message unit).
+    for key in ("bytes_sent_per_worker_per_step", "bytes_received_per_worker_per_step",
+                "dense_bytes_per_worker_per_step", "compression_ratio", "density",
+                "all_gather_bytes_sent_per_worker_per_step", "all_reduce_bytes_sent_per_worker_per_step",
+                "broadcast_bytes_sent_per_worker_per_step"):
+        assert s[key] == pytest.approx(r[key], rel=1e-12), key
+    if name in ("gtc", "gtc_bmuf"):
+        assert 0.001 < s["density"] < 0.5  # the compression path ran
+    if name in ("bmuf", "gtc_bmuf"):
+        assert s["bmuf_blocks"] == r["bmuf_blocks"] == STEPS // 4 + 1  # 6 blocks + the partial one closed at the end
+        rows = sim["per_step"]
+        assert not torch.equal(rows[4, 0], rows[4, 2]) and torch.equal(rows[3, 0], rows[3, 2])  # step 4 syncs
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked optimizer and clipping, exactly
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optim", [
+    {"name": "adam", "lr": 0.01, "warmup_steps": 3},
+    {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "lr_scaling": "linear"},
+])
+def test_one_optimizer_over_the_rows_of_p_equals_one_optimizer_per_worker(optim):
+    workers = 3
+    modules = [AcousticModule(DIM, MODEL, optim, "ctc", world_size=workers) for _ in range(workers)]
+    binding = RowBinding(modules[0].model)
+    stacked = torch.stack([RowBinding(m.model).flat() for m in modules])
+    rows = row_parameters(stacked)
+    stacked_opt, stacked_scheds = build_worker_optimizer(modules[0], rows)
+    singles = [build_worker_optimizer(m, list(m.model.parameters())) for m in modules]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        grads = torch.randn(workers, binding.numel, generator=gen)
+        for row, g in zip(rows, grads.clone()):
+            row.grad = g
+        stacked_opt.step()
+        for config in stacked_scheds:
+            config.scheduler.step()
+        for m, (opt, scheds), g in zip(modules, singles, grads):
+            for p, v in zip(m.model.parameters(), binding.views(g)):
+                p.grad = v.clone()
+            opt.step()
+            for config in scheds:
+                config.scheduler.step()
+    for i, m in enumerate(modules):
+        assert torch.equal(stacked[i], RowBinding(m.model).flat())  # the rows are views of the stacked P
+    assert not torch.equal(stacked[0], stacked[1])
+
+
+def test_clip_rows_is_clip_grad_norm_of_each_worker():
+    model = AcousticModule(DIM, MODEL, OPTIM, "ctc").model
+    binding = RowBinding(model)
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(4, binding.numel, generator=gen) * torch.tensor([[0.001], [0.1], [1.0], [10.0]])
+    expected = []
+    for row in grads:
+        for p, v in zip(model.parameters(), binding.views(row)):
+            p.grad = v.clone()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.5)
+        expected.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    clipped = grads.clone()
+    clip_rows(clipped, binding, 1.5)
+    assert torch.equal(clipped, torch.stack(expected))
+    assert torch.equal(clipped[0], grads[0]) and not torch.equal(clipped[3], grads[3])  # small rows untouched
+
+
+def test_bmuf_over_representative_rows_filters_the_mean_and_averages_optimizer_state():
+    from asrbench.cluster.simulated import SimulatedBMUFAverager
+    from asrbench.strategies.accounting import CommStats
+    from asrbench.strategies.bmuf import BlockMomentumFilter, BMUFConfig
+
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(10, generator=gen)
+    stacked = start.expand(4, -1).clone()
+    stats = CommStats(4)
+    averager = SimulatedBMUFAverager(stacked, BMUFConfig(block_size=2, average_sync=True), group_size=2,
+                                     comm_stats=stats)
+    assert averager.num_workers == 2 and averager.block_momentum == 0.5  # eta = 1 - 1/G over G = 2 groups
+    rows = row_parameters(stacked)
+    optimizer = torch.optim.Adam(rows, lr=0.1)
+    for row in rows:
+        row.grad = torch.randn(10, generator=gen)
+    optimizer.step()
+    stacked[1], stacked[3] = stacked[0], stacked[2]  # groups {0, 1} and {2, 3} hold one model each, as GTC keeps them
+    state = {k: torch.stack([optimizer.state[r][k] for r in rows]) for k in ("exp_avg", "exp_avg_sq")}
+    assert not averager.average_parameters([stacked[0]], optimizer)  # step 1 of K = 2
+    mean = (stacked[0] + stacked[2]) / 2
+    assert averager.average_parameters([stacked[0]], optimizer)
+    averager.broadcast_row0()
+    expected = BlockMomentumFilter(start, block_momentum=0.5, block_lr=1.0).update(mean)
+    assert torch.equal(stacked, expected.expand(4, -1))
+    for key, before in state.items():
+        after = torch.stack([optimizer.state[r][key] for r in rows])
+        assert torch.equal(after, ((before[0] + before[2]) / 2).expand(4, -1))
+    stats.step()  # parameters (10) and Adam's two moments (2 x 10), fp32: a ring of 2, then to the group's member
+    assert stats.per_step()["all_reduce_bytes_sent_per_worker_per_step"] == 2 * (2 - 1) / 2 * (10 + 20) * 4
+    assert stats.per_step()["broadcast_bytes_sent_per_worker_per_step"] == (10 + 20) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards and knobs
+# ---------------------------------------------------------------------------------------------
+def test_absurd_cluster_is_refused_in_one_line_before_reading_data(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["cluster=simulated", "nodes=100000", "model=lstm_paper", "strategy=gtc",
+                                f"data.root={tmp_path}/missing", "logger=none"])
+    from asrbench.cluster.simulated import train_simulated
+
+    with pytest.raises(ConfigError) as err:
+        train_simulated(cfg, tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and "nodes=100000" in message and "lower nodes" in message
+    assert "residuals" in message and "GiB" in message
+    arrays = stacked_arrays("gtc", {"name": "adam"})
+    assert arrays == {"parameters": 1, "gradients": 1, "optimizer state": 2, "residuals": 1}
+    assert stacked_arrays("gtc_bmuf", {"name": "sgd", "momentum": 0.0}, group_size=1) == {"parameters": 1,
+                                                                                          "gradients": 1}
+    assert check_memory(4, 1000, arrays, torch.device("cpu")) > 5 * 4 * 1000 * 4
+
+
+def test_trainer_limits_follow_lightning():
+    loop = LoopConfig.from_trainer({"max_epochs": None, "max_steps": 7, "max_time": "00:01:02:03",
+                                    "gradient_clip_val": 0.0})
+    assert loop.max_epochs is None and loop.max_steps == 7 and loop.gradient_clip_val is None
+    assert loop.max_time_s == 3723 and parse_max_time({"minutes": 2}) == 120
+    assert LoopConfig.from_trainer({"max_epochs": None}).max_epochs == 1000
+    with pytest.raises(ConfigError, match="DD:HH:MM:SS"):
+        parse_max_time("8 hours")
+
+
+def test_too_many_workers_for_the_data_is_a_config_error():
+    module = _module()
+    cluster = SimulatedCluster(module, build_strategy(STRATEGIES["sync"], nodes=NODES, timeout_s=30), NODES)
+    with pytest.raises(ConfigError, match="nodes=4 x batch_size=8 is more than the 24 training utterances"):
+        fit(cluster, SpeechDataset(synthetic_split(24, 1)), batch_size=8, seed=0, loop=LoopConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# `asrbench train cluster=simulated` end to end (in process)
+# ---------------------------------------------------------------------------------------------
+RESULT_KEYS = {"strategy", "nodes", "wer", "cer", "fer", "eval", "steps", "epochs", "train_frames_per_s",
+               "bytes_sent_per_worker_per_step", "dense_bytes_per_worker_per_step", "compression_ratio", "density",
+               "config", "git_commit", "versions", "wall_s", "checkpoint", "simulated", "network",
+               "compute_s_per_worker_step", "predicted_step_s", "predicted_comm_s", "predicted_speedup", "cost_model",
+               "bmuf_blocks"}
+
+
+def test_train_simulated_writes_the_results_of_the_real_path(tmp_path, make_librispeech_tree):
+    from hydra import compose, initialize_config_dir
+
+    from asrbench.cluster import cost
+    from asrbench.experiment import train
+
+    corpus = make_librispeech_tree(tmp_path / "corpus", {"train-clean-100": (2, 2, 8), "dev-clean": (1, 1, 2),
+                                                         "test-clean": (1, 1, 2)}, nested=False)
+    run = tmp_path / "run"
+    profile = tmp_path / "v100.yaml"  # seconds per worker step measured on a target GPU
+    profile.write_text("compute_s_per_worker_step: 0.05\ndecode_rate: 2.0e+8\ngtc_encode_s_per_worker_step: 0.001\n")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["cluster=simulated", "nodes=8", "strategy=gtc_bmuf", "strategy.group_size=2",
+                                "strategy.block_size=3", "strategy.tau=0.01", "data=librispeech", f"data.root={corpus}",
+                                "data.train_subsets=[train-clean-100]", "data.dev_subsets=[dev-clean]",
+                                "data.test_subsets=[test-clean]", "model=lstm_tiny", "batch_size=2",
+                                "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "logger=csv",
+                                "trainer.enable_progress_bar=false", "cluster.network=eth10",
+                                f"cluster.compute_profile={profile}"])
+    results = train(cfg, run)
+    on_disk = json.loads((run / "results.json").read_text())
+    assert RESULT_KEYS <= set(on_disk) and on_disk["nodes"] == 8 and on_disk["strategy"] == "gtc_bmuf"
+    assert results["steps"] == 6 and results["epochs"] == 3  # 32 utterances / (8 workers x 2) = 2 steps per epoch
+    assert results["simulated"] is True and results["network"] == "eth10"
+    assert set(results["eval"]) == {"dev", "test-clean"} and 0 < results["density"] < 1
+    assert results["compute_s_per_worker_step"] == 0.05 and results["compute_source"] == str(profile)
+    assert results["measured_compute_s_per_worker_step"] > 0 and results["gtc_encode_s_per_worker_step"] == 0.001
+    # The prediction can be recomputed from what results.json holds.
+    m = results["cost_model"]
+    assert m["stats"]["decode_rate"] == 2.0e8
+    step = cost.step_time("gtc_bmuf", results["compute_s_per_worker_step"] + results["gtc_encode_s_per_worker_step"],
+                          m["stats"], 8, m["network"])
+    assert step["total_s"] == pytest.approx(results["predicted_step_s"])
+    assert results["predicted_speedup"] == pytest.approx(8 * results["compute_s_per_worker_step"] / step["total_s"])
+    assert m["stats"]["group_size"] == 2 and m["stats"]["block_size"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))
+    assert sum("val/wer" in r for r in rows) == 3 and "comm/bytes_sent" in rows[0]
+    assert (run / "csv" / "metrics.csv").is_file() and (run / "hyps" / "test-clean.txt").is_file()
+    ckpt = torch.load(results["checkpoint"], weights_only=True)
+    restored = AcousticModule(**ckpt["hyper_parameters"])
+    restored.load_state_dict(ckpt["state_dict"])  # `asrbench eval run=` loads it the same way
