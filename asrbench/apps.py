@@ -195,15 +195,10 @@ def reproduce(cfg: DictConfig) -> None:
 
 
 def log_report_to_wandb(out: Path, rows: list[dict], cfg: DictConfig) -> None:
-    import os
-
     import wandb
-
-    if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
-        os.environ["WANDB_MODE"] = "offline"
     keys = ["strategy", "nodes", "predicted_speedup", "rel_wer", "wer", "cer", "steps",
             "bytes_sent_per_worker_per_step", "compression_ratio"]
-    with wandb.init(project="asrbench", group="reproduce", name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
+    with wandb.init(project="asrbench", group="reproduce", mode=experiment.wandb_mode(), name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
                     config=OmegaConf.to_container(cfg, resolve=True)) as run:
         run.log({"reproduce/table": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])}
                 | {f"reproduce/{p.stem}": wandb.Image(str(p)) for p in out.glob("*.png")})

@@ -154,17 +154,30 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
-            import wandb
-
-            if not wandb.api.api_key:  # not logged in: keep the run on disk (`wandb sync` later)
-                os.environ["WANDB_MODE"] = "offline"
-        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
+        return WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
                            group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
                            save_dir=str(out_dir), tags=list(cfg.logger.get("tags") or []),
                            config=resolved_config(cfg) | {"git_commit": runinfo.git_commit(),
                                                           "versions": runinfo.versions()})
     raise ConfigError(f"logger={name!r} is unknown; use wandb, csv or none")
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE if set; else online when logged in (API key or ~/.netrc entry), offline otherwise.
+
+    Offline runs stay on disk under the run dir; `wandb sync <dir>` uploads them later.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        hosts = {}
+    return "online" if any("wandb" in h for h in hosts) else "offline"
 
 
 def trainer_devices(cfg: DictConfig) -> tuple[str, int, int]:

@@ -22,3 +22,17 @@ def test_relative_change_is_the_papers_measure():
     assert math.isclose(metrics.relative_change(0.103, 0.1), 0.03)
     assert metrics.relative_change(0.09, 0.1) < 0
     assert math.isnan(metrics.relative_change(0.1, 0.0))
+
+
+def test_wandb_runs_offline_unless_logged_in(monkeypatch, tmp_path):
+    from asrbench.experiment import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
