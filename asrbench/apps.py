@@ -164,7 +164,7 @@ def reproduce(cfg: DictConfig) -> None:
 
     t0 = time.perf_counter()
     out = run_dir()
-    common = [*cfg.reproduce.overrides, f"logger={cfg.logger}", "experiment=reproduce"]
+    common = [*cfg.reproduce.overrides, f"logger={cfg.run_logger}", "experiment=reproduce"]
 
     def run(name: str, extra: list[str]) -> tuple[Path, dict]:
         path = out / name
@@ -188,7 +188,7 @@ def reproduce(cfg: DictConfig) -> None:
     runinfo.write_json_atomic(out / "reproduce.json", {"baseline": baseline, "runs": rows,
                                                        "median_speedup_rel_error": median,
                                                        "wall_s": time.perf_counter() - t0})
-    if cfg.logger == "wandb":
+    if cfg.run_logger == "wandb":
         log_report_to_wandb(out, rows, cfg)
     print(md.read_text())
     print(f"report: {md}")

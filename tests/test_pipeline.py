@@ -95,3 +95,17 @@ def test_align_eval_and_ce_training(ctc_run, corpus):
     assert res["criterion"] == "ce" and res["fer"] is not None
     loss = losses(ce)
     assert loss[-1] < 0.8 * loss[0]
+
+
+def test_reproduce_tiny_writes_report_and_plots(tmp_path):
+    out = tmp_path / "rep"
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}")
+    md = (out / "report.md").read_text()
+    for strategy in ("gtc", "bmuf", "gtc_bmuf"):
+        for nodes in (4, 8):
+            assert f"| {strategy} | {nodes} |" in md
+            res = json.loads((out / f"{strategy}_n{nodes}" / "results.json").read_text())
+            assert res["simulated"] is True and res["predicted_speedup"] > 1
+    for png in ("speedup.png", "rel_wer.png", "bytes.png", "wall_curves.png"):
+        assert (out / png).stat().st_size > 1000
+    assert json.loads((out / "reproduce.json").read_text())["baseline"]["strategy"] == "single"
