@@ -252,15 +252,22 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
         "train_frames_per_s": module.frames_seen * int(cfg.nodes) / max(module.train_time_s, 1e-9),
     }
     comm = getattr(trainer.strategy, "comm_summary", None)
-    summary = dict(comm()) if comm else {}
-    if "steps" in summary:
+    return finish_results(results, comm() if comm else {}, module.model, feats, frame_labels, cfg, out_dir,
+                          logger, checkpoint=out_dir / "checkpoints" / "last.ckpt", t0=t0)
+
+
+def finish_results(results: dict, comm_summary: Mapping, model: torch.nn.Module,
+                   feats: Mapping[str, SplitFeatures], frame_labels, cfg: DictConfig, out_dir: Path, logger: Any,
+                   *, checkpoint: Path, t0: float) -> dict:
+    """Complete a run's results (bytes, metrics, run info), write results.json atomically and log them."""
+    summary = dict(comm_summary)
+    if "steps" in summary:  # the strategy's count of closed steps; `steps` stays the trainer's
         summary["comm_steps"] = int(summary.pop("steps"))
-    results.update(summary or {"bytes_sent_per_worker_per_step": 0,
-                                         "bytes_received_per_worker_per_step": 0,
-                                         "dense_bytes_per_worker_per_step": 0})
-    results.update(evaluate_all(module.model, feats, frame_labels, cfg, out_dir))
+    results.update(summary or {"bytes_sent_per_worker_per_step": 0, "bytes_received_per_worker_per_step": 0,
+                               "dense_bytes_per_worker_per_step": 0})
+    results.update(evaluate_all(model, feats, frame_labels, cfg, out_dir))
     results["wall_s"] = time.perf_counter() - t0
-    results |= {"checkpoint": str(out_dir / "checkpoints" / "last.ckpt"), "config": resolved_config(cfg),
+    results |= {"checkpoint": str(checkpoint), "config": resolved_config(cfg),
                 "git_commit": runinfo.git_commit(), "versions": runinfo.versions(), "host": runinfo.host()}
     runinfo.write_json_atomic(out_dir / "results.json", results)
     log_results(logger, results)

@@ -913,7 +913,7 @@ def train_simulated(cfg: Any, out_dir: Path) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
 
-    from asrbench import experiment, runinfo
+    from asrbench import experiment
     from asrbench.data import text
     from asrbench.data.dataset import SpeechDataset
     from asrbench.data.features import FeatureConfig
@@ -1023,18 +1023,9 @@ def train_simulated(cfg: Any, out_dir: Path) -> dict:
         "simulator_s": {"compute": t.compute_s, "exchange": t.exchange_s, "optimizer": t.optimizer_s,
                         "averaging": t.averaging_s},
     }
-    summary = cluster.comm_summary()
-    if "steps" in summary:
-        summary["comm_steps"] = int(summary.pop("steps"))
-    results.update(summary or {"bytes_sent_per_worker_per_step": 0, "bytes_received_per_worker_per_step": 0,
-                               "dense_bytes_per_worker_per_step": 0})
     results.update(prediction)
-    results.update(experiment.evaluate_all(cluster.module.model, feats, frame_labels, cfg, out_dir))
-    results["wall_s"] = time.perf_counter() - t0
-    results |= {"checkpoint": str(ckpt), "config": experiment.resolved_config(cfg),
-                "git_commit": runinfo.git_commit(), "versions": runinfo.versions(), "host": runinfo.host()}
-    runinfo.write_json_atomic(out_dir / "results.json", results)
-    experiment.log_results(logger, results)
+    results = experiment.finish_results(results, cluster.comm_summary(), cluster.module.model, feats, frame_labels,
+                                        cfg, out_dir, logger, checkpoint=ckpt, t0=t0)
     if logger:
         logger.finalize("success")
     return results
