@@ -1,7 +1,9 @@
 """The Hydra apps behind `asrbench <command>`; each has its own primary config in conf/<command>.yaml."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
 from functools import wraps
@@ -14,6 +16,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from asrbench import experiment, report, runinfo
+from asrbench.checkpoint import Interrupted
 from asrbench.errors import AsrbenchError, CheckpointError, ConfigError
 
 log = logging.getLogger("asrbench")
@@ -28,10 +31,40 @@ def user_errors(fn):
         try:
             return fn(cfg)
         except AsrbenchError as err:
-            print(f"error: {err}", file=sys.stderr)
+            code = getattr(err, "exit_code", 2)
+            if not (isinstance(err, Interrupted) and _rank() > 0):  # rank 0 speaks for an agreed stop
+                print(f"error: {err}", file=sys.stderr)
+            sys.exit(code)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C) before a checkpoint could be saved", file=sys.stderr)
+            sys.exit(130)
+        except OSError as err:
+            message = output_error(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota",
+                  errno.EROFS: "make it writable", errno.EACCES: "make it writable",
+                  errno.EPERM: "make it writable", errno.ENOTDIR: "remove the file in the way"}
+
+
+def output_error(err: OSError) -> str | None:
+    """One line for a disk fault (full, read-only, no permission), or None for other OS errors."""
+    advice = _OUTPUT_ERRNOS.get(err.errno)
+    if advice is None:
+        return None
+    where = err.filename or "the output directory"
+    return (f"{where}: {err.strerror or os.strerror(err.errno)}; {advice} or write elsewhere with "
+            f"hydra.run.dir=DIR (checkpoints already written stay valid for resume=)")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
 def run_dir() -> Path:
@@ -175,23 +208,59 @@ def reproduce(cfg: DictConfig) -> None:
         path.mkdir(parents=True, exist_ok=True)
         return path, experiment.train(compose("train", overrides=[*common, *extra]), path)
 
+    epochs, warm = int(cfg.reproduce.epochs), int(cfg.reproduce.get("warm_start_epochs") or 0)
+    if not 0 <= warm < epochs:
+        raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
+    single = ["strategy=single", "nodes=1", "cluster=processes"]
+    start: list[str] = []
+    if warm:  # every run, the baseline included, continues from the same single-worker model
+        warm_dir, _ = run("warm_start", [*single, f"trainer.max_epochs={warm}"])
+        start = [f"init_from={warm_dir}"]
+    rest = [f"trainer.max_epochs={epochs - warm}", *start]
     run_dirs, results = {}, []
-    run_dirs["single"], baseline = run("single", ["strategy=single", "nodes=1", "cluster=processes"])
+    run_dirs["single"], baseline = run("single", [*single, *rest])
     for strategy in cfg.reproduce.strategies:
         for nodes in cfg.reproduce.nodes:
             name = rep.run_name(strategy, nodes)
-            extra = [f"strategy={strategy}", f"nodes={nodes}", "cluster=simulated",
+            extra = [f"strategy={strategy}", f"nodes={nodes}", "cluster=simulated", *rest,
                      f"cluster.network={cfg.network}", *cfg.reproduce.strategy_overrides.get(strategy, [])]
             run_dirs[name], res = run(name, extra)
             results.append(res)
-    md, rows, median = rep.write(out, baseline, results, run_dirs, cfg.network, time.perf_counter() - t0)
+    projection = paper_projection(cfg, results)
+    md, rows, median, proj_errors, proj_median = rep.write(out, baseline, results, run_dirs, cfg.network,
+                                                           time.perf_counter() - t0, projection)
     runinfo.write_json_atomic(out / "reproduce.json", {"baseline": baseline, "runs": rows,
                                                        "median_speedup_rel_error": median,
+                                                       "projection": projection,
+                                                       "projection_errors": proj_errors,
+                                                       "median_projected_speedup_rel_error": proj_median,
                                                        "wall_s": time.perf_counter() - t0})
     if cfg.run_logger == "wandb":
         log_report_to_wandb(out, rows, cfg)
     print(md.read_text())
     print(f"report: {md}")
+
+
+def paper_projection(cfg: DictConfig, results: list[dict]) -> dict | None:
+    """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
+    from asrbench import reproduce as rep
+    from asrbench.cluster.simulated import load_compute_profile, load_network
+    from asrbench.data.features import FeatureConfig
+
+    proj = cfg.get("projection")
+    if not proj or not results:
+        return None
+    model_file = Path(CONF) / "model" / f"{proj.model}.yaml"
+    if not model_file.is_file():
+        raise ConfigError(f"projection.model={proj.model}: no {model_file}; name a preset of conf/model/")
+    model_cfg = OmegaConf.to_container(OmegaConf.load(model_file), resolve=True)
+    features = results[0]["config"]["features"]
+    input_dim = FeatureConfig(**features).dim
+    parameters = rep.model_parameters(model_cfg, input_dim)
+    profile = load_compute_profile(proj.compute_profile)
+    rows = rep.project(results, load_network(cfg.network), profile, parameters, overlap=float(proj.get("overlap", 0.0)))
+    return {"model": proj.model, "parameters": parameters, "profile": str(proj.compute_profile),
+            "compute_profile": profile, "network": cfg.network, "rows": rows}
 
 
 def log_report_to_wandb(out: Path, rows: list[dict], cfg: DictConfig) -> None:

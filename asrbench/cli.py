@@ -23,6 +23,52 @@ def usage() -> str:
             f"`asrbench <command> --help` lists that command's config groups and options.")
 
 
+# Flags after which Hydra prints and exits without creating an output directory.
+_NO_OUTPUT = ("-h", "--help", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+MIN_FREE_BYTES = 50 * 2**20  # less than this free where the run would write: refuse before starting
+
+
+def output_root(command: str, rest: list[str]) -> str:
+    """The directory a command will write to: hydra.run.dir / hydra.sweep.dir up to its first
+    interpolation, else the run dir for eval/align (they write inside it), else Hydra's default
+    roots (outputs/, multirun/) relative to the working directory."""
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    for arg in rest:
+        if arg.startswith(key):
+            return arg[len(key):].split("${")[0] or "."
+    if command in ("eval", "align"):
+        for arg in rest:
+            if arg.startswith("run=") and len(arg) > 4:
+                return arg[4:]
+    return "multirun" if multirun else "outputs"
+
+
+def check_output_dir(target: str) -> str | None:
+    """Why `target` cannot take a run's output (one line), or None when it can."""
+    import shutil
+    import tempfile
+
+    path = os.path.abspath(target)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return (f"output directory {path}: {existing} is a file, not a directory; remove it or write elsewhere "
+                f"with hydra.run.dir=DIR")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return (f"output directory {path}: cannot write in {existing} ({err.strerror}); make it writable or "
+                f"write elsewhere with hydra.run.dir=DIR")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return (f"output directory {path}: only {free / 2**20:.0f} MiB free on its disk; free space or write "
+                f"elsewhere with hydra.run.dir=DIR")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) > 2 and argv[1] in ("-m", "--multirun") and argv[2] in COMMANDS:
@@ -35,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         asked = len(argv) > 1 and argv[1] in ("-h", "--help")
         print(usage(), file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
+    if not any(a in _NO_OUTPUT for a in rest):
+        problem = check_output_dir(output_root(command, rest))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
     os.environ[ENV] = command
     sys.argv = [argv[0], *rest]
     from asrbench import apps

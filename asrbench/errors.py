@@ -21,3 +21,12 @@ class ConfigError(AsrbenchError):
 
 class CheckpointError(AsrbenchError):
     """A checkpoint is missing, unreadable or was written by an incompatible run."""
+
+
+class RunFailed(AsrbenchError):
+    """Training stopped on a fault (a worker died, hung or diverged); the message names the rank
+    and the checkpoint to resume from."""
+
+
+class OutputError(AsrbenchError):
+    """The output directory cannot be written (read-only, full, or not a directory)."""

@@ -19,15 +19,17 @@ from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from asrbench import runinfo
+from asrbench import checkpoint, runinfo
 from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
 from asrbench.data.librispeech import scan_subsets
-from asrbench.errors import ConfigError
+from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule
 from asrbench.strategies import build_strategy
+from asrbench.strategies.comm import CollectiveError, is_collective_failure
+from asrbench.strategies.gtc import NonFiniteGradientError
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +98,12 @@ class SpeechDataModule(L.LightningDataModule):
         return make_loader(SpeechDataset(self.feats[split], self.frame_labels), batch_size=batch_size,
                            shuffle=shuffle, seed=self.seed, rank=self.trainer.global_rank,
                            world_size=self.trainer.world_size, num_workers=self.num_workers,
-                           drop_last=shuffle, sort_by_length=self.bucket_by_length and shuffle)
+                           drop_last=shuffle, sort_by_length=self.bucket_by_length and shuffle,
+                           progress=self._batches_done if shuffle else None)
+
+    def _batches_done(self) -> int:
+        """Training batches the trainer finished in this epoch (what a checkpoint resumes after)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self):
         return self._loader("train", self.batch_size, shuffle=True)
@@ -212,6 +219,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
         return train_simulated(cfg, out_dir)
     t0 = time.perf_counter()
     accel, devices, machines = trainer_devices(cfg)
+    input_dim = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True)).dim
+    ident = checkpoint.identity(cfg, input_dim)
+    resume = str(checkpoint.check_resume(to_absolute_path(cfg.resume), ident)) if cfg.resume else None
     strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     is_rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
@@ -220,22 +230,37 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     if cfg.criterion == "ce" and frame_labels is None:
         raise ConfigError("criterion=ce trains on frame labels: run `asrbench align run=DIR` and pass "
                           "data.alignments=<its output dir>")
-    input_dim = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True)).dim
     module = AcousticModule(input_dim, OmegaConf.to_container(cfg.model, resolve=True), inner_optim(cfg),
                             cfg.criterion, world_size=int(cfg.nodes))
+    if cfg.get("init_from") and not resume:
+        checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), ident)
     dm = SpeechDataModule(feats, frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.num_workers,
                           cfg.get("bucket_by_length", False))
     logger = build_logger(cfg, out_dir)
-    ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True,
                            every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_top_k=0)
+    stop = checkpoint.GracefulStop(ckpt_dir / "interrupted.ckpt")
+    if hasattr(strategy, "checkpoint_dir"):
+        strategy.checkpoint_dir = str(ckpt_dir)
     trainer = L.Trainer(accelerator=accel, devices=devices, num_nodes=machines, strategy=strategy,
-                        logger=logger, callbacks=[ckpt, TQDMProgressBar(refresh_rate=10),
+                        logger=logger, callbacks=[ckpt, stop, checkpoint.RunIdentity(ident),
+                                                  *([TQDMProgressBar(refresh_rate=10)]
+                                                    if cfg.trainer.get("enable_progress_bar", True) else []),
                                    MetricsHistory(out_dir / "metrics.jsonl", cfg.trainer.get("log_every_n_steps", 10))],
                         default_root_dir=str(out_dir), use_distributed_sampler=False,
                         deterministic=cfg.deterministic, **OmegaConf.to_container(cfg.trainer, resolve=True))
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=to_absolute_path(cfg.resume) if cfg.resume else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except Exception as err:
+        if isinstance(err, (CollectiveError, NonFiniteGradientError)) or is_collective_failure(err):
+            raise RunFailed(f"{' '.join(str(err).split())}; {checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
+        raise
     fit_s = time.perf_counter() - t_fit
+    if stop.stopped:
+        raise checkpoint.Interrupted(f"interrupted after step {stop.saved_step}: checkpoint {stop.path}; "
+                                     f"continue with resume={stop.path}")
     if not trainer.is_global_zero:
         return None
     results = {

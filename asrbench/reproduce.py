@@ -56,6 +56,72 @@ def speedup_errors(rows: Sequence[Mapping]) -> tuple[list[dict], float]:
     return out, median
 
 
+# Cost-model statistics that grow with the number of parameters (GTC densities are kept).
+SIZE_KEYS = ("dense_bytes_per_worker_per_step", "gtc_msg_bytes_mean", "gtc_msg_bytes_max",
+             "elements_sent_per_step", "model_bytes")
+FP32_BYTES = 4
+
+
+def model_parameters(model_cfg: Mapping, input_dim: int) -> int:
+    """Parameters of the acoustic model `model_cfg` (a conf/model entry), counted without memory."""
+    import torch
+
+    from asrbench.data import text
+    from asrbench.model.lstm import LSTMAcousticModel
+
+    with torch.device("meta"):
+        model = LSTMAcousticModel(input_dim, text.vocab_size(), **{k: v for k, v in model_cfg.items() if k != "name"})
+    return sum(p.numel() for p in model.parameters())
+
+
+def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, parameters: int,
+            overlap: float = 0.0) -> list[dict]:
+    """Each run's speedup re-predicted for a model of `parameters` on the profile's device.
+
+    What a run measured that does not depend on the model size is kept: the strategy, N, K,
+    the group size and the fraction of gradient elements GTC sent. Byte and element counts scale
+    with the parameter count; compute, GTC encode and decode rate come from `profile` (seconds
+    per worker step on the target GPU). The step time is then the same cost model as a run's own
+    prediction (asrbench.cluster.cost.step_time).
+    """
+    from asrbench.cluster import cost
+
+    compute = float(profile["compute_s_per_worker_step"])
+    out = []
+    for r in rows:
+        model = r.get("cost_model")
+        if not model:
+            continue
+        stats = dict(model["stats"])
+        scale = parameters / (stats["dense_bytes_per_worker_per_step"] / FP32_BYTES)
+        for key in SIZE_KEYS:
+            if key in stats:
+                stats[key] *= scale
+        gtc = "gtc_msg_bytes_mean" in stats
+        if gtc and profile.get("decode_rate"):
+            stats["decode_rate"] = float(profile["decode_rate"])
+        encode = float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if gtc else 0.0
+        step = cost.step_time(r["strategy"], compute + encode, stats, r["nodes"], network, overlap=overlap)
+        out.append({"strategy": r["strategy"], "nodes": r["nodes"], "parameters": parameters,
+                    "compute_s": compute, "comm_s": step["comm_s"], "step_s": step["total_s"],
+                    "comm_parts": cost.comm_parts(r["strategy"], stats, r["nodes"], network),
+                    "predicted_speedup": cost.speedup(r["nodes"], step["total_s"], compute)})
+    return out
+
+
+def projection_table(proj: Sequence[Mapping]) -> str:
+    lines = ["| strategy | workers | step (s) | of which comm (s) | largest comm part | speedup (projected) "
+             "| speedup (paper) | rel. error |", "|" + "---|" * 8]
+    for p in proj:
+        paper_s = paper_value(p["strategy"], p["nodes"], "speedup")
+        part = max(p["comm_parts"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        err = f"{(p['predicted_speedup'] - paper_s) / paper_s * 100:+.0f}%" if paper_s else "-"
+        lines.append(f"| {p['strategy']} | {p['nodes']} | {p['step_s']:.3f} | {p['comm_s']:.3f} | "
+                     f"{part[0]} ({part[1]:.3f} s) | {p['predicted_speedup']:.1f}x | "
+                     f"{_num(paper_s)}{'x' if paper_s else ''} | {err} |")
+    return "\n".join(lines)
+
+
 def _num(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -126,7 +192,10 @@ def plot_wall_curves(runs: Mapping[str, tuple[Path, Mapping]], out_dir: Path) ->
 
 
 def write(out_dir: Path, baseline: Mapping, results: Sequence[Mapping], run_dirs: Mapping[str, Path],
-          network: str, wall_s: float) -> tuple[Path, list[dict], float]:
+          network: str, wall_s: float, projection: Mapping | None = None
+          ) -> tuple[Path, list[dict], float, list[dict], float]:
+    """report.md + plots. `projection` (optional): {"rows": project(...), "model": name,
+    "profile": path, "notes": text}: the same runs' speedups at the paper's model scale."""
     rows = rows_with_baseline(results, baseline)
     plots = plot_scaling(rows, out_dir)
     runs = {"single x1": (run_dirs["single"], baseline)}
@@ -142,9 +211,24 @@ def write(out_dir: Path, baseline: Mapping, results: Sequence[Mapping], run_dirs
         comparison_table(rows), "",
         f"Median relative error of our predicted speedups against the paper's: {median * 100:.0f}% "
         f"over {len(errors)} figures.", "",
-        "## All runs", "", report.markdown_table([report.with_relative(baseline, baseline), *rows]), "",
     ]
+    proj_errors, proj_median = [], math.nan
+    if projection and projection["rows"]:
+        proj_errors, proj_median = speedup_errors(projection["rows"])
+        parts += [
+            f"## Projected to the paper's scale ({projection['model']}, {projection['parameters'] / 1e6:.1f}M parameters)",
+            "",
+            f"The runs above train a small model on CPU, where compute dwarfs communication. Here each "
+            f"run's measured communication pattern (strategy, N, K, group size, the fraction of elements "
+            f"GTC sent) is re-costed for `{projection['model']}` with the compute profile "
+            f"`{projection['profile']}` on the `{network}` network: bytes scale with the parameter count, "
+            f"compute is the profile's seconds per worker step.", "",
+            projection_table(projection["rows"]), "",
+            f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
+            f"over {len(proj_errors)} figures.", "",
+        ]
+    parts += ["## All runs", "", report.markdown_table([report.with_relative(baseline, baseline), *rows]), ""]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
-    return path, rows, median
+    return path, rows, median, proj_errors, proj_median

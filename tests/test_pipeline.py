@@ -106,6 +106,8 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
             assert f"| {strategy} | {nodes} |" in md
             res = json.loads((out / f"{strategy}_n{nodes}" / "results.json").read_text())
             assert res["simulated"] is True and res["predicted_speedup"] > 1
+    assert "## Projected to the paper's scale (lstm_paper, 22.0M parameters)" in md
+    assert md.count("speedup (projected)") == 1 and "| gtc_bmuf | 8 |" in md.split("Projected")[1]
     for png in ("speedup.png", "rel_wer.png", "bytes.png", "wall_curves.png"):
         assert (out / png).stat().st_size > 1000
     assert json.loads((out / "reproduce.json").read_text())["baseline"]["strategy"] == "single"

@@ -941,6 +941,11 @@ def train_simulated(cfg: Any, out_dir: Path) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     optim = experiment.inner_optim(cfg)
     module = AcousticModule(fcfg.dim, model_cfg, optim, cfg.criterion, world_size=nodes)
+    if cfg.get("init_from"):
+        from hydra.utils import to_absolute_path
+
+        from asrbench import checkpoint
+        checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), checkpoint.identity(cfg, fcfg.dim))
     numel = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     gtc_state = getattr(strategy, "gtc_state", None)
     arrays = stacked_arrays(kind, optim, bool(gtc_state and gtc_state.pass_through),

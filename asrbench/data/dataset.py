@@ -7,11 +7,12 @@ cluster reproduces every worker's data without running it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from asrbench.data import text as textlib
 from asrbench.data.features import SplitFeatures
@@ -108,17 +109,83 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         return iter(batches)
 
 
+class ResumableBatchSampler(Sampler[list[int]]):
+    """A batch sampler that can start its next epoch part-way: after `resume_at(epoch, n)`, the
+    iteration of that epoch skips its first n batches (indices only: no data is loaded for them).
+
+    `set_epoch` reaches the DistributedSampler underneath (through a BatchSampler or a
+    LengthBucketBatchSampler), as Lightning's ``_set_sampler_epoch`` expects.
+    """
+
+    def __init__(self, batches: BatchSampler | LengthBucketBatchSampler) -> None:
+        self.batches = batches
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def sampler(self) -> DistributedSampler:
+        """The DistributedSampler underneath: Lightning's ``_set_sampler_epoch`` sets its epoch."""
+        return self.batches.sampler
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self._resume = (int(epoch), int(batches_done))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the body runs at the first batch, after Lightning has set the epoch.
+        skip = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                skip = done
+        for i, batch in enumerate(self.batches):
+            if i >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader Lightning checkpoints mid-epoch (it implements ``state_dict`` /
+    ``load_state_dict``, Lightning's stateful-loader interface).
+
+    The state is (epoch, batches the trainer finished this epoch); `progress` gives the second
+    (the trainer's count: Lightning fetches one batch ahead, so the loader's own count is one too
+    many). Resuming from a checkpoint taken after batch n of epoch e then trains on batch n + 1 of
+    the same order, so an interrupted run continues exactly where it stopped.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: ResumableBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        return {"epoch": sampler.epoch, "batches_done": int(self.progress()) if self.progress else 0}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.batch_sampler.resume_at(state["epoch"], state["batches_done"])  # type: ignore[union-attr]
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, rank: int = 0,
                 world_size: int = 1, epoch: int = 0, num_workers: int = 0, drop_last: bool = False,
-                sort_by_length: bool = False) -> DataLoader:
+                sort_by_length: bool = False, progress: Callable[[], int] | None = None) -> ResumableDataLoader:
     """The loader of rank `rank` of `world_size` for `epoch`.
 
     Indices come from `DistributedSampler(dataset, world_size, rank, shuffle, seed, drop_last)`
-    with `set_epoch(epoch)` (call `loader.sampler.set_epoch` or `loader.batch_sampler.set_epoch`
-    for later epochs, or build a new loader). `drop_last` drops both the tail that does not
+    with `set_epoch(epoch)` (call `loader.batch_sampler.set_epoch` for later epochs, as
+    Lightning does, or build a new loader). `drop_last` drops both the tail that does not
     divide among the ranks (otherwise DistributedSampler repeats indices to even them out) and
     the last incomplete batch. `sort_by_length` groups similar lengths (LengthBucketBatchSampler)
-    over the same per-rank indices.
+    over the same per-rank indices. The loader resumes mid-epoch from Lightning checkpoints
+    (:class:`ResumableDataLoader`; `progress` returns the batches the trainer finished this epoch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -131,7 +198,11 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             raise ValueError("sort_by_length needs a dataset with a `lengths` tensor (SpeechDataset has one)")
-        batches = LengthBucketBatchSampler(sampler, torch.as_tensor(lengths), batch_size, drop_last)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, drop_last=drop_last)
+        batches: BatchSampler | LengthBucketBatchSampler = LengthBucketBatchSampler(
+            sampler, torch.as_tensor(lengths), batch_size, drop_last)
+    else:
+        batches = BatchSampler(sampler, batch_size, drop_last)
+    resumable = ResumableBatchSampler(batches)
+    resumable.set_epoch(epoch)
+    return ResumableDataLoader(dataset, batch_sampler=resumable, collate_fn=collate, num_workers=num_workers,
+                               progress=progress)

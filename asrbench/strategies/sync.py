@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import (CollectiveError, as_timedelta, collective_error, is_collective_failure,
-                                      publish_failure)
+                                      naming_launcher, publish_failure)
 
 
 class AccountedDDPStrategy(DDPStrategy):
@@ -60,6 +60,20 @@ class AccountedDDPStrategy(DDPStrategy):
             with torch.no_grad():
                 for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
                     tensor.data = tensor.data.clone()
+
+    checkpoint_dir: str | None = None  # where the run's checkpoints go: named when a worker dies
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        describe = None
+        if self.checkpoint_dir:
+            from pathlib import Path
+
+            from asrbench.checkpoint import describe_last_checkpoint
+
+            directory = Path(self.checkpoint_dir)
+            describe = lambda: describe_last_checkpoint(directory)  # noqa: E731
+        self._launcher = naming_launcher(self._launcher, describe)
 
     def comm_metrics(self) -> dict[str, float]:
         """The last step of this worker: bytes sent/received, dense equivalent, ratio, density."""

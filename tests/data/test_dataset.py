@@ -127,3 +127,30 @@ def test_loader_over_real_features(librispeech_tree, tmp_path):
         i = feats.utt_ids.index(utt)
         assert torch.equal(b["feats"][j, : b["feat_lens"][j]], feats.feats(i))
         assert text.decode(b["targets"][j, : b["target_lens"][j]].tolist()) == feats.texts[i]
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_loader_resumes_mid_epoch_through_lightnings_epoch_setter(bucket):
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    ds = SpeechDataset(FakeSplit(40))
+    done = {"n": 0}
+    loader = make_loader(ds, batch_size=4, shuffle=True, seed=3, rank=1, world_size=2, drop_last=True,
+                         sort_by_length=bucket, progress=lambda: done["n"])
+    _set_sampler_epoch(loader, 2)  # what Lightning's fit loop calls each epoch
+    full = rank_ids(loader)
+    assert full != rank_ids(make_loader(ds, batch_size=4, shuffle=True, seed=3, rank=1, world_size=2,
+                                        drop_last=True, sort_by_length=bucket))  # epoch 2 differs from 0
+    done["n"] = 2  # the trainer finished 2 batches of epoch 2 when the checkpoint was taken
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_done": 2}
+
+    fresh = make_loader(ds, batch_size=4, shuffle=True, seed=3, rank=1, world_size=2, drop_last=True,
+                        sort_by_length=bucket)
+    fresh.load_state_dict(state)
+    _set_sampler_epoch(fresh, 2)
+    assert rank_ids(fresh) == full[8:]  # the rest of epoch 2, nothing loaded twice
+    assert rank_ids(fresh) == full  # the skip applies once
+    fresh.load_state_dict(state)
+    _set_sampler_epoch(fresh, 3)  # the checkpoint's epoch is over: a new epoch starts whole
+    assert len(rank_ids(fresh)) == len(full)

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The paper's comparison on your LibriSpeech copy, on a GPU cluster, in numbered stages:
+#   0  scan the corpus and cache its features (one process; every rank reuses the cache)
+#   1  train the single-GPU baseline (lstm_paper)
+#   2  train every strategy at every worker count, one torch.distributed job each
+#   3  evaluate every run against the baseline: report.md per run, and a summary table
+# Each finished stage leaves $EXP/.stageN.done; re-running skips it. Usage:
+#   recipes/librispeech/run.sh --root /data/LibriSpeech [--launcher slurm|torchrun|local]
+#       [--gpus-per-machine 8] [--workers "32 64 128"] [--strategies "gtc bmuf gtc_bmuf"]
+#       [--stage N] [--stop-stage M] [--exp DIR] [extra train overrides...]
+# launcher=slurm runs each job with srun inside your allocation (salloc/sbatch); torchrun needs
+# HEAD=<host:port of the rendezvous> and is started on every machine by you (MACHINE_RANK set);
+# local runs nodes processes on this machine (CPU gloo, or its GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+root=""; launcher=slurm; gpm=8; workers="32 64 128"; strategies="gtc bmuf gtc_bmuf"
+stage=0; stop_stage=3; exp=outputs/librispeech
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) root=$2; shift 2;;
+    --launcher) launcher=$2; shift 2;;
+    --gpus-per-machine) gpm=$2; shift 2;;
+    --workers) workers=$2; shift 2;;
+    --strategies) strategies=$2; shift 2;;
+    --stage) stage=$2; shift 2;;
+    --stop-stage) stop_stage=$2; shift 2;;
+    --exp) exp=$2; shift 2;;
+    *) extra+=("$1"); shift;;
+  esac
+done
+if [ -z "$root" ]; then echo "error: --root /path/to/LibriSpeech is required" >&2; exit 2; fi
+mkdir -p "$exp"
+asrbench=.venv/bin/asrbench
+common=(data=librispeech "data.root=$root" model=lstm_paper logger=wandb experiment=librispeech
+        batch_size=16 trainer.max_epochs=8 checkpoint_every_n_steps=1000 "${extra[@]}")
+# The same knobs as conf/reproduce/paper.yaml
+declare -A knobs=([gtc]="optim.lr_scaling=sqrt optim.warmup_steps=500" [bmuf]="strategy.block_size=16"
+                  [gtc_bmuf]="strategy.block_size=16 strategy.group_size=$gpm")
+
+run_stage() {  # run_stage N description command...
+  local n=$1 what=$2; shift 2
+  if [ "$n" -lt "$stage" ] || [ "$n" -gt "$stop_stage" ]; then return; fi
+  if [ -f "$exp/.stage$n.done" ]; then echo "== stage $n ($what): done before, skipped"; return; fi
+  echo "== stage $n: $what"
+  "$@"
+  touch "$exp/.stage$n.done"
+}
+
+distributed() {  # distributed NODES overrides...: one training job of NODES workers
+  local nodes=$1; shift
+  local machines=$(( (nodes + gpm - 1) / gpm )); local per=$(( nodes < gpm ? nodes : gpm ))
+  case "$launcher" in
+    slurm) srun --nodes "$machines" --ntasks-per-node "$per" --gpus-per-node "$per" \
+             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" accelerator=gpu "$@";;
+    torchrun) torchrun --nnodes "$machines" --nproc-per-node "$per" --node-rank "${MACHINE_RANK:?set MACHINE_RANK}" \
+             --rdzv-backend c10d --rdzv-endpoint "${HEAD:?set HEAD=host:port}" \
+             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" accelerator=gpu "$@";;
+    local) "$asrbench" train "${common[@]}" nodes="$nodes" "$@";;
+    *) echo "error: --launcher must be slurm, torchrun or local (got $launcher)" >&2; exit 2;;
+  esac
+}
+
+stage2() {
+  for s in $strategies; do
+    for n in $workers; do
+      local dir="$exp/${s}_n$n"
+      if [ -f "$dir/results.json" ]; then echo "$dir: finished before"; continue; fi
+      # a run that stopped (fault, Ctrl-C, time limit) continues from its newest checkpoint
+      local resume=(); ck=$(ls -t "$dir"/checkpoints/*.ckpt 2>/dev/null | head -1 || true)
+      [ -n "$ck" ] && resume=("resume=$ck")
+      # shellcheck disable=SC2086
+      distributed "$n" strategy="$s" ${knobs[$s]} "hydra.run.dir=$dir" "${resume[@]}"
+    done
+  done
+}
+
+stage3() {
+  for s in $strategies; do
+    for n in $workers; do
+      "$asrbench" eval "run=$exp/${s}_n$n" "baseline=$exp/single"
+    done
+  done
+  python - "$exp" <<'PY'
+import json, sys
+from pathlib import Path
+from asrbench import report
+exp = Path(sys.argv[1])
+base = report.load_results(exp / "single")
+rows = [report.with_relative(base, base)]
+rows += [report.with_relative(report.load_results(p.parent), base)
+         for p in sorted(exp.glob("*_n*/eval/results.json"))]
+print(report.markdown_table(rows))
+PY
+}
+
+run_stage 0 "features" "$asrbench" prepare data=librispeech "data.root=$root"
+run_stage 1 "single-GPU baseline" "$asrbench" train "${common[@]}" strategy=single accelerator=gpu "hydra.run.dir=$exp/single"
+run_stage 2 "strategies x workers" stage2
+run_stage 3 "evaluation" stage3

@@ -1,0 +1,85 @@
+"""The paper-scale projection of `asrbench reproduce`: hand-computed cases and its consistency
+with a run's own cost-model prediction."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from asrbench import reproduce as rep
+from asrbench.cluster import cost
+from asrbench.data import text
+from asrbench.model.lstm import LSTMAcousticModel
+
+NET = {"name": "t", "latency_s": 1e-5, "bandwidth_Bps": 1e9, "gpus_per_machine": 8,
+       "intra_latency_s": 1e-6, "intra_bandwidth_Bps": 1e11}
+
+
+def row(strategy, nodes, params, **stats):
+    base = {"dense_bytes_per_worker_per_step": 4.0 * params}
+    return {"strategy": strategy, "nodes": nodes,
+            "cost_model": {"stats": base | stats, "strategy": strategy, "n": nodes}}
+
+
+@pytest.mark.parametrize("cfg", [dict(hidden_size=96, num_layers=2), dict(hidden_size=32, num_layers=3, proj_size=16)])
+def test_model_parameters_counts_the_real_model(cfg):
+    real = LSTMAcousticModel(240, text.vocab_size(), **cfg)
+    assert rep.model_parameters({"name": "x", **cfg}, 240) == sum(p.numel() for p in real.parameters())
+
+
+def test_paper_model_is_22m_parameters():
+    # 4 h (in + h) + 8 h per layer: 4*768*1008 + 4 * 4*768*1536, + biases, + the output layer
+    lstm = 4 * 768 * (240 + 768) + 4 * (4 * 768 * 1536) + 5 * 8 * 768
+    out = 768 * text.vocab_size() + text.vocab_size()
+    assert rep.model_parameters({"hidden_size": 768, "num_layers": 5}, 240) == lstm + out
+
+
+def test_bmuf_projection_by_hand():
+    # a run of a 1,000-parameter model; projected to 1,000,000 parameters, 64 workers, K = 4
+    r = row("bmuf", 64, 1000, model_bytes=4000.0, block_size=4.0, group_size=1.0)
+    (p,) = rep.project([r], NET, {"compute_s_per_worker_step": 0.1}, 1_000_000)
+    m = 4e6  # model bytes scaled 1000x
+    comm = 2 * 63 * (1e-5 + m / (64 * 1e9)) / 4  # 64 workers span 8 machines: the Ethernet link
+    assert p["comm_s"] == pytest.approx(comm)
+    assert p["predicted_speedup"] == pytest.approx(64 * 0.1 / (0.1 + comm))
+
+
+def test_gtc_projection_keeps_density_and_uses_profile_rates():
+    # 2% of 1,000 elements sent as 4-byte words; projected to 10^6 parameters at 128 workers
+    r = row("gtc", 128, 1000, gtc_msg_bytes_mean=80.0, gtc_msg_bytes_max=96.0, elements_sent_per_step=20.0,
+            decode_rate=1e6)
+    prof = {"compute_s_per_worker_step": 0.2, "decode_rate": 1e9, "gtc_encode_s_per_worker_step": 0.01}
+    (p,) = rep.project([r], NET, prof, 1_000_000)
+    lengths = 127 * (1e-5 + 8 / 1e9)
+    messages = 127 * (1e-5 + 96_000 / 1e9)
+    decode = 128 * 20_000 / 1e9
+    assert p["comm_s"] == pytest.approx(lengths + messages + decode)
+    assert p["step_s"] == pytest.approx(0.21 + lengths + messages + decode)
+    assert p["predicted_speedup"] == pytest.approx(128 * 0.2 / p["step_s"])
+
+
+def test_projection_at_the_runs_own_size_equals_the_runs_prediction():
+    stats = {"gtc_msg_bytes_mean": 500.0, "gtc_msg_bytes_max": 700.0, "elements_sent_per_step": 125.0,
+             "decode_rate": 3e8, "model_bytes": 8000.0, "block_size": 4.0, "group_size": 8.0}
+    r = row("gtc_bmuf", 64, 2000, **stats)
+    (p,) = rep.project([r], NET, {"compute_s_per_worker_step": 0.05, "decode_rate": 3e8}, 2000)
+    own = cost.step_time("gtc_bmuf", 0.05, r["cost_model"]["stats"], 64, NET)
+    assert p["step_s"] == pytest.approx(own["total_s"])
+    assert p["predicted_speedup"] == pytest.approx(cost.speedup(64, own["total_s"], 0.05))
+
+
+def test_projection_table_and_errors():
+    rows = [{"strategy": "gtc", "nodes": 32, "predicted_speedup": 13.0, "step_s": 1.0, "comm_s": 0.5,
+             "comm_parts": {"gtc_messages": 0.4, "gtc_decode": 0.1}},
+            {"strategy": "bmuf", "nodes": 128, "predicted_speedup": 120.0, "step_s": 0.2, "comm_s": 0.01,
+             "comm_parts": {"block_allreduce": 0.01}}]
+    table = rep.projection_table(rows)
+    assert "| gtc | 32 |" in table and "gtc_messages (0.400 s)" in table and "| -50% |" in table
+    errors, median = rep.speedup_errors(rows)
+    assert [round(e["rel_error"], 3) for e in errors] == [-0.5, 0.5]
+    assert math.isclose(median, 0.5)
+
+
+def test_rows_without_a_cost_model_are_skipped():
+    assert rep.project([{"strategy": "single", "nodes": 1}], NET, {"compute_s_per_worker_step": 1.0}, 10) == []
