@@ -42,9 +42,10 @@ def tree(root: int) -> list[int]:
 
 def rss_bytes(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
     except (OSError, IndexError, ValueError):
         return None
+    return rss or None  # an exited, not yet reaped process (zombie) has no pages
 
 
 def summarize(samples: list[dict], warmup_s: float) -> dict:
@@ -57,7 +58,8 @@ def summarize(samples: list[dict], warmup_s: float) -> dict:
     first = next(s for s in settled if len(s["rss"]) == most)
     # the end: the last sample where every process of the start sample still runs (training, not
     # the evaluation after the worker processes have exited)
-    last = next((s for s in reversed(settled) if first["rss"].keys() <= s["rss"].keys()), first)
+    last = next((s for s in reversed(settled)
+                 if first["rss"].keys() <= {p for p, r in s["rss"].items() if r}), first)
     procs = {}
     for pid, start in first["rss"].items():
         end = last["rss"].get(pid)

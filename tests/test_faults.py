@@ -177,3 +177,5 @@ def test_soak_records_rss_of_every_process(corpus, tmp_path):  # noqa: F811
     rows = [json.loads(x) for x in (out / "soak.jsonl").read_text().splitlines()]
     assert len(rows) == summary["samples"]
     assert soak.summarize([{"t": 0, "rss": {"1": 100}}, {"t": 5, "rss": {"1": 150}}], 0)["growth"] == 0.5
+    zombie = [{"t": 0, "rss": {"1": 100, "2": 100}}, {"t": 5, "rss": {"1": 110, "2": 120}}, {"t": 9, "rss": {"1": 90, "2": 0}}]
+    assert soak.summarize(zombie, 0)["total_end"] == 230  # the end is the last sample with every worker alive
