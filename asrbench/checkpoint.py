@@ -81,16 +81,21 @@ def read(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def identity_differences(path: Path, ckpt: Mapping[str, Any], expected: Mapping[str, Any],
+                         keys: tuple[str, ...], advice: str) -> list[str]:
+    """`key=<checkpoint's> (this run: <expected>)` for each of `keys` that differs; a checkpoint
+    without asrbench's identity is refused with `advice`."""
+    found = ckpt.get(KEY)
+    if not isinstance(found, Mapping):
+        raise CheckpointError(f"{path}: written without asrbench's run identity (not by `asrbench train`); {advice}")
+    return [f"{k}={_show(found.get(k))} (this run: {_show(expected[k])})"
+            for k in keys if _norm(found.get(k)) != _norm(expected[k])]
+
+
 def check_resume(resume: str | Path, expected: Mapping[str, Any]) -> Path:
     """The checkpoint `resume` names, after checking it can be resumed by a run of `expected` identity."""
     path = resolve_resume(resume)
-    ckpt = read(path)
-    found = ckpt.get(KEY)
-    if not isinstance(found, Mapping):
-        raise CheckpointError(f"{path}: written without asrbench's run identity (not by `asrbench train`); "
-                              f"resume only from checkpoints asrbench wrote")
-    diffs = [f"{k}={_show(found.get(k))} (this run: {_show(expected[k])})"
-             for k in MUST_MATCH if _norm(found.get(k)) != _norm(expected[k])]
+    diffs = identity_differences(path, read(path), expected, MUST_MATCH, "resume only from checkpoints asrbench wrote")
     if diffs:
         raise CheckpointError(f"{path}: written by a different run: {'; '.join(diffs)}. A run resumes only with the "
                               f"strategy, nodes, model, criterion and features it started with; change them back "
@@ -108,12 +113,7 @@ def load_initial_weights(module: torch.nn.Module, init_from: str | Path, expecte
     worker, then go parallel)."""
     path = resolve_resume(init_from, key="init_from")
     ckpt = read(path)
-    found = ckpt.get(KEY)
-    if not isinstance(found, Mapping):
-        raise CheckpointError(f"{path}: written without asrbench's run identity (not by `asrbench train`); "
-                              f"init_from= takes checkpoints asrbench wrote")
-    diffs = [f"{k}={_show(found.get(k))} (this run: {_show(expected[k])})"
-             for k in WEIGHT_KEYS if _norm(found.get(k)) != _norm(expected[k])]
+    diffs = identity_differences(path, ckpt, expected, WEIGHT_KEYS, "init_from= takes checkpoints asrbench wrote")
     if diffs:
         raise CheckpointError(f"{path}: init_from needs the same model, criterion and features: {'; '.join(diffs)}")
     state = {k: v.clone() for k, v in ckpt["state_dict"].items()}
