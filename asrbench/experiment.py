@@ -28,7 +28,7 @@ from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule
 from asrbench.strategies import build_strategy
-from asrbench.strategies.comm import CollectiveError, is_collective_failure
+from asrbench.strategies.comm import is_collective_failure
 from asrbench.strategies.gtc import NonFiniteGradientError
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
     except Exception as err:
-        if isinstance(err, (CollectiveError, NonFiniteGradientError)) or is_collective_failure(err):
+        if isinstance(err, NonFiniteGradientError) or is_collective_failure(err):  # CollectiveError included
             raise RunFailed(f"{' '.join(str(err).split())}; {checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
         raise
     fit_s = time.perf_counter() - t_fit

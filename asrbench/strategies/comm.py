@@ -17,11 +17,18 @@ bounded time.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
+from lightning.fabric.strategies.launchers.subprocess_script import (_ChildProcessObserver,
+                                                                    _set_num_threads_if_needed)
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 _PREFIX = "asrbench/failure"
 # Messages of lost peers and timeouts from gloo, NCCL and c10d.
@@ -126,66 +133,54 @@ def as_timedelta(timeout: timedelta | float | int | None) -> timedelta | None:
 
 # --- a worker process that dies under Lightning's script launcher --------------------------------
 
-def _launcher_classes():
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+class NamingObserver(_ChildProcessObserver):
+    """Lightning's watcher of the worker processes it started, which on a death kills every
+    process at once (SIGKILL, no message the user can act on). This one first prints one line
+    naming the rank, its exit status and the run's last checkpoint, and exits with status 2."""
 
-    class NamingObserver(_ChildProcessObserver):
-        """Lightning's watcher of the worker processes it started, which on a death kills every
-        process at once (SIGKILL, no message the user can act on). This one first prints one line
-        naming the rank, its exit status and the run's last checkpoint, and exits with status 2."""
+    def __init__(self, *args: Any, node_rank: int, num_processes: int,
+                 describe: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._node_rank, self._num_processes, self._describe = node_rank, num_processes, describe
 
-        def __init__(self, *args, node_rank: int, num_processes: int, describe=None, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._node_rank, self._num_processes, self._describe = node_rank, num_processes, describe
-
-        def _run(self) -> bool:
-            for proc in self._child_processes:
-                proc.poll()
-            codes = [proc.returncode for proc in self._child_processes]
-            if all(code == 0 for code in codes):
-                return True
-            for i, code in enumerate(codes):
-                if code:  # local rank i + 1; the launcher itself is local rank 0
-                    rank = self._node_rank * self._num_processes + i + 1
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                    tail = f"; {self._describe()}" if self._describe else ""
-                    import sys
-                    print(f"error: rank {rank} {how}{tail}", file=sys.stderr, flush=True)
-                    for p in self._child_processes:
-                        p.send_signal(self._termination_signal)
-                    import os
-                    os._exit(2)
-            return False
-
-    class NamingSubprocessLauncher(_SubprocessScriptLauncher):
-        """Lightning's script launcher (the same processes) with :class:`NamingObserver`."""
-
-        describe = None  # callable giving the last-checkpoint clause, set by the strategy
-
-        def launch(self, function, *args, trainer=None, **kwargs):
-            from lightning.fabric.strategies.launchers.subprocess_script import _set_num_threads_if_needed
-
-            self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-            if not self.cluster_environment.creates_processes_externally:
-                self._call_children_scripts()
-                import os
-                NamingObserver(main_pid=os.getpid(), child_processes=self.procs,
-                               node_rank=self.cluster_environment.node_rank(), num_processes=self.num_processes,
-                               describe=self.describe).start()
-            _set_num_threads_if_needed(num_processes=self.num_processes)
-            return function(*args, **kwargs)
-
-    return NamingSubprocessLauncher
+    def _run(self) -> bool:
+        for proc in self._child_processes:
+            proc.poll()
+        codes = [proc.returncode for proc in self._child_processes]
+        if all(code == 0 for code in codes):
+            return True
+        for i, code in enumerate(codes):
+            if code:  # local rank i + 1; the launcher itself is local rank 0
+                rank = self._node_rank * self._num_processes + i + 1
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                tail = f"; {self._describe()}" if self._describe else ""
+                print(f"error: rank {rank} {how}{tail}", file=sys.stderr, flush=True)
+                for p in self._child_processes:
+                    p.send_signal(self._termination_signal)
+                os._exit(2)
+        return False
 
 
-def naming_launcher(launcher, describe=None):
+class NamingSubprocessLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher (the same processes) with :class:`NamingObserver`."""
+
+    describe: Callable[[], str] | None = None  # the last-checkpoint clause, set by the strategy
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            NamingObserver(main_pid=os.getpid(), child_processes=self.procs,
+                           node_rank=self.cluster_environment.node_rank(), num_processes=self.num_processes,
+                           describe=self.describe).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+def naming_launcher(launcher: Any, describe: Callable[[], str] | None = None) -> Any:
     """Lightning's _SubprocessScriptLauncher swapped for one that names a dead worker's rank."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
     if type(launcher) is not _SubprocessScriptLauncher:
         return launcher
-    cls = _launcher_classes()
-    named = cls(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
+    named = NamingSubprocessLauncher(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
     named.describe = describe
     return named
