@@ -63,6 +63,16 @@ def per_split_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
+def per_speaker_table(results: Mapping) -> str:
+    """WER/CER of every speaker of every evaluated split (empty when the results have none)."""
+    lines = ["| split | speaker | WER | CER | utterances |", "|---|---|---|---|---|"]
+    for split, m in (results.get("eval") or {}).items():
+        for speaker, s in (m.get("speakers") or {}).items():
+            lines.append(f"| {split} | {speaker} | {_fmt(s.get('wer'), pct=True)} | {_fmt(s.get('cer'), pct=True)} | "
+                         f"{s.get('utterances')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -104,6 +114,9 @@ def write_report(out_dir: Path, rows: Sequence[Mapping], histories: Mapping[str,
     parts = [f"# {title}", "", markdown_table(rows), ""]
     for r in rows:
         parts += [f"## {r.get('strategy')} x{r.get('nodes')}: per split", "", per_split_table(r), ""]
+        speakers = per_speaker_table(r)
+        if speakers:
+            parts += [f"### {r.get('strategy')} x{r.get('nodes')}: per speaker", "", speakers, ""]
     if png:
         parts += ["![learning curves](curves.png)", ""]
     path = out_dir / "report.md"

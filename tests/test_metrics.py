@@ -36,3 +36,16 @@ def test_wandb_runs_offline_unless_logged_in(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
+
+
+def test_per_speaker_scores_group_by_the_utterance_ids_speaker():
+    from asrbench.model.evaluate import by_speaker
+    from asrbench.report import per_speaker_table
+
+    ids = ["300-30000-0000", "300-30000-0001", "302-30200-0000"]
+    out = by_speaker(ids, ["A B", "C D", "E F"], ["A B", "C X", "Q"])
+    assert out == {"300": {"wer": 0.25, "cer": metrics.cer(["A B", "C D"], ["A B", "C X"]), "utterances": 2},
+                   "302": {"wer": 1.0, "cer": metrics.cer(["E F"], ["Q"]), "utterances": 1}}
+    table = per_speaker_table({"eval": {"test": {"speakers": out}}})
+    assert "| test | 300 | 25.0% |" in table and "| test | 302 | 100.0% |" in table
+    assert per_speaker_table({"eval": {"test": {"wer": 0.5}}}) == ""

@@ -87,6 +87,9 @@ def test_align_eval_and_ce_training(ctc_run, corpus):
     res = json.loads((ctc_run / "eval" / "results.json").read_text())
     assert res["fer"] is not None and 0 <= res["fer"] <= 1 and res["rel_wer"] == 0.0
     assert "rel. WER" in out and (ctc_run / "eval" / "curves.png").stat().st_size > 1000
+    speakers = res["eval"]["test"]["speakers"]
+    assert sum(s["utterances"] for s in speakers.values()) == res["eval"]["test"]["utterances"]
+    assert "per speaker" in (ctc_run / "eval" / "report.md").read_text()
 
     ce = corpus.parent / "ce"
     asrbench("train", "data=synth_tiny", f"data.root={corpus}", f"data.alignments={ali}", "criterion=ce",

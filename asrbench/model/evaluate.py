@@ -35,5 +35,19 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
         "cer": metrics.cer(refs, hyps),
         "fer": wrong / counted if counted else None,
         "utterances": len(refs),
+        "speakers": by_speaker(ids, refs, hyps),
         "hyps": dict(zip(ids, hyps)),
     }
+
+
+def by_speaker(ids: list[str], refs: list[str], hyps: list[str]) -> dict[str, dict]:
+    """WER, CER and utterance count per speaker; the speaker is the utterance id's first field
+    (LibriSpeech's `<speaker>-<chapter>-<n>`). One hard voice can dominate a split's WER."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for utt, ref, hyp in zip(ids, refs, hyps):
+        speaker = utt.split("-", 1)[0]
+        groups.setdefault(speaker, ([], []))
+        groups[speaker][0].append(ref)
+        groups[speaker][1].append(hyp)
+    return {spk: {"wer": metrics.wer(r, h), "cer": metrics.cer(r, h), "utterances": len(r)}
+            for spk, (r, h) in sorted(groups.items())}

@@ -53,19 +53,20 @@ def transcripts(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_config_files_have_the_project_keys() -> None:
-    for name in ("synth", "synth_tiny"):
+    for name in ("synth", "synth_3h", "synth_tiny"):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert TOP_KEYS <= set(cfg) and cfg.name == name and cfg.kind == "synth"
         assert list(cfg.test_subsets) == ["test", "test_seen"]
 
 
-def test_full_preset_plans_three_hours_of_disjoint_speakers() -> None:
-    cfg = synth._check_config(OmegaConf.load(CONF / "synth.yaml").synth)
+@pytest.mark.parametrize("name,train", [("synth", 9600), ("synth_3h", 3000)])
+def test_full_presets_plan_disjoint_speakers(name: str, train: int) -> None:
+    cfg = synth._check_config(OmegaConf.load(CONF / f"{name}.yaml").synth)
     espeak = synth.ESpeak()
     assert all(espeak.has_voice(s["voice"]) for s in cfg["speakers"])
     plan = synth.plan_corpus(cfg, synth.read_sentences(synth._sentences_path(cfg["sentences"])))
     count = {split: sum(len(c.utterances) for c in plan if c.split == split) for split in synth.SPLITS}
-    assert count == {"train": 3000, "dev": 150, "test": 300, "test_seen": 300}
+    assert count == {"train": train, "dev": 150, "test": 300, "test_seen": 300}
     who = {split: {c.speaker.id for c in plan if c.split == split} for split in synth.SPLITS}
     assert len(who["train"]) >= 8 and who["test_seen"] == who["train"]
     assert not who["train"] & who["dev"] and not who["train"] & who["test"] and not who["dev"] & who["test"]
