@@ -436,6 +436,7 @@ def bench_codec(cfg: Mapping[str, Any], threads: int) -> list[Figure]:
                 for rep in range(int(cfg["repetitions"]))]
         summarize(figure, [r["codec_s"] for r in runs], [r["add_s"] for r in runs])
         figure.detail["density_measured"] = statistics.median(r["density"] for r in runs)
+        figure.detail["encoder"] = "one-pass C++ kernel" if runs[0]["kernel"] else "eager torch passes"
         figure.detail["codec_gb_per_s"] = numel * 4 / figure.ours / 1e9
         figures.append(figure)
     return figures

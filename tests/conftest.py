@@ -78,3 +78,12 @@ def _make_librispeech_tree() -> object:
 def librispeech_tree(tmp_path: Path) -> Path:
     """A tiny nested corpus: train-clean-100 (12 utterances), dev-clean (4), test-clean (2)."""
     return make_librispeech_tree(tmp_path / "corpus", TINY_SUBSETS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gtc_kernel_built() -> None:
+    """Build GTC's one-pass CPU encoder once, before any test's worker processes need it (they then
+    load it from torch's extension cache instead of each waiting on the compiler)."""
+    from asrbench.strategies import gtc_kernel
+
+    gtc_kernel.load()

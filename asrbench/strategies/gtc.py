@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from asrbench.errors import CheckpointError
+from asrbench.strategies import gtc_kernel
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error
 from asrbench.strategies.sync import AccountedDDPStrategy
@@ -128,17 +129,25 @@ def subtract_sent(residual: Tensor, index: Tensor, values: Tensor, negative: Ten
 
 
 def encode(residual: Tensor, grad: Tensor, tau: float, *, scratch: Tensor | None = None,
-           mask: Tensor | None = None) -> Tensor:
+           mask: Tensor | None = None, kernel: bool = True) -> Tensor:
     """Steps 1-4 for one worker and one flat bucket: update `residual` in place, return the words.
 
     `scratch` (float, like `residual`) and `mask` (bool) are optional preallocated work buffers of
-    the same length; `scratch` may be `grad` itself, which is read first. Raises
+    the same length; `scratch` may be `grad` itself, which is read first. On CPU with fp32 tensors
+    the one-pass kernel of :mod:`asrbench.strategies.gtc_kernel` runs instead (same result; it
+    needs neither buffer) unless `kernel` is False or it cannot be built. Raises
     :class:`NonFiniteGradientError` when r holds NaN/inf (checked on the selected values only:
     :func:`select` always selects non-finite elements).
     """
     if residual.numel() > MAX_BUCKET_NUMEL:
         raise ValueError(f"A GTC bucket holds {residual.numel()} elements but a word has 31 index bits "
                          f"(at most {MAX_BUCKET_NUMEL}); lower `bucket_cap_mb`")
+    built = _cpu_kernel(residual, grad) if kernel else None
+    if built is not None:  # the same steps 1-4 in one pass (asrbench.strategies.gtc_kernel)
+        words, nonfinite = built.encode(residual, grad, float(tau))
+        if nonfinite:
+            raise NonFiniteGradientError("non-finite gradient elements")
+        return words
     accumulate(residual, grad)
     index = select(residual, tau, scratch, mask)
     values = residual.index_select(0, index)
@@ -148,6 +157,14 @@ def encode(residual: Tensor, grad: Tensor, tau: float, *, scratch: Tensor | None
     words = pack(index, negative)
     subtract_sent(residual, index, values, negative, tau)
     return words
+
+
+def _cpu_kernel(residual: Tensor, grad: Tensor) -> Any:
+    """The one-pass C++ encoder where it applies (fp32, contiguous, on CPU) and could be built, else None."""
+    if not (residual.device.type == grad.device.type == "cpu" and residual.dtype == grad.dtype == torch.float32
+            and residual.is_contiguous() and grad.is_contiguous() and residual.numel() == grad.numel()):
+        return None
+    return gtc_kernel.load()
 
 
 def decode(words: Tensor | Sequence[Tensor], lengths: Tensor | Sequence[int] | None, numel: int, tau: float,
@@ -527,7 +544,8 @@ def benchmark_codec(numel: int = 10_000_000, density: float = 0.01, repeats: int
     t_add = best(lambda: torch.add(residual, grad, out=out))
     words = encode(residual.zero_(), grad, tau, scratch=scratch, mask=mask)
     return {"numel": float(numel), "density": words.numel() / numel, "codec_s": t_codec, "add_s": t_add,
-            "ratio": t_codec / t_add, "threads": float(torch.get_num_threads())}
+            "ratio": t_codec / t_add, "threads": float(torch.get_num_threads()),
+            "kernel": float(_cpu_kernel(residual, grad) is not None)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +581,7 @@ class GTCStrategy(AccountedDDPStrategy):
                 raise ValueError(f"GTCStrategy registers its own DDP communication hook; remove `{key}`")
         self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
                                    density_warn_interval=density_warn_interval)
+        gtc_kernel.load()  # built here, in the launching process, before any worker waits on a collective
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
 
