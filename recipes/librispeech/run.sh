@@ -39,14 +39,7 @@ common=(data=librispeech "data.root=$root" model=lstm_paper logger=wandb experim
 declare -A knobs=([gtc]="optim.lr_scaling=sqrt optim.warmup_steps=500" [bmuf]="strategy.block_size=16"
                   [gtc_bmuf]="strategy.block_size=16 strategy.group_size=$gpm")
 
-run_stage() {  # run_stage N description command...
-  local n=$1 what=$2; shift 2
-  if [ "$n" -lt "$stage" ] || [ "$n" -gt "$stop_stage" ]; then return; fi
-  if [ -f "$exp/.stage$n.done" ]; then echo "== stage $n ($what): done before, skipped"; return; fi
-  echo "== stage $n: $what"
-  "$@"
-  touch "$exp/.stage$n.done"
-}
+. recipes/stages.sh  # run_stage
 
 distributed() {  # distributed NODES overrides...: one training job of NODES workers
   local nodes=$1; shift

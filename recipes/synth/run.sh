@@ -32,14 +32,7 @@ mkdir -p "$exp"
 common=(data=$data model=$model logger=$logger experiment=demo trainer.max_epochs=1000 bucket_by_length=true
         batch_size=8 optim.lr=0.002 optim.lr_decay_per_epoch=0.8)
 
-run_stage() {  # run_stage N description command...
-  local n=$1 what=$2; shift 2
-  if [ "$n" -lt "$stage" ] || [ "$n" -gt "$stop_stage" ]; then return; fi
-  if [ -f "$exp/.stage$n.done" ]; then echo "== stage $n ($what): done before, skipped"; return; fi
-  echo "== stage $n: $what"
-  "$@"
-  touch "$exp/.stage$n.done"
-}
+. recipes/stages.sh  # run_stage
 
 run_stage 0 "corpus + features" asrbench prepare data=$data hydra.run.dir=$exp/prepare
 run_stage 1 "single-worker baseline" asrbench train "${common[@]}" strategy=single nodes=1 \
