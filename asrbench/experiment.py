@@ -142,10 +142,29 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 def inner_optim(cfg: DictConfig) -> dict:
-    """The worker's optimizer: `optim`, with a strategy preset's `inner_optimizer` taking precedence."""
+    """The worker's optimizer: `optim`, with a strategy preset's `inner_optimizer` taking precedence.
+
+    With Adam and a GTC strategy's ``dense_warmup_steps`` W > 0, ``freeze_variance_after`` defaults
+    to W: Adam's second moment is learnt on the dense warm-up and frozen when GTC starts
+    (asrbench.model.optim). ``tau_units=rms`` needs that freeze at or before W.
+    """
     optim = dict(OmegaConf.to_container(cfg.optim, resolve=True))
-    if cfg.strategy.get("inner_optimizer"):
-        optim["name"] = cfg.strategy.inner_optimizer
+    strategy = cfg.strategy
+    if strategy.get("inner_optimizer"):
+        optim["name"] = strategy.inner_optimizer
+    warmup = int(strategy.get("dense_warmup_steps") or 0)
+    adam = optim.get("name", "adam") in ("adam", "adamw")
+    if adam and warmup > 0 and optim.get("freeze_variance_after") is None and not strategy.get("pass_through"):
+        optim["freeze_variance_after"] = warmup
+    if strategy.get("tau_units", "gradient") == "rms":
+        freeze = optim.get("freeze_variance_after")
+        if not adam or warmup < 1 or freeze is None or int(freeze) > warmup:
+            raise ConfigError(f"strategy.tau_units=rms scales tau by Adam's frozen second moment: it needs optim.name="
+                              f"adam or adamw (got {optim.get('name')}), strategy.dense_warmup_steps >= 1 (got "
+                              f"{warmup}) and optim.freeze_variance_after <= it (got {freeze})")
+        if strategy.get("reset_momentum"):
+            raise ConfigError("strategy.tau_units=rms needs Adam's frozen second moment, which "
+                              "strategy.reset_momentum=true clears at every BMUF sync; set one of them off")
     return optim
 
 

@@ -211,8 +211,8 @@ class GroupGTC:
     index) into every row of the group, which is what the hook leaves in each member's bucket.
     GTC is elementwise, so DDP's split of the gradient into buckets changes no value; this
     treats the whole gradient as one bucket. `state` is worker 0's :class:`GTCState` (its
-    statistics, density warnings and step counter); ``pass_through`` exchanges the group mean
-    dense, as the hook's pass-through does.
+    statistics, density warnings and step counter); ``pass_through`` and the steps of
+    ``dense_warmup_steps`` exchange the group mean dense, as the hook does.
 
     Besides worker 0's statistics it keeps what the cost model reads over all workers: message
     sizes (mean, and the largest per step: the padded size), and encode and decode times.
@@ -231,15 +231,20 @@ class GroupGTC:
         self.encode_s = 0.0
         self.decode_s = 0.0
         self.decoded_elements = 0
+        self.rows: Sequence[Tensor] = ()  # the workers' parameter rows, for tau_units=rms
 
     @torch.no_grad()
     def exchange(self, grads: Tensor, step: int) -> None:
-        if self.state.pass_through:
+        if self.state.sends_dense():
             self._exchange_dense(grads)
             return
         tau, g = self.state.tau, self.group_size
+        rms = self.state.tau_units == "rms"  # GTC on g / d, decoded back times d (see gtc_hook)
         lengths = []
         for first in range(0, self.nodes, g):
+            scales = [self.state.element_scale([self.rows[i]]) for i in range(first, first + g)] if rms else []
+            for i, scale in enumerate(scales, start=first):
+                grads[i].div_(scale)
             _synchronize(self.device)
             t0 = time.perf_counter()
             words = [self._encode(grads, i, step) for i in range(first, first + g)]
@@ -247,6 +252,8 @@ class GroupGTC:
             t1 = time.perf_counter()
             decode(words, None, self.numel, tau, out=grads[first])
             grads[first + 1:first + g].copy_(grads[first].expand(g - 1, -1))
+            for i, scale in enumerate(scales, start=first):
+                grads[i].mul_(scale)
             _synchronize(self.device)
             self.encode_s += t1 - t0
             self.decode_s += time.perf_counter() - t1
@@ -446,6 +453,12 @@ class SimulatedCluster:
             self.exchange = DenseMean(strategy.comm_stats, nodes, n)
         elif self.kind in ("gtc", "gtc_bmuf") and self.group_size > 1:
             self.exchange = GroupGTC(strategy.gtc_state, nodes, self.group_size, n, self.device)
+            if strategy.gtc_state.tau_units == "rms":
+                if not hasattr(self.optimizer, "denominator"):
+                    raise ConfigError("strategy.tau_units=rms needs Adam with a frozen second moment: set "
+                                      "optim.name=adam and strategy.dense_warmup_steps")
+                strategy.gtc_state.scale_of = self.optimizer.denominator
+                self.exchange.rows = self.rows
         if self.kind in ("bmuf", "gtc_bmuf"):
             self.bmuf_stats = strategy.bmuf_comm_stats
             self.bmuf_stats.world_size, self.bmuf_stats.rank = nodes, 0

@@ -18,6 +18,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from asrbench.data import text
 from asrbench.model.decode import greedy_decode
 from asrbench.model.lstm import LSTMAcousticModel
+from asrbench.model.optim import FrozenVarianceAdam
 
 CRITERIA = ("ctc", "ce")
 
@@ -112,6 +113,10 @@ class AcousticModule(L.LightningModule):
         if name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=cfg.get("momentum", 0.0),
                                   weight_decay=cfg.get("weight_decay", 0.0))
+        elif name in ("adam", "adamw") and cfg.get("freeze_variance_after"):
+            opt = FrozenVarianceAdam(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0),
+                                     freeze_after=int(cfg["freeze_variance_after"]),
+                                     decoupled_weight_decay=name == "adamw")
         elif name in ("adam", "adamw"):
             cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
             opt = cls(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +54,7 @@ MAX_BUCKET_NUMEL = 2**31  # 31 index bits per word
 INDEX_MASK = 0x7FFFFFFF
 CHECKPOINT_KEY = "asrbench_gtc"  # checkpoint entry with every rank's residual
 DEFAULT_TAU = 0.001  # keep in step with conf/strategy/gtc.yaml
+TAU_UNITS = ("gradient", "rms")  # τ as Strom's (gradient units) or per element in units of Adam's frozen RMS
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -233,7 +234,10 @@ class GTCState:
     ``tau`` (τ) is the threshold in gradient units. ``max_density`` (0 < d <= 1, or None): warn,
     at most once every ``density_warn_interval`` steps, when a step sends more than this fraction
     of the elements (τ is too small for the gradients). ``pass_through`` sends the gradient dense
-    with an all-reduce instead (plain DDP; for equivalence tests). ``parameters`` fixes the
+    with an all-reduce instead (plain DDP; for equivalence tests). ``dense_warmup_steps``: the
+    first that many steps (counted by ``iter``, which a checkpoint keeps) are sent dense the same
+    way and leave r at 0; GTC starts after them. With Adam it lets the optimizer learn its second
+    moment from dense gradients before freezing it (:mod:`asrbench.model.optim`). ``parameters`` fixes the
     canonical order in which residuals are checkpointed (the model's parameters; without it, the
     order in which buckets first show them).
 
@@ -249,6 +253,9 @@ class GTCState:
         "max_density",
         "density_warn_interval",
         "pass_through",
+        "dense_warmup_steps",
+        "tau_units",
+        "scale_of",
         # Per-bucket memory (rank-local): residual r, a bool work mask, the parameter layout.
         "residuals",
         "masks",
@@ -268,7 +275,9 @@ class GTCState:
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, tau: float = DEFAULT_TAU,
                  max_density: float | None = None, pass_through: bool = False,
-                 parameters: Iterable[Tensor] | None = None, density_warn_interval: int = 100) -> None:
+                 parameters: Iterable[Tensor] | None = None, density_warn_interval: int = 100,
+                 dense_warmup_steps: int = 0, tau_units: str = "gradient",
+                 scale_of: Callable[[Tensor], Tensor | None] | None = None) -> None:
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= torch.finfo(torch.float32).tiny):
             raise ValueError(f"Arg `tau` (Strom's threshold τ, gradient units) must be a positive value "
                              f"(a normal fp32 number), got {tau}")
@@ -277,12 +286,21 @@ class GTCState:
                              f"got {max_density}")
         if density_warn_interval < 1:
             raise ValueError(f"Arg `density_warn_interval` must be a positive value, got {density_warn_interval}")
-        log.info("GTC config: tau = %s; max_density = %s; pass_through = %s", tau, max_density, pass_through)
+        if not (isinstance(dense_warmup_steps, int) and dense_warmup_steps >= 0):
+            raise ValueError(f"Arg `dense_warmup_steps` (steps sent dense before GTC starts) must be a non-negative "
+                             f"integer, got {dense_warmup_steps!r}")
+        if tau_units not in TAU_UNITS:
+            raise ValueError(f"Arg `tau_units` must be one of {TAU_UNITS}, got {tau_units!r}")
+        log.info("GTC config: tau = %s (%s units); max_density = %s; pass_through = %s; dense_warmup_steps = %s",
+                 tau, tau_units, max_density, pass_through, dense_warmup_steps)
         self.process_group = process_group
         self.tau = float(tau)
         self.max_density = max_density
         self.density_warn_interval = int(density_warn_interval)
         self.pass_through = bool(pass_through)
+        self.dense_warmup_steps = int(dense_warmup_steps)
+        self.tau_units = tau_units
+        self.scale_of = scale_of
         self.residuals: dict[int, Tensor] = {}
         self.masks: dict[int, Tensor] = {}
         self.layouts: dict[int, tuple[int, ...]] = {}
@@ -370,6 +388,24 @@ class GTCState:
         return residual, self.masks[b]
 
     # -- step counter and statistics ----------------------------------------------------------
+    def element_scale(self, params: Sequence[Tensor]) -> Tensor | None:
+        """With ``tau_units="rms"``: the flat per-element scale d of these parameters (τ_i = τ d_i), else None.
+
+        d is ``scale_of(p)`` (asrbench.model.optim.FrozenVarianceAdam.denominator: Adam's frozen
+        sqrt(v̂) + ε), the same on every rank because v was learnt from all-reduced gradients.
+        """
+        if self.tau_units != "rms":
+            return None
+        pieces = [self.scale_of(p) for p in params] if self.scale_of is not None else [None]
+        if any(piece is None for piece in pieces):
+            raise RuntimeError(f"GTC step {self.iter}: tau_units=rms scales τ by Adam's frozen second moment, which "
+                               f"is not frozen yet: set optim.freeze_variance_after <= strategy.dense_warmup_steps")
+        return torch.cat([piece.reshape(-1) for piece in pieces])  # type: ignore[union-attr]
+
+    def sends_dense(self) -> bool:
+        """Whether this step all-reduces the dense gradient: ``pass_through``, or still in the dense warm-up."""
+        return self.pass_through or self.iter < self.dense_warmup_steps
+
     def record_bucket(self, elements_sent: int, elements_total: int, is_last: bool) -> None:
         """Count a bucket's elements; on the step's last bucket close the step (and maybe warn)."""
         self._step_sent += elements_sent
@@ -379,7 +415,7 @@ class GTCState:
         self.comm_stats.record_elements(self._step_sent, self._step_total)
         self.comm_stats.step()
         density = self._step_sent / max(self._step_total, 1)
-        if (not self.pass_through and self.max_density is not None and density > self.max_density
+        if (not self.sends_dense() and self.max_density is not None and density > self.max_density
                 and (self._last_warn_iter is None or self.iter - self._last_warn_iter >= self.density_warn_interval)):
             log.warning("GTC step %d sent %.2f%% of the gradient elements (max_density %.2f%%): tau = %g is small "
                         "for these gradients; raise it (warned at most every %d steps)", self.iter, 100 * density,
@@ -448,7 +484,12 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
     6. Decode every worker's message, adding ±τ at its indices, divide by N and return it as the
        bucket's gradient (:func:`decode`).
 
-    Steps 1-4 are :func:`encode`. A non-finite r on any rank ends the step on every rank with one
+    With ``state.tau_units="rms"`` the gradient is first divided elementwise by d, Adam's frozen
+    sqrt(v̂) + ε (:meth:`GTCState.element_scale`), and the decoded mean multiplied back by d: each
+    element has its own threshold τ d_i, still sent as one bit of sign, since every rank knows d.
+
+    Steps 1-4 are :func:`encode`. During ``state.dense_warmup_steps`` (and with ``pass_through``) the
+    bucket is all-reduced dense instead and r is left alone. A non-finite r on any rank ends the step on every rank with one
     error naming the step and the rank(s); a lost peer ends it naming the rank at fault.
     """
     group, world = _world(state)
@@ -456,11 +497,14 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
     if state.comm_stats.world_size != world:
         state.comm_stats.world_size = world
         state.comm_stats.rank = dist.get_rank(group)
-    if state.pass_through:
+    if state.sends_dense():
         return _exchange_dense(state, bucket)
     buffer = bucket.buffer()
     residual, mask = state.memory(bucket)
     fp32 = buffer.dtype == torch.float32
+    scale = state.element_scale(bucket.parameters())
+    if scale is not None:  # r accumulates g / d: GTC in units of Adam's RMS, τ_i = τ d_i in gradient units
+        buffer.div_(scale)
     nonfinite = False
     try:
         words = encode(residual, buffer, state.tau, scratch=buffer if fp32 else None, mask=mask)
@@ -494,6 +538,8 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
             except RuntimeError as err:
                 raise collective_error(err, f"GTC exchange of bucket {index}", step) from err
             decode(padded, lengths, buffer.numel(), state.tau, out)
+        if scale is not None:
+            out.mul_(scale)
         return buffer if fp32 else buffer.copy_(out)
 
     if fut is None:
@@ -556,7 +602,9 @@ class GTCStrategy(AccountedDDPStrategy):
 
     Keywords: ``tau`` (τ, gradient units), ``max_density`` (warn above this fraction of elements
     sent per step), ``density_warn_interval`` (steps between such warnings), ``pass_through``
-    (dense all-reduce instead of GTC), ``bucket_cap_mb`` (DDP bucket size, MB),
+    (dense all-reduce instead of GTC), ``dense_warmup_steps`` (steps all-reduced dense before GTC
+    starts), ``tau_units`` (``gradient``: τ as Strom's; ``rms``: per element, τ times Adam's frozen
+    sqrt(v̂) + ε), ``bucket_cap_mb`` (DDP bucket size, MB),
     ``gradient_as_bucket_view`` (gradients alias the bucket, so the hook decodes in place and no
     model-sized copy is kept); other keywords go to Lightning's ``DDPStrategy`` (``timeout``:
     collective timeout as a timedelta or seconds, ``start_method``, ``find_unused_parameters``, ...).
@@ -575,15 +623,26 @@ class GTCStrategy(AccountedDDPStrategy):
 
     def __init__(self, tau: float = DEFAULT_TAU, max_density: float | None = 0.1, pass_through: bool = False,
                  bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True, density_warn_interval: int = 100,
-                 timeout: timedelta | float | None = None, **kwargs: Any) -> None:
+                 dense_warmup_steps: int = 0, tau_units: str = "gradient", timeout: timedelta | float | None = None,
+                 **kwargs: Any) -> None:
         for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"GTCStrategy registers its own DDP communication hook; remove `{key}`")
         self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
-                                   density_warn_interval=density_warn_interval)
+                                   density_warn_interval=density_warn_interval,
+                                   dense_warmup_steps=dense_warmup_steps, tau_units=tau_units,
+                                   scale_of=self._frozen_adam_denominator)
         gtc_kernel.load()  # built here, in the launching process, before any worker waits on a collective
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    def _frozen_adam_denominator(self, p: Tensor) -> Tensor | None:
+        """For ``tau_units="rms"``: the optimizer's frozen sqrt(v̂) + ε of `p` (None before it freezes)."""
+        optimizer = self.optimizers[0] if self.optimizers else None
+        if not hasattr(optimizer, "denominator"):
+            raise RuntimeError("GTC with tau_units=rms needs Adam with a frozen second moment "
+                               "(optim.name=adam and optim.freeze_variance_after)")
+        return optimizer.denominator(p)
 
     @property
     def gtc_state(self) -> GTCState:

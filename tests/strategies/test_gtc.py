@@ -128,6 +128,21 @@ def test_tau_must_be_positive(tau):
         GTCStrategy(tau=tau)
 
 
+@pytest.mark.parametrize("kwargs, named", [({"dense_warmup_steps": -1}, "dense_warmup_steps"),
+                                           ({"dense_warmup_steps": 2.5}, "dense_warmup_steps"),
+                                           ({"tau_units": "adam"}, "tau_units")])
+def test_warm_up_and_units_are_checked(kwargs, named):
+    with pytest.raises(ValueError, match=f"Arg `{named}`"):
+        GTCState(**kwargs)
+
+
+def test_rms_units_before_adam_froze_is_one_clear_error():
+    state = GTCState(tau_units="rms", scale_of=lambda p: None)
+    with pytest.raises(RuntimeError, match="freeze_variance_after <= strategy.dense_warmup_steps"):
+        state.element_scale([torch.zeros(3)])
+    assert GTCState().element_scale([torch.zeros(3)]) is None  # gradient units: no scale
+
+
 def test_benchmark_codec_reports_both_timings():
     out = benchmark_codec(numel=200_000, density=0.01, repeats=2)
     assert out["codec_s"] > 0 and out["add_s"] > 0 and out["ratio"] == out["codec_s"] / out["add_s"]
@@ -225,24 +240,37 @@ def test_pass_through_equals_sync_equals_one_worker_with_n_times_the_batch():
             torch.testing.assert_close(s, b, rtol=0, atol=1e-6)
 
 
-def _gtc_against_simulation(rank: int, world: int, tau: float) -> dict:
+def _element_scale(p: torch.Tensor) -> torch.Tensor:
+    """A per-element scale d that every rank knows (as Adam's frozen denominator is)."""
+    return torch.linspace(0.25, 4.0, p.numel()).view_as(p)
+
+
+def _gtc_against_simulation(rank: int, world: int, tau: float, dense_warmup_steps: int = 0,
+                            tau_units: str = "gradient") -> dict:
     """DDP + gtc_hook (several buckets, rebuilt after step 0) vs the equations run for all workers here."""
     batches = _batches(world, steps=6)
     model = DDP(_mlp(), gradient_as_bucket_view=True, bucket_cap_mb=0.005)
-    state = GTCState(tau=tau, parameters=model.parameters())
+    state = GTCState(tau=tau, parameters=model.parameters(), dense_warmup_steps=dense_warmup_steps,
+                     tau_units=tau_units, scale_of=_element_scale)
     model.register_comm_hook(state, gtc_hook)
     got = _train(model, batches, rank, world)
 
     ref = _mlp()
     params = list(ref.parameters())
     residuals = [torch.zeros(sum(p.numel() for p in params)) for _ in range(world)]
-    for x, y in batches:
-        messages = []
+    d = torch.cat([_element_scale(p).view(-1) for p in params]) if tau_units == "rms" else torch.ones(1)
+    for step, (x, y) in enumerate(batches):
+        messages, grads = [], []
         for w in range(world):
             ref.zero_grad()
             nn.functional.mse_loss(ref(x.chunk(world)[w]), y.chunk(world)[w]).backward()
-            messages.append(encode(residuals[w], torch.cat([p.grad.view(-1) for p in params]), tau))
-        mean = decode(messages, None, residuals[0].numel(), tau)
+            grads.append(torch.cat([p.grad.view(-1) for p in params]))
+            if step >= dense_warmup_steps:
+                messages.append(encode(residuals[w], grads[-1] / d, tau))
+        if step < dense_warmup_steps:  # dense warm-up: the mean gradient, residuals untouched
+            mean = torch.stack(grads).mean(0)
+        else:  # each element's threshold is tau * d_i: GTC on g / d, the decoded mean times d
+            mean = decode(messages, None, residuals[0].numel(), tau) * d
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(params) - 0.1 * mean, params)
     return {"got": got, "want": [p.detach() for p in params], "residual": state.canonical_residual(),
@@ -250,8 +278,9 @@ def _gtc_against_simulation(rank: int, world: int, tau: float) -> dict:
             "stats": state.comm_stats.per_step()}
 
 
-def test_hook_equals_the_equations_for_every_worker_through_bucket_rebuilds():
-    outs = run_workers(_gtc_against_simulation, 2, 0.02)
+@pytest.mark.parametrize("dense_warmup_steps, tau_units", [(0, "gradient"), (2, "gradient"), (2, "rms")])
+def test_hook_equals_the_equations_for_every_worker_through_bucket_rebuilds(dense_warmup_steps, tau_units):
+    outs = run_workers(_gtc_against_simulation, 2, 0.02, dense_warmup_steps, tau_units)
     for out in outs:
         for g, w in zip(out["got"], out["want"]):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
@@ -259,6 +288,8 @@ def test_hook_equals_the_equations_for_every_worker_through_bucket_rebuilds():
         assert out["iter"] == 6 and out["hook_calls"] > 6  # several buckets per step
         assert 0 < out["stats"]["density"] < 1  # compressed, not everything sent
         assert out["stats"]["compression_ratio"] > 1
+        if dense_warmup_steps:  # the warm-up's all-reduces were counted
+            assert out["stats"]["all_reduce_bytes_sent_per_worker_per_step"] > 0
     assert not torch.equal(outs[0]["residual"], outs[1]["residual"])  # rank-local
 
 
