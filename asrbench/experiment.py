@@ -144,9 +144,11 @@ def resolved_config(cfg: DictConfig) -> dict:
 def inner_optim(cfg: DictConfig) -> dict:
     """The worker's optimizer: `optim`, with a strategy preset's `inner_optimizer` taking precedence.
 
-    With Adam and a GTC strategy's ``dense_warmup_steps`` W > 0, ``freeze_variance_after`` defaults
-    to W: Adam's second moment is learnt on the dense warm-up and frozen when GTC starts
-    (asrbench.model.optim). ``tau_units=rms`` needs that freeze at or before W.
+    With Adam and a GTC strategy's ``tau_units=rms``, ``freeze_variance_after`` defaults to its
+    ``dense_warmup_steps`` W: Adam's second moment is learnt on the dense warm-up and frozen when
+    GTC starts (asrbench.model.optim), and must be frozen by then. With ``tau_units=gradient`` Adam
+    is left unfrozen unless asked: a frozen v with thresholds in gradient units gives elements of
+    tiny v steps of τ/sqrt(v) and diverged when tried.
     """
     optim = dict(OmegaConf.to_container(cfg.optim, resolve=True))
     strategy = cfg.strategy
@@ -154,9 +156,10 @@ def inner_optim(cfg: DictConfig) -> dict:
         optim["name"] = strategy.inner_optimizer
     warmup = int(strategy.get("dense_warmup_steps") or 0)
     adam = optim.get("name", "adam") in ("adam", "adamw")
-    if adam and warmup > 0 and optim.get("freeze_variance_after") is None and not strategy.get("pass_through"):
+    rms = strategy.get("tau_units", "gradient") == "rms"
+    if adam and rms and warmup > 0 and optim.get("freeze_variance_after") is None:
         optim["freeze_variance_after"] = warmup
-    if strategy.get("tau_units", "gradient") == "rms":
+    if rms:
         freeze = optim.get("freeze_variance_after")
         if not adam or warmup < 1 or freeze is None or int(freeze) > warmup:
             raise ConfigError(f"strategy.tau_units=rms scales tau by Adam's frozen second moment: it needs optim.name="

@@ -76,6 +76,9 @@ LENGTH_BYTES = 8  # one int64 message length per worker in GTC's first all-gathe
 #                                    plus optimizer state when BMUF averages it)
 #   block_size                       K, optimizer steps per BMUF block
 #   group_size                       g, workers per GTC group (divides n)
+#   gtc_dense_step_fraction          optional (0 if absent): fraction of GTC's steps all-reduced dense
+#                                    (strategy.dense_warmup_steps); these then read
+#                                    dense_bytes_per_worker_per_step, the GTC_KEYS the other steps
 _GTC_KEYS = ("gtc_msg_bytes_mean", "gtc_msg_bytes_max", "elements_sent_per_step", "decode_rate")
 _BMUF_KEYS = ("model_bytes", "block_size")
 STATS_KEYS: dict[str, tuple[str, ...]] = {
@@ -240,23 +243,37 @@ def _stats(strategy: str, stats: Mapping[str, Any], n: int) -> dict[str, float]:
     if "gtc_msg_bytes_max" in out and out["gtc_msg_bytes_max"] < out["gtc_msg_bytes_mean"]:
         raise ValueError(f"stats['gtc_msg_bytes_max'] ({out['gtc_msg_bytes_max']}) must be >= "
                          f"stats['gtc_msg_bytes_mean'] ({out['gtc_msg_bytes_mean']})")
+    if strategy in ("gtc", "gtc_bmuf") and stats.get("gtc_dense_step_fraction"):
+        out["gtc_dense_step_fraction"] = float(stats["gtc_dense_step_fraction"])
+        if not 0 <= out["gtc_dense_step_fraction"] <= 1:
+            raise ValueError(f"stats['gtc_dense_step_fraction'] must be in [0, 1] (got {out['gtc_dense_step_fraction']})")
+        if stats.get("dense_bytes_per_worker_per_step") is None:
+            raise ValueError("stats['dense_bytes_per_worker_per_step'] is missing; GTC's dense steps "
+                             "(gtc_dense_step_fraction > 0) need it")
+        out["dense_bytes_per_worker_per_step"] = float(stats["dense_bytes_per_worker_per_step"])
     if "group_size" in out and n % int(out["group_size"]):
         raise ValueError(f"stats['group_size']={int(out['group_size'])} must divide the {n} workers")
     return out
 
 
 def _gtc_parts(s: Mapping[str, float], workers: int, alpha: float, bandwidth: float) -> dict[str, float]:
-    """GTC among `workers`: lengths all-gather, padded message all-gather, decode of the messages.
+    """GTC among `workers`: lengths all-gather, padded message all-gather, decode of the messages;
+    on the fraction f of steps sent dense (a warm-up), a ring all-reduce of the gradient instead.
 
     A lone worker applies its own update: no exchange and no decode.
     """
     if workers == 1:
         return {"gtc_lengths": 0.0, "gtc_messages": 0.0, "gtc_decode": 0.0}
-    return {
-        "gtc_lengths": allgather_time(LENGTH_BYTES, workers, alpha, bandwidth),
-        "gtc_messages": allgather_time(s["gtc_msg_bytes_max"], workers, alpha, bandwidth),
-        "gtc_decode": decode_time(workers * s["elements_sent_per_step"], s["decode_rate"]),
+    f = s.get("gtc_dense_step_fraction", 0.0)
+    parts = {
+        "gtc_lengths": (1 - f) * allgather_time(LENGTH_BYTES, workers, alpha, bandwidth),
+        "gtc_messages": (1 - f) * allgather_time(s["gtc_msg_bytes_max"], workers, alpha, bandwidth),
+        "gtc_decode": (1 - f) * decode_time(workers * s["elements_sent_per_step"], s["decode_rate"]),
     }
+    if f > 0:
+        parts["gtc_dense_allreduce"] = f * ring_allreduce_time(s["dense_bytes_per_worker_per_step"], workers, alpha,
+                                                               bandwidth)
+    return parts
 
 
 def comm_parts(strategy: str, stats: Mapping[str, Any], n: int, network: Mapping[str, Any]) -> dict[str, float]:

@@ -226,7 +226,8 @@ class GroupGTC:
         self.residual = None if state.pass_through else torch.zeros(nodes, numel, device=device)  # R
         self.mask = None if state.pass_through else torch.empty(numel, dtype=torch.bool, device=device)
         self.steps = 0
-        self.elements_sent = 0  # over all workers and steps
+        self.dense_steps = 0  # steps exchanged dense (pass_through, dense_warmup_steps): no messages
+        self.elements_sent = 0  # over all workers and compressed steps
         self.largest_sum = 0  # sum over steps of the largest message of any worker (elements)
         self.encode_s = 0.0
         self.decode_s = 0.0
@@ -291,18 +292,19 @@ class GroupGTC:
         stats.record_dense(self.numel * FP32_BYTES, g)
         self.state.record_bucket(self.numel, self.numel, True)
         self.steps += 1
-        self.elements_sent += self.numel * self.nodes
-        self.largest_sum += self.numel
+        self.dense_steps += 1
 
     def cost_stats(self) -> dict[str, float]:
-        """Per worker per step: mean and largest (padded) message bytes, elements sent, decode rate."""
-        steps = max(self.steps, 1)
+        """Per worker per compressed step: mean and largest (padded) message bytes, elements sent,
+        decode rate; and the fraction of steps exchanged dense instead."""
+        steps = max(self.steps - self.dense_steps, 1)
         per_worker = self.elements_sent / (steps * self.nodes)
         rate = (self.decoded_elements / self.decode_s if self.decoded_elements and self.decode_s > 0
                 else measure_decode_rate(self.numel, self.device))
         return {"gtc_msg_bytes_mean": per_worker * FP32_BYTES,
                 "gtc_msg_bytes_max": self.largest_sum / steps * FP32_BYTES,
-                "elements_sent_per_step": per_worker, "decode_rate": rate}
+                "elements_sent_per_step": per_worker, "decode_rate": rate,
+                "gtc_dense_step_fraction": self.dense_steps / max(self.steps, 1)}
 
 
 def measure_decode_rate(numel: int, device: torch.device, density: float = 0.01, repeats: int = 5) -> float:

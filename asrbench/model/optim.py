@@ -15,8 +15,12 @@ then freezes v. From then on the step is momentum SGD with a fixed elementwise p
 
 with T = ``freeze_after``, which is linear in g, so compressed gradients with error feedback
 reach the parameters as the dense ones would. asrbench pairs it with GTC's dense warm-up
-(``strategy.dense_warmup_steps``): v is learnt from the all-reduced mean gradient, then frozen
-when compression starts.
+(``strategy.dense_warmup_steps``) and ``strategy.tau_units=rms``: v is learnt from the
+all-reduced mean gradient, frozen when compression starts, and each element's GTC threshold is
+τ sqrt(v̂_i), so τ counts Adam steps whatever the element's gradient scale.
+
+Measured (README, "GTC's accuracy cost"): freezing v costs sync training nothing, but it does not
+recover GTC's accuracy gap, which GTC shows with momentum SGD (linear already) as well.
 """
 from __future__ import annotations
 

@@ -80,6 +80,17 @@ def test_gtc_by_hand():
     assert close(comm("gtc", 8), 12.6 + 21 + 4)
 
 
+def test_gtc_dense_warm_up_steps_cost_a_ring_all_reduce():
+    quarter = {**STATS, "gtc_dense_step_fraction": 0.25}
+    parts = cost.comm_parts("gtc", quarter, 8, NET)
+    assert close(parts["gtc_messages"], 0.75 * 7 * (1 + 20 / 10))
+    assert close(parts["gtc_dense_allreduce"], 0.25 * cost.ring_allreduce_time(80.0, 8, 1.0, 10.0))
+    assert close(comm("gtc", 8, quarter), 0.75 * comm("gtc", 8) + 0.25 * comm("sync", 8))
+    assert close(comm("gtc", 8, {**STATS, "gtc_dense_step_fraction": 1.0}), comm("sync", 8))
+    with pytest.raises(ValueError, match="gtc_dense_step_fraction"):
+        cost.comm_parts("gtc", {**STATS, "gtc_dense_step_fraction": 1.5}, 8, NET)
+
+
 def test_bmuf_is_amortised_over_the_block():
     per_block = cost.ring_allreduce_time(160, 8, 1.0, 10.0)
     assert close(comm("bmuf", 8), per_block / 4)

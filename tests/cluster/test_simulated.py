@@ -153,6 +153,7 @@ def test_simulated_workers_equal_real_processes(real_runs, name):
         assert 0.001 < s["density"] < 0.5 or name.endswith("_rms")  # the compression path ran
     if name.endswith("_rms"):  # 6 dense steps, then GTC sending a fraction of the elements
         assert 0.001 < (s["density"] * STEPS - 6) / (STEPS - 6) < 0.5
+        assert sim["cluster"].cost_stats()["gtc_dense_step_fraction"] == 6 / STEPS  # costed as all-reduces
     if kind in ("bmuf", "gtc_bmuf"):
         assert s["bmuf_blocks"] == r["bmuf_blocks"] == STEPS // 4 + 1  # 6 blocks + the partial one closed at the end
         rows = sim["per_step"]

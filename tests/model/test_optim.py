@@ -128,14 +128,15 @@ def _cfg(optim: dict, strategy: dict):
                              "strategy": strategy})
 
 
-def test_the_worker_optimizer_freezes_at_the_end_of_the_dense_warm_up():
+def test_the_worker_optimizer_freezes_at_the_end_of_the_dense_warm_up_for_rms_units():
     from asrbench.experiment import inner_optim
 
-    assert inner_optim(_cfg({}, {"name": "gtc", "dense_warmup_steps": 50}))["freeze_variance_after"] == 50
+    rms = {"name": "gtc", "tau_units": "rms"}
+    assert inner_optim(_cfg({}, rms | {"dense_warmup_steps": 50}))["freeze_variance_after"] == 50
+    assert inner_optim(_cfg({}, {"name": "gtc", "dense_warmup_steps": 50}))["freeze_variance_after"] is None
     assert inner_optim(_cfg({}, {"name": "gtc", "dense_warmup_steps": 0}))["freeze_variance_after"] is None
     assert inner_optim(_cfg({"freeze_variance_after": 20}, {"name": "gtc", "dense_warmup_steps": 50,
                                                            "tau_units": "rms"}))["freeze_variance_after"] == 20
-    assert inner_optim(_cfg({"name": "sgd"}, {"name": "gtc", "dense_warmup_steps": 50}))["freeze_variance_after"] is None
 
 
 @pytest.mark.parametrize("optim, strategy, named", [
