@@ -236,9 +236,9 @@ class GTCState:
     of the elements (τ is too small for the gradients). ``pass_through`` sends the gradient dense
     with an all-reduce instead (plain DDP; for equivalence tests). ``dense_warmup_steps``: the
     first that many steps (counted by ``iter``, which a checkpoint keeps) are sent dense the same
-    way and leave r at 0; GTC starts after them. With Adam it lets the optimizer learn its second
-    moment from dense gradients before freezing it (:mod:`asrbench.model.optim`). ``parameters`` fixes the
-    canonical order in which residuals are checkpointed (the model's parameters; without it, the
+    way and leave r at 0; GTC starts after them. ``tau_units="rms"`` gives element i the threshold
+    τ d_i with d = ``scale_of(p)`` per parameter p, Adam's sqrt(v̂) + ε once frozen at the end of
+    the warm-up (:mod:`asrbench.model.optim`). ``parameters`` fixes the canonical order in which residuals are checkpointed (the model's parameters; without it, the
     order in which buckets first show them).
 
     Residuals are rank-local. DDP rebuilds its buckets after the first step (a new order and
@@ -445,13 +445,16 @@ class GTCState:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the process group; residuals travel in the canonical order."""
         state = {slot: getattr(self, slot) for slot in self.__slots__
-                 if slot not in ("process_group", "residuals", "masks", "layouts", "_owner", "_slots", "_pending")}
+                 if slot not in ("process_group", "scale_of", "residuals", "masks", "layouts", "_owner", "_slots",
+                                 "_pending")}
         state["_pending"] = self.canonical_residual().cpu() if (self.residuals or self._pending is not None) else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """The process group becomes the default one (None); call :meth:`bind_parameters` again."""
+        """The process group becomes the default one (None) and ``scale_of`` None; call
+        :meth:`bind_parameters` again (and set ``scale_of`` for ``tau_units="rms"``)."""
         self.process_group = None
+        self.scale_of = None
         self.residuals, self.masks, self.layouts, self._owner, self._slots = {}, {}, {}, {}, {}
         for slot, value in state.items():
             setattr(self, slot, value)
@@ -630,8 +633,7 @@ class GTCStrategy(AccountedDDPStrategy):
                 raise ValueError(f"GTCStrategy registers its own DDP communication hook; remove `{key}`")
         self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
                                    density_warn_interval=density_warn_interval,
-                                   dense_warmup_steps=dense_warmup_steps, tau_units=tau_units,
-                                   scale_of=self._frozen_adam_denominator)
+                                   dense_warmup_steps=dense_warmup_steps, tau_units=tau_units)
         gtc_kernel.load()  # built here, in the launching process, before any worker waits on a collective
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
@@ -656,6 +658,7 @@ class GTCStrategy(AccountedDDPStrategy):
         """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
         assert isinstance(self.model, DistributedDataParallel)
         self._gtc_state.bind_parameters(self.model.module.parameters())
+        self._gtc_state.scale_of = self._frozen_adam_denominator
         _register_ddp_comm_hook(model=self.model, ddp_comm_state=self._gtc_state, ddp_comm_hook=gtc_hook)
 
     def comm_metrics(self) -> dict[str, float]:

@@ -185,8 +185,10 @@ def test_residuals_follow_their_parameters_through_a_bucket_rebuild_and_a_checkp
     assert fresh.memory(FakeBucket(1, [a, c]))[0].tolist() == [0, 1, 2, 5, 6, 7, 8]
     with pytest.raises(ValueError, match="another model"):
         GTCState(tau=1.0, parameters=[a]).load_state_dict(saved)
+    state.dense_warmup_steps, state.tau_units, state.scale_of = 5, "rms", lambda p: torch.ones_like(p)
     copy = pickle.loads(pickle.dumps(state))  # as Lightning's spawn launcher ships the strategy
     assert copy.process_group is None and copy.tau == 1.0
+    assert copy.dense_warmup_steps == 5 and copy.tau_units == "rms" and copy.scale_of is None  # rebound in the worker
     copy.bind_parameters([a, b, c])
     assert torch.equal(copy.canonical_residual(), torch.arange(9.0))
 
