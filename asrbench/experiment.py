@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from asrbench import checkpoint, runinfo
 from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
-from asrbench.data.librispeech import scan_subsets
+from asrbench.data.corpus import scan_splits
 from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
@@ -69,7 +69,7 @@ def split_names(data_cfg: Mapping) -> dict[str, list[str]]:
 
 def load_features(cfg: DictConfig, progress: bool = True) -> dict[str, SplitFeatures]:
     root = ensure_corpus(cfg.data, progress)
-    utts = {name: scan_subsets(root, subsets) for name, subsets in split_names(cfg.data).items()}
+    utts = scan_splits(cfg.data, root, split_names(cfg.data))
     cache = Path(to_absolute_path(cfg.data.cache_dir)) if cfg.data.get("cache_dir") else root / "features"
     fcfg = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True))
     return prepare_features(utts, fcfg, cache, progress=progress,

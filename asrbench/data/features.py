@@ -167,18 +167,17 @@ def _featurize(utt: Utterance, cfg: FeatureConfig) -> _Featurized:
     """Raw stacked features of one utterance and their first two moments, or why it is skipped."""
     if not utt.text:
         return _Featurized(None, f"empty transcript (line in {utt.transcript_file})", 0.0, None)
-    try:
-        samples, sample_rate = decode_audio(utt.audio)
-    except CorpusError as exc:  # "<path>: unreadable audio (...); <hint>" -> "unreadable audio (...)"
-        return _Featurized(None, str(exc).removeprefix(f"{utt.audio}: ").rsplit("; ", 1)[0], 0.0, None)
-    check_sample_rate(utt.audio, sample_rate, cfg.sample_rate)  # a config mismatch: never skipped
-    seconds = samples.numel() / sample_rate
-    if cfg.dither > 0:  # Kaldi dither draws from the global generator: seed it per utterance
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(utt.utt_id.encode()))
-            fbank = compute_fbank(samples, cfg)
+    fbank = utt.source.fbank(cfg) if utt.source is not None else None
+    if fbank is not None:  # precomputed by the corpus (lhotse cuts with features)
+        seconds = fbank.shape[0] * cfg.frame_shift_ms / 1000
     else:
-        fbank = compute_fbank(samples, cfg)
+        try:
+            samples, sample_rate = decode_audio(utt.audio) if utt.source is None else utt.source.samples()
+        except CorpusError as exc:  # "<path>: unreadable audio (...); <hint>" -> "unreadable audio (...)"
+            return _Featurized(None, str(exc).removeprefix(f"{utt.audio}: ").rsplit("; ", 1)[0], 0.0, None)
+        check_sample_rate(utt.audio, sample_rate, cfg.sample_rate)  # a config mismatch: never skipped
+        seconds = samples.numel() / sample_rate
+        fbank = _fbank(utt, samples, cfg)
     feats = stack_frames(fbank, cfg.stack, cfg.skip)
     if feats.shape[0] < cfg.min_frames:
         reason = f"too short ({feats.shape[0]} stacked frames < features.min_frames={cfg.min_frames})"
@@ -188,6 +187,14 @@ def _featurize(utt: Utterance, cfg: FeatureConfig) -> _Featurized:
     return _Featurized(stored, "", seconds, torch.stack([x64.sum(0), (x64 * x64).sum(0)]))
 
 
+def _fbank(utt: Utterance, samples: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    if cfg.dither > 0:  # Kaldi dither draws from the global generator: seed it per utterance
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(utt.utt_id.encode()))
+            return compute_fbank(samples, cfg)
+    return compute_fbank(samples, cfg)
+
+
 def _bad_utterance_error(utt: Utterance, reason: str) -> CorpusError:
     return CorpusError(f"{utt.audio}: {reason}; fix or remove utterance {utt.utt_id}, or set "
                        f"data.on_bad_utterance=skip to leave such utterances out")
@@ -195,15 +202,22 @@ def _bad_utterance_error(utt: Utterance, reason: str) -> CorpusError:
 
 # ---------------------------------------------------------------- cache
 def cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
-    """Hash of the feature knobs, the sorted utterance ids and each audio file's size and mtime."""
+    """Hash of the feature knobs, the sorted utterance ids and each audio file's size and mtime
+    (plus, for a segment, a pipe or a cut, what its source stamps: span, command, feature file)."""
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **cfg.key_fields()}, sort_keys=True).encode())
     for utt in sorted(utts, key=lambda u: u.utt_id):
-        try:
-            st = os.stat(utt.audio)
-        except OSError as exc:
-            raise CorpusError(f"{utt.audio}: cannot stat audio file ({exc.strerror}); restore it") from None
-        digest.update(f"{utt.utt_id}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        stamp = file_stamp(utt.audio) if utt.source is None else utt.source.stamp()
+        digest.update(f"{utt.utt_id}\t{stamp}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> str:
+    """`size<TAB>mtime_ns` of a file: what the cache key records of an utterance's audio."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot stat audio file ({exc.strerror}); restore it") from None
+    return f"{st.st_size}\t{st.st_mtime_ns}"
 
 
 def _save_atomic(obj: object, path: Path) -> None:

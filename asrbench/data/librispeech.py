@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import soundfile as sf
@@ -27,19 +28,42 @@ import torch
 from asrbench.data import text as textlib
 from asrbench.errors import CorpusError
 
+if TYPE_CHECKING:
+    from asrbench.data.features import FeatureConfig
+
 AUDIO_SUFFIXES = (".flac", ".wav")
+
+
+class AudioSource(Protocol):
+    """Where an utterance's samples come from when it is not a whole audio file (a Kaldi segment,
+    a pipe command, a lhotse cut). Errors a user can act on are CorpusErrors reading
+    `"<utterance's audio>: <kind> (<detail>); <fix>"`, the form feature preparation skips by."""
+
+    def samples(self) -> tuple[torch.Tensor, int]:
+        """Float32 mono samples and their sample rate."""
+
+    def stamp(self) -> str:
+        """What the feature cache key records for this utterance (file size and mtime, span, ...)."""
+
+    def fbank(self, cfg: FeatureConfig) -> torch.Tensor | None:
+        """Precomputed (T, num_mel_bins) filterbank frames to use instead of the audio, or None;
+        ConfigError when they are not the filterbank `cfg` describes."""
 
 
 @dataclass(frozen=True)
 class Utterance:
     utt_id: str
     speaker: str
-    chapter: str
+    chapter: str  # LibriSpeech chapter; the recording id of a Kaldi or lhotse corpus
     audio: Path
     text: str  # normalised with asrbench.data.text.normalize; "" for an empty transcript line
+    text_file: Path | None = None  # where the transcript line is, when not <speaker>-<chapter>.trans.txt
+    source: AudioSource | None = field(default=None, compare=False, repr=False)  # None: the whole file
 
     @property
     def transcript_file(self) -> Path:
+        if self.text_file is not None:
+            return self.text_file
         return self.audio.parent / f"{self.speaker}-{self.chapter}.trans.txt"
 
 
