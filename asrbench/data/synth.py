@@ -97,6 +97,7 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 _KEYS = {"sentences", "seed", "sample_rate", "snr_db", "peak_dbfs", "pad_s", "rate_jitter",
          "pitch_jitter", "chapter_size", "utterances", "speakers", "workers"}
 _SPEAKER_KEYS = {"id", "voice", "role", "rate", "pitch", "range"}
+_OPTIONAL_KEYS = {"max_words": None}  # keys a config may leave out; left out or null, they change nothing
 _UNHASHED_KEYS = ("sentences", "workers")  # where the file lives and how many processes: same corpus
 
 
@@ -421,11 +422,15 @@ def _check_config(cfg: Mapping) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise SynthConfigError(f"data.synth must be a mapping, got {type(cfg).__name__}")
     cfg = json.loads(json.dumps(dict(cfg)))
-    missing, unknown = _KEYS - set(cfg), set(cfg) - _KEYS
+    for key, default in _OPTIONAL_KEYS.items():
+        cfg.setdefault(key, default)
+    missing, unknown = _KEYS - set(cfg), set(cfg) - _KEYS - set(_OPTIONAL_KEYS)
     if missing or unknown:
         raise SynthConfigError(f"data.synth: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
                                f"see conf/data/synth.yaml for the expected keys")
     _int(cfg, "seed", 0, 2**63 - 1)
+    if cfg["max_words"] is not None:
+        _int(cfg, "max_words", 1, 10**4)
     _int(cfg, "sample_rate", 8000, 48000)
     _pair(cfg, "snr_db", -20, 120)
     _pair(cfg, "peak_dbfs", -60, 0)
@@ -489,12 +494,13 @@ def _sentences_path(path: str | Path) -> Path:
     return p
 
 
-def read_sentences(path: Path) -> list[str]:
-    """Normalised, non-empty, distinct sentences in file order."""
+def read_sentences(path: Path, max_words: int | None = None) -> list[str]:
+    """Normalised, non-empty, distinct sentences in file order; with `max_words`, only those of at
+    most that many words (short requests, as a voice assistant hears them)."""
     seen: dict[str, None] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         s = normalize(line)
-        if s:
+        if s and (max_words is None or len(s.split()) <= max_words):
             seen.setdefault(s)
     return list(seen)
 
@@ -701,7 +707,8 @@ def generate_corpus(root: str | Path, cfg: Mapping, *, progress: bool = True) ->
     espeak = ESpeak()
     sentences_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     identity = {"format_version": FORMAT_VERSION, "espeak_ng": espeak.version, "sentences_sha256": sentences_sha,
-                "config": {k: v for k, v in cfg.items() if k not in _UNHASHED_KEYS}}
+                "config": {k: v for k, v in cfg.items()
+                           if k not in _UNHASHED_KEYS and not (k in _OPTIONAL_KEYS and v == _OPTIONAL_KEYS[k])}}
     config_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     done = _finished(root, config_sha)
     if done is not None:
@@ -712,7 +719,7 @@ def generate_corpus(root: str | Path, cfg: Mapping, *, progress: bool = True) ->
             raise SynthConfigError(f"data.synth.speakers[{n}].voice={spk['voice']!r} is not an eSpeak NG voice; "
                                    f"use language[+variant] from {espeak.data_path}/lang and "
                                    f"{espeak.data_path}/voices/!v")
-    sentences = read_sentences(path)
+    sentences = read_sentences(path, cfg["max_words"])
     chapters = plan_corpus(cfg, sentences)
     old = _read_manifest(root)
     if old is None or "config_sha256" not in old:

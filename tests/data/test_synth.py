@@ -53,20 +53,23 @@ def transcripts(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_config_files_have_the_project_keys() -> None:
-    for name in ("synth", "synth_3h", "synth_tiny"):
+    for name in ("synth", "synth_3h", "synth_tiny", "synth_short"):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert TOP_KEYS <= set(cfg) and cfg.name == name and cfg.kind == "synth"
         assert list(cfg.test_subsets) == ["test", "test_seen"]
 
 
-@pytest.mark.parametrize("name,train", [("synth", 9600), ("synth_3h", 3000)])
-def test_full_presets_plan_disjoint_speakers(name: str, train: int) -> None:
+@pytest.mark.parametrize("name,count", [("synth", (9600, 150, 300, 300)), ("synth_3h", (3000, 150, 300, 300)),
+                                        ("synth_short", (4800, 200, 240, 240))])
+def test_full_presets_plan_disjoint_speakers(name: str, count: tuple[int, ...]) -> None:
     cfg = synth._check_config(OmegaConf.load(CONF / f"{name}.yaml").synth)
     espeak = synth.ESpeak()
     assert all(espeak.has_voice(s["voice"]) for s in cfg["speakers"])
-    plan = synth.plan_corpus(cfg, synth.read_sentences(synth._sentences_path(cfg["sentences"])))
-    count = {split: sum(len(c.utterances) for c in plan if c.split == split) for split in synth.SPLITS}
-    assert count == {"train": train, "dev": 150, "test": 300, "test_seen": 300}
+    plan = synth.plan_corpus(cfg, synth.read_sentences(synth._sentences_path(cfg["sentences"]), cfg["max_words"]))
+    counted = {split: sum(len(c.utterances) for c in plan if c.split == split) for split in synth.SPLITS}
+    assert counted == dict(zip(("train", "dev", "test", "test_seen"), count))
+    if cfg["max_words"]:
+        assert max(len(u.text.split()) for c in plan for u in c.utterances) <= cfg["max_words"]
     who = {split: {c.speaker.id for c in plan if c.split == split} for split in synth.SPLITS}
     assert len(who["train"]) >= 8 and who["test_seen"] == who["train"]
     assert not who["train"] & who["dev"] and not who["train"] & who["test"] and not who["dev"] & who["test"]
@@ -216,6 +219,17 @@ BAD_CONFIGS = {
                           "distinct sentences"),
     "no-dev-speaker": (lambda c: c.update(speakers=[s for s in c["speakers"] if s["role"] != "dev"]), "role 'dev'"),
 }
+
+
+def test_max_words_keeps_short_sentences_and_left_out_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.txt"
+    path.write_text("one two three\nOne two three\na b\nfour five six seven\n")
+    assert synth.read_sentences(path) == ["ONE TWO THREE", "A B", "FOUR FIVE SIX SEVEN"]
+    assert synth.read_sentences(path, 3) == ["ONE TWO THREE", "A B"]
+    left_out, null = tiny_cfg(), tiny_cfg() | {"max_words": None}
+    assert synth._check_config(left_out) == synth._check_config(null)
+    with pytest.raises(ConfigError, match="max_words"):
+        synth._check_config(tiny_cfg() | {"max_words": 0})
 
 
 @pytest.mark.parametrize("change, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
