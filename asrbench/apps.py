@@ -244,7 +244,7 @@ def reproduce(cfg: DictConfig) -> None:
 def paper_projection(cfg: DictConfig, results: list[dict]) -> dict | None:
     """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
     from asrbench import reproduce as rep
-    from asrbench.cluster.simulated import load_compute_profile, load_network
+    from asrbench.cluster.cost import load_compute_profile, load_network
     from asrbench.data.features import FeatureConfig
 
     proj = cfg.get("projection")

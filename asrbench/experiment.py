@@ -1,7 +1,10 @@
-"""The training and evaluation pipeline behind `asrbench train` and `asrbench eval`.
+"""One run of `asrbench train`, written once, and the evaluation behind `asrbench eval`.
 
-audio -> features -> batches -> model -> strategy -> metrics -> report, each stage a call
-into the library; Hydra and Lightning stay here at the edge.
+config -> corpus and features -> module -> logger -> fit -> evaluation -> results.json. The fit
+is one of two runners with one interface (:class:`Runner`): :class:`TrainerRunner`, Lightning's
+Trainer over real processes (``cluster=processes``), and :class:`SimulatedRunner`, N workers in
+this process on the simulated cluster (``cluster=simulated``, :mod:`asrbench.cluster.simulated`).
+Hydra and Lightning stay here at the edge.
 """
 from __future__ import annotations
 
@@ -10,16 +13,22 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from asrbench import checkpoint, runinfo
+from asrbench.cluster import cost
+from asrbench.cluster.simulated import (LoopConfig, SimulatedCluster, activation_bytes, check_memory, fit,
+                                        resolve_device, stacked_arrays, strategy_kind)
+from asrbench.data import text
 from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
 from asrbench.data.corpus import scan_splits
@@ -233,86 +242,282 @@ def log_results(logger: Any, results: dict) -> None:
         logger.log_metrics(flat)
 
 
-def train(cfg: DictConfig, out_dir: Path) -> dict | None:
-    """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
-    if cfg.cluster.name == "simulated":
-        from asrbench.cluster.simulated import train_simulated
+# ---------------------------------------------------------------- the fit: two runners
+@dataclass
+class RunData:
+    """The features of every split, and frame labels when the run has alignments."""
 
-        return train_simulated(cfg, out_dir)
-    t0 = time.perf_counter()
-    accel, devices, machines = trainer_devices(cfg)
-    input_dim = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True)).dim
-    ident = checkpoint.identity(cfg, input_dim)
-    resume = str(checkpoint.check_resume(to_absolute_path(cfg.resume), ident)) if cfg.resume else None
-    strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    is_rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    feats = load_features(cfg, progress=is_rank0)
+    feats: dict[str, SplitFeatures]
+    frame_labels: dict[str, Tensor] | None
+
+
+@dataclass
+class FitResult:
+    """What a runner's fit hands back to the run: counts, times, the model to evaluate, bytes."""
+
+    steps: int
+    epochs: int
+    train_frames: int  # all workers'
+    fit_wall_s: float
+    train_time_s: float  # the time those frames were trained in (each runner says which)
+    model: torch.nn.Module  # the one model of the run
+    comm_summary: Mapping[str, Any]  # the strategy's worker-0 means per step (empty: none)
+    extra: dict[str, Any] = field(default_factory=dict)  # the runner's own results.json keys
+
+
+class Runner(Protocol):
+    """One way to fit a run's module: built from the config, it checks what it can before the data
+    is read, fits, and closes the logger when the results are logged."""
+
+    progress: bool  # this process shows data preparation progress
+
+    def before_data(self, module: AcousticModule, strategy: Any) -> None: ...
+
+    def fit(self, module: AcousticModule, strategy: Any, data: RunData, logger: Any, *,
+            ident: Mapping[str, Any], resume: str | None) -> FitResult | None: ...
+
+    def close(self, logger: Any) -> None: ...
+
+
+class TrainerRunner:
+    """``cluster=processes``: Lightning's Trainer, this process being one of `nodes` ranks.
+
+    Returns no result on ranks other than 0, which evaluates and writes results.json alone.
+    """
+
+    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+        self.cfg, self.out_dir = cfg, out_dir
+        self.accelerator, self.devices, self.machines = trainer_devices(cfg)
+        self.progress = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+    def before_data(self, module: AcousticModule, strategy: Any) -> None:
+        pass
+
+    def fit(self, module: AcousticModule, strategy: Any, data: RunData, logger: Any, *,
+            ident: Mapping[str, Any], resume: str | None) -> FitResult | None:
+        cfg, out_dir = self.cfg, self.out_dir
+        dm = SpeechDataModule(data.feats, data.frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                              cfg.num_workers, cfg.get("bucket_by_length", False))
+        ckpt_dir = out_dir / "checkpoints"
+        ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True,
+                               every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_top_k=0)
+        stop = checkpoint.GracefulStop(ckpt_dir / "interrupted.ckpt")
+        if hasattr(strategy, "checkpoint_dir"):
+            strategy.checkpoint_dir = str(ckpt_dir)
+        progress = [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.get("enable_progress_bar", True) else []
+        history = MetricsHistory(out_dir / "metrics.jsonl", cfg.trainer.get("log_every_n_steps", 10))
+        trainer = L.Trainer(accelerator=self.accelerator, devices=self.devices, num_nodes=self.machines,
+                            strategy=strategy, logger=logger,
+                            callbacks=[ckpt, stop, checkpoint.RunIdentity(ident), *progress, history],
+                            default_root_dir=str(out_dir), use_distributed_sampler=False,
+                            deterministic=cfg.deterministic, **OmegaConf.to_container(cfg.trainer, resolve=True))
+        t_fit = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        except Exception as err:
+            if isinstance(err, NonFiniteGradientError) or is_collective_failure(err):  # CollectiveError included
+                raise RunFailed(f"{' '.join(str(err).split())}; "
+                                f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
+            raise
+        fit_s = time.perf_counter() - t_fit
+        if stop.stopped:
+            raise checkpoint.Interrupted(f"interrupted after step {stop.saved_step}: checkpoint {stop.path}; "
+                                         f"continue with resume={stop.path}")
+        if not trainer.is_global_zero:
+            return None
+        comm = getattr(trainer.strategy, "comm_summary", None)
+        # All workers' frames over rank 0's time inside training batches (validation excluded).
+        return FitResult(steps=int(trainer.global_step), epochs=int(trainer.current_epoch),
+                         train_frames=int(module.frames_seen * int(cfg.nodes)), fit_wall_s=fit_s,
+                         train_time_s=module.train_time_s, model=module.model, comm_summary=comm() if comm else {})
+
+    def close(self, logger: Any) -> None:
+        pass  # the Trainer finalized its logger at the end of fit
+
+
+@dataclass
+class _TrainerView:
+    """What :class:`MetricsHistory` reads from a Lightning Trainer, filled by the simulated loop."""
+
+    global_step: int = 0
+    current_epoch: int = 0
+    callback_metrics: dict[str, float] = field(default_factory=dict)
+    is_global_zero: bool = True
+    sanity_checking: bool = False
+
+
+class SimulatedRunner:
+    """``cluster=simulated``: `nodes` workers in this process (:class:`SimulatedCluster`), and the
+    cost model's prediction of their step time and speedup on ``cluster.network``
+    (:func:`asrbench.cluster.cost.predict`), added to the results with ``simulated: true``."""
+
+    progress = True
+
+    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.get("resume"):
+            raise ConfigError("cluster=simulated cannot resume a checkpoint; drop resume= or use cluster=processes")
+        self.cfg, self.out_dir = cfg, out_dir
+        self.network = cost.load_network(cfg.cluster.get("network") or "paper")
+        self.profile = cost.load_compute_profile(cfg.cluster.get("compute_profile"))
+        self.loop = LoopConfig.from_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
+        self.device = resolve_device(cfg.accelerator)
+        self.fraction = float(cfg.cluster.get("memory_fraction", 0.9))
+        self.arrays: dict[str, int] = {}
+
+    def before_data(self, module: AcousticModule, strategy: Any) -> None:
+        """Refuse, before any data is read, workers whose stacked arrays cannot fit in memory."""
+        gtc_state = getattr(strategy, "gtc_state", None)
+        self.arrays = stacked_arrays(strategy_kind(strategy), module.optim_cfg,
+                                     bool(gtc_state and gtc_state.pass_through), int(getattr(strategy, "group_size", 1)))
+        check_memory(int(self.cfg.nodes), _numel(module), self.arrays, self.device, fraction=self.fraction,
+                     report=False)
+
+    def fit(self, module: AcousticModule, strategy: Any, data: RunData, logger: Any, *,
+            ident: Mapping[str, Any], resume: str | None) -> FitResult:
+        cfg, loop, nodes = self.cfg, self.loop, int(self.cfg.nodes)
+        feats, frame_labels = data.feats, data.frame_labels
+        train_set = SpeechDataset(feats["train"], frame_labels)
+        max_frames = int(feats["train"].lengths.max()) if len(feats["train"]) else 0
+        check_memory(nodes, _numel(module), self.arrays, self.device, fraction=self.fraction,
+                     activations=activation_bytes(OmegaConf.to_container(cfg.model, resolve=True), feature_dim(cfg),
+                                                  text.vocab_size(), int(cfg.batch_size), max_frames))
+        if int(cfg.num_workers):
+            log.info("cluster=simulated reads every worker's batches in this process (num_workers=%s unused)",
+                     cfg.num_workers)
+        cluster = SimulatedCluster(module, strategy, nodes, device=self.device,
+                                   gradient_clip_val=loop.gradient_clip_val,
+                                   gradient_clip_algorithm=loop.gradient_clip_algorithm)
+        history = MetricsHistory(self.out_dir / "metrics.jsonl", loop.log_every_n_steps)
+        view = _TrainerView()
+        last = {"t": time.perf_counter(), "frames": 0}
+
+        def on_step(c: SimulatedCluster, losses: Tensor, step: int, epoch: int) -> None:
+            now = time.perf_counter()
+            frames = c.timings.frames - last["frames"]
+            metrics = {"train/loss": float(losses.mean()), "train/frames_per_s": frames / max(now - last["t"], 1e-9)}
+            metrics |= {f"comm/{k}": float(v) for k, v in c.comm_metrics().items()}
+            last.update(t=now, frames=c.timings.frames)
+            view.global_step, view.current_epoch = step, epoch
+            view.callback_metrics.update(metrics)
+            history.on_train_batch_end(view, None, None, None, step - 1)
+            if logger and step % loop.log_every_n_steps == 0:
+                logger.log_metrics(metrics, step=step)
+
+        def validate(epoch: int, step: int) -> None:
+            cluster.bind_worker(0)
+            res = evaluate_split(cluster.module.model, feats["dev"], frame_labels,
+                                 batch_size=int(cfg.eval_batch_size), device=self.device)
+            cluster.module.model.train()
+            metrics = {"val/wer": res["wer"], "val/cer": res["cer"]}
+            if res["fer"] is not None:
+                metrics["val/fer"] = res["fer"]
+            view.global_step, view.current_epoch = step, epoch
+            view.callback_metrics.update(metrics)
+            history.on_validation_end(view, None)
+            if logger:
+                logger.log_metrics(metrics, step=step)
+
+        outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
+                      on_step=on_step, validate=validate)
+        cluster.finalize()
+        t = cluster.timings
+        prediction = cost.predict(cluster, self.network, profile=self.profile,
+                                  overlap=float(cfg.cluster.get("overlap", 0.0)),
+                                  frames_per_worker_step=t.frames / max(t.worker_steps, 1)
+                                  ) if outcome.steps else {"simulated": True}
+        ckpt = self.out_dir / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                    "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
+                    "simulated": True}, ckpt)
+        # train_time_s: the time this process spent training all workers, one after another.
+        return FitResult(steps=outcome.steps, epochs=outcome.epochs, train_frames=t.frames,
+                         fit_wall_s=outcome.fit_wall_s, train_time_s=outcome.train_time_s, model=cluster.module.model,
+                         comm_summary=cluster.comm_summary(),
+                         extra={"stopped_by": outcome.stopped_by,
+                                "simulator_s": {"compute": t.compute_s, "exchange": t.exchange_s,
+                                                "optimizer": t.optimizer_s, "averaging": t.averaging_s},
+                                **prediction})
+
+    def close(self, logger: Any) -> None:
+        if logger:
+            logger.finalize("success")
+
+
+def _numel(module: AcousticModule) -> int:
+    return sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- the run
+def feature_dim(cfg: DictConfig) -> int:
+    return FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True)).dim
+
+
+def load_run_data(cfg: DictConfig, progress: bool = True) -> RunData:
+    """The run's features and frame labels; criterion=ce needs the latter."""
+    feats = load_features(cfg, progress=progress)
     frame_labels = load_frame_labels(cfg)
     if cfg.criterion == "ce" and frame_labels is None:
         raise ConfigError("criterion=ce trains on frame labels: run `asrbench align run=DIR` and pass "
                           "data.alignments=<its output dir>")
+    return RunData(feats, frame_labels)
+
+
+def make_runner(cfg: DictConfig, out_dir: Path) -> Runner:
+    """The runner of ``cluster``: simulated, or Lightning's Trainer over processes."""
+    return SimulatedRunner(cfg, out_dir) if cfg.cluster.name == "simulated" else TrainerRunner(cfg, out_dir)
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    runner = make_runner(cfg, out_dir)
+    input_dim = feature_dim(cfg)
+    ident = checkpoint.identity(cfg, input_dim)
+    resume = str(checkpoint.check_resume(to_absolute_path(cfg.resume), ident)) if cfg.get("resume") else None
+    strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Built before the data is read: reading it leaves the global RNG alone (features fork it).
     module = AcousticModule(input_dim, OmegaConf.to_container(cfg.model, resolve=True), inner_optim(cfg),
                             cfg.criterion, world_size=int(cfg.nodes))
     if cfg.get("init_from") and not resume:
         checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), ident)
-    dm = SpeechDataModule(feats, frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.num_workers,
-                          cfg.get("bucket_by_length", False))
+    runner.before_data(module, strategy)
+    data = load_run_data(cfg, progress=runner.progress)
     logger = build_logger(cfg, out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True,
-                           every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_top_k=0)
-    stop = checkpoint.GracefulStop(ckpt_dir / "interrupted.ckpt")
-    if hasattr(strategy, "checkpoint_dir"):
-        strategy.checkpoint_dir = str(ckpt_dir)
-    trainer = L.Trainer(accelerator=accel, devices=devices, num_nodes=machines, strategy=strategy,
-                        logger=logger, callbacks=[ckpt, stop, checkpoint.RunIdentity(ident),
-                                                  *([TQDMProgressBar(refresh_rate=10)]
-                                                    if cfg.trainer.get("enable_progress_bar", True) else []),
-                                   MetricsHistory(out_dir / "metrics.jsonl", cfg.trainer.get("log_every_n_steps", 10))],
-                        default_root_dir=str(out_dir), use_distributed_sampler=False,
-                        deterministic=cfg.deterministic, **OmegaConf.to_container(cfg.trainer, resolve=True))
-    t_fit = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    except Exception as err:
-        if isinstance(err, NonFiniteGradientError) or is_collective_failure(err):  # CollectiveError included
-            raise RunFailed(f"{' '.join(str(err).split())}; {checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
-        raise
-    fit_s = time.perf_counter() - t_fit
-    if stop.stopped:
-        raise checkpoint.Interrupted(f"interrupted after step {stop.saved_step}: checkpoint {stop.path}; "
-                                     f"continue with resume={stop.path}")
-    if not trainer.is_global_zero:
+    fitted = runner.fit(module, strategy, data, logger, ident=ident, resume=resume)
+    if fitted is None:
         return None
     results = {
         "strategy": cfg.strategy.name,
         "nodes": int(cfg.nodes),
         "criterion": cfg.criterion,
         "seed": int(cfg.seed),
-        "steps": int(trainer.global_step),
-        "epochs": int(trainer.current_epoch),
-        "train_frames": int(module.frames_seen * int(cfg.nodes)),
-        "fit_wall_s": fit_s,
-        "train_time_s": module.train_time_s,
-        # All workers' frames over rank 0's time inside training batches (validation excluded).
-        "train_frames_per_s": module.frames_seen * int(cfg.nodes) / max(module.train_time_s, 1e-9),
+        "steps": fitted.steps,
+        "epochs": fitted.epochs,
+        "train_frames": fitted.train_frames,
+        "fit_wall_s": fitted.fit_wall_s,
+        "train_time_s": fitted.train_time_s,
+        "train_frames_per_s": fitted.train_frames / max(fitted.train_time_s, 1e-9),
+        **fitted.extra,
     }
-    comm = getattr(trainer.strategy, "comm_summary", None)
-    return finish_results(results, comm() if comm else {}, module.model, feats, frame_labels, cfg, out_dir,
-                          logger, checkpoint=out_dir / "checkpoints" / "last.ckpt", t0=t0)
+    results = finish_results(results, fitted.comm_summary, fitted.model, data, cfg, out_dir, logger,
+                             checkpoint=out_dir / "checkpoints" / "last.ckpt", t0=t0)
+    runner.close(logger)
+    return results
 
 
-def finish_results(results: dict, comm_summary: Mapping, model: torch.nn.Module,
-                   feats: Mapping[str, SplitFeatures], frame_labels, cfg: DictConfig, out_dir: Path, logger: Any,
-                   *, checkpoint: Path, t0: float) -> dict:
+def finish_results(results: dict, comm_summary: Mapping, model: torch.nn.Module, data: RunData, cfg: DictConfig,
+                   out_dir: Path, logger: Any, *, checkpoint: Path, t0: float) -> dict:
     """Complete a run's results (bytes, metrics, run info), write results.json atomically and log them."""
     summary = dict(comm_summary)
     if "steps" in summary:  # the strategy's count of closed steps; `steps` stays the trainer's
         summary["comm_steps"] = int(summary.pop("steps"))
     results.update(summary or {"bytes_sent_per_worker_per_step": 0, "bytes_received_per_worker_per_step": 0,
                                "dense_bytes_per_worker_per_step": 0})
-    results.update(evaluate_all(model, feats, frame_labels, cfg, out_dir))
+    results.update(evaluate_all(model, data.feats, data.frame_labels, cfg, out_dir))
     results["wall_s"] = time.perf_counter() - t0
     results |= {"checkpoint": str(checkpoint), "config": resolved_config(cfg),
                 "git_commit": runinfo.git_commit(), "versions": runinfo.versions(), "host": runinfo.host()}

@@ -3,7 +3,9 @@
 The simulated cluster measures, per strategy, the bytes each worker puts on the wire per step and
 the compute time of one worker step; this module turns those measurements into the wall time of
 a step on a network described by a preset (conf/network/*.yaml) and into speedup over one worker.
-Everything is float arithmetic on plain dicts, so every figure can be checked by hand.
+Everything is float arithmetic on plain dicts, so every figure can be checked by hand. The end of
+the file reads the model's inputs (a network preset, a compute profile) and applies it to a
+simulated run (:func:`predict`).
 
 Model
 -----
@@ -58,9 +60,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
 
 from asrbench.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the cost model itself needs nothing of the cluster
+    from asrbench.cluster.simulated import SimulatedCluster
+
+NETWORK_DIR = Path(__file__).resolve().parents[2] / "conf" / "network"
 
 STRATEGIES = ("single", "sync", "gtc", "bmuf", "gtc_bmuf")
 NETWORK_KEYS = ("latency_s", "bandwidth_Bps", "gpus_per_machine", "intra_latency_s", "intra_bandwidth_Bps")
@@ -348,3 +359,76 @@ def scaling(strategy: str, compute_s: float, stats: Mapping[str, Any], ns: Seque
         row = step_time(strategy, compute_s, stats, n, network, overlap=overlap)
         rows.append({"n": n, **row, "speedup": speedup(n, row["total_s"], compute_s)})
     return rows
+
+
+# --- inputs: network preset and compute profile ------------------------------------------------
+
+def load_network(spec: Any) -> dict[str, Any]:
+    """A network preset by name (conf/network/<name>.yaml), by path, or given inline as a mapping."""
+    if isinstance(spec, Mapping):
+        return check_network(spec)
+    if not spec:
+        raise ConfigError("cluster.network is empty; name a preset of conf/network/ (e.g. cluster.network=paper)")
+    path = Path(str(spec))
+    if path.suffix not in (".yaml", ".yml"):
+        path = NETWORK_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in NETWORK_DIR.glob("*.yaml")))
+        raise ConfigError(f"cluster.network={spec} is not a preset; use one of {presets} or a path to a yaml file")
+    return check_network(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def load_compute_profile(path: str | Path | None) -> dict[str, Any] | None:
+    """A yaml/json file with ``compute_s_per_worker_step`` (seconds of one worker's step on the target
+    device); optional ``decode_rate`` (GTC decode, elements/s) and ``gtc_encode_s_per_worker_step``."""
+    if not path:
+        return None
+    file = Path(to_absolute_path(str(path)))
+    if not file.is_file():
+        raise ConfigError(f"cluster.compute_profile={path}: no such file; give a yaml/json file with "
+                          f"compute_s_per_worker_step")
+    profile = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    value = profile.get("compute_s_per_worker_step") if isinstance(profile, Mapping) else None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"cluster.compute_profile={path}: needs compute_s_per_worker_step, a positive number "
+                          f"of seconds (got {value!r})")
+    return dict(profile) | {"path": str(file)}
+
+
+# --- a simulated run's prediction --------------------------------------------------------------
+
+def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: Mapping[str, Any] | None = None,
+            overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
+    """The cost model's step time and speedup for this run's strategy, N and measured statistics.
+
+    T_1 = compute (one worker, no communication); T_N = compute + GTC encode + communication;
+    speedup = N T_1 / T_N (:func:`speedup`).
+    """
+    kind = cluster.kind
+    stats = cluster.cost_stats()
+    measured = cluster.compute_s_per_worker_step()
+    compute = float(profile["compute_s_per_worker_step"]) if profile else measured
+    encode_s = (float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if profile
+                else cluster.encode_s_per_worker_step())
+    if profile and profile.get("decode_rate") and "decode_rate" in stats:
+        stats["decode_rate"] = float(profile["decode_rate"])
+    if compute <= 0:
+        raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
+    step = step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
+    out = {
+        "simulated": True,
+        "network": network["name"],
+        "compute_source": profile["path"] if profile else "measured",
+        "compute_s_per_worker_step": compute,
+        "measured_compute_s_per_worker_step": measured,
+        "gtc_encode_s_per_worker_step": encode_s,
+        "predicted_step_s": step["total_s"],
+        "predicted_comm_s": step["comm_s"],
+        "predicted_comm_parts": comm_parts(kind, stats, cluster.nodes, network),
+        "predicted_speedup": speedup(cluster.nodes, step["total_s"], compute),
+        "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
+                       "network": dict(network)},
+    }
+    if frames_per_worker_step:
+        out["predicted_train_frames_per_s"] = cluster.nodes * frames_per_worker_step / step["total_s"]
+    return out

@@ -1,9 +1,9 @@
 """A simulated cluster: N logical workers in one process, on the cores of the real strategies.
 
-``asrbench train cluster=simulated nodes=128 strategy=gtc_bmuf`` trains 128 workers in one
-process (on the CPU, or on one GPU) and writes the results.json of the multi-process path, plus
-the step time and speedup that the communication cost model (:mod:`asrbench.cluster.cost`)
-predicts for those workers on a network preset (conf/network/*.yaml).
+The mechanics of ``asrbench train cluster=simulated nodes=128 strategy=gtc_bmuf``: 128 workers
+in one process (on the CPU, or on one GPU). The run around them (data, logger, evaluation,
+results.json) is :mod:`asrbench.experiment`'s, the same as over real processes; the step time
+and speedup those workers would see on a network preset are :func:`asrbench.cluster.cost.predict`'s.
 
 Nothing is re-derived here. Gradients come from the run's own model and loss
 (:class:`AcousticModule`), each worker's data from ``make_loader(rank=i, world_size=N)`` with
@@ -49,22 +49,26 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
+from asrbench.data.dataset import make_loader
 from asrbench.errors import ConfigError
+from asrbench.model.module import AcousticModule
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig
-from asrbench.strategies.gtc import GTCState, NonFiniteGradientError, decode, encode, pack
+from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig, BMUFLightning
+from asrbench.strategies.gtc import GTCState, GTCStrategy, NonFiniteGradientError, decode, encode, pack
+from asrbench.strategies.gtc_bmuf import GTCBMUFStrategy
+from asrbench.strategies.sync import SyncStrategy
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-NETWORK_DIR = PROJECT_ROOT / "conf" / "network"
 FP32_BYTES = 4
 GTC_HEADER_BYTES = 8  # the hook's header: (message length, non-finite flag) as two int32
 # Trainer keys (conf/trainer/) the simulated loop follows, and those with no meaning for it.
@@ -131,10 +135,6 @@ def build_worker_optimizer(module: Any, rows: Sequence[nn.Parameter]) -> tuple[t
     worker. The return value is parsed by Lightning's own parser, so the schedulers come back as
     its ``LRSchedulerConfig`` (scheduler, interval, frequency), stepped by :func:`step_schedulers`.
     """
-    from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
-
-    from asrbench.model.module import AcousticModule
-
     conf = AcousticModule.configure_optimizers(_WorkerRows(module, rows))
     optimizers, schedulers, monitor = _configure_optimizers(conf)
     if len(optimizers) != 1:
@@ -385,11 +385,6 @@ def strategy_kind(strategy: Any) -> str:
     """single | sync | gtc | bmuf | gtc_bmuf for a strategy built by `asrbench.strategies.build_strategy`."""
     if isinstance(strategy, str):
         return "single"
-    from asrbench.strategies.bmuf import BMUFLightning
-    from asrbench.strategies.gtc import GTCStrategy
-    from asrbench.strategies.gtc_bmuf import GTCBMUFStrategy
-    from asrbench.strategies.sync import SyncStrategy
-
     if isinstance(strategy, GTCBMUFStrategy):
         return "gtc_bmuf"
     if isinstance(strategy, BMUFLightning):
@@ -676,8 +671,6 @@ class FitOutcome:
 
 def worker_loaders(dataset: Dataset, nodes: int, *, batch_size: int, seed: int) -> list[Any]:
     """Worker i's training loader: exactly the real path's (SpeechDataModule.train_dataloader) on rank i."""
-    from asrbench.data.dataset import make_loader
-
     return [make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, rank=i, world_size=nodes,
                         drop_last=True) for i in range(nodes)]
 
@@ -691,9 +684,6 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
     does (``_set_sampler_epoch``). `on_step(cluster, losses, step, epoch)` runs after each
     optimizer step (step counted from 1), `validate(epoch, step)` where Lightning would validate.
     """
-    from lightning.fabric.utilities.data import _set_sampler_epoch
-    from tqdm.auto import tqdm
-
     loaders = worker_loaders(dataset, cluster.nodes, batch_size=batch_size, seed=seed)
     per_epoch = len(loaders[0])
     if per_epoch == 0:
@@ -812,100 +802,8 @@ def check_memory(nodes: int, numel: int, arrays: Mapping[str, int], device: torc
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model inputs: network preset and compute profile
+# The device the workers live on
 # ---------------------------------------------------------------------------------------------
-def load_network(spec: Any) -> dict[str, Any]:
-    """A network preset by name (conf/network/<name>.yaml), by path, or given inline as a mapping."""
-    from omegaconf import OmegaConf
-
-    from asrbench.cluster import cost
-
-    if isinstance(spec, Mapping):
-        return cost.check_network(spec)
-    if not spec:
-        raise ConfigError("cluster.network is empty; name a preset of conf/network/ (e.g. cluster.network=paper)")
-    path = Path(str(spec))
-    if path.suffix not in (".yaml", ".yml"):
-        path = NETWORK_DIR / f"{spec}.yaml"
-    if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in NETWORK_DIR.glob("*.yaml")))
-        raise ConfigError(f"cluster.network={spec} is not a preset; use one of {presets} or a path to a yaml file")
-    return cost.check_network(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-
-
-def load_compute_profile(path: str | Path | None) -> dict[str, Any] | None:
-    """A yaml/json file with ``compute_s_per_worker_step`` (seconds of one worker's step on the target
-    device); optional ``decode_rate`` (GTC decode, elements/s) and ``gtc_encode_s_per_worker_step``."""
-    if not path:
-        return None
-    from hydra.utils import to_absolute_path
-    from omegaconf import OmegaConf
-
-    file = Path(to_absolute_path(str(path)))
-    if not file.is_file():
-        raise ConfigError(f"cluster.compute_profile={path}: no such file; give a yaml/json file with "
-                          f"compute_s_per_worker_step")
-    profile = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-    value = profile.get("compute_s_per_worker_step") if isinstance(profile, Mapping) else None
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"cluster.compute_profile={path}: needs compute_s_per_worker_step, a positive number "
-                          f"of seconds (got {value!r})")
-    return dict(profile) | {"path": str(file)}
-
-
-def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: Mapping[str, Any] | None = None,
-            overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
-    """The cost model's step time and speedup for this run's strategy, N and measured statistics.
-
-    T_1 = compute (one worker, no communication); T_N = compute + GTC encode + communication;
-    speedup = N T_1 / T_N (asrbench.cluster.cost.speedup).
-    """
-    from asrbench.cluster import cost
-
-    kind = cluster.kind
-    stats = cluster.cost_stats()
-    measured = cluster.compute_s_per_worker_step()
-    compute = float(profile["compute_s_per_worker_step"]) if profile else measured
-    encode_s = (float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if profile
-                else cluster.encode_s_per_worker_step())
-    if profile and profile.get("decode_rate") and "decode_rate" in stats:
-        stats["decode_rate"] = float(profile["decode_rate"])
-    if compute <= 0:
-        raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
-    step = cost.step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
-    out = {
-        "simulated": True,
-        "network": network["name"],
-        "compute_source": profile["path"] if profile else "measured",
-        "compute_s_per_worker_step": compute,
-        "measured_compute_s_per_worker_step": measured,
-        "gtc_encode_s_per_worker_step": encode_s,
-        "predicted_step_s": step["total_s"],
-        "predicted_comm_s": step["comm_s"],
-        "predicted_comm_parts": cost.comm_parts(kind, stats, cluster.nodes, network),
-        "predicted_speedup": cost.speedup(cluster.nodes, step["total_s"], compute),
-        "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
-                       "network": dict(network)},
-    }
-    if frames_per_worker_step:
-        out["predicted_train_frames_per_s"] = cluster.nodes * frames_per_worker_step / step["total_s"]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# `asrbench train cluster=simulated`
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class _TrainerView:
-    """What experiment.MetricsHistory reads from a Lightning Trainer."""
-
-    global_step: int = 0
-    current_epoch: int = 0
-    callback_metrics: dict[str, float] = field(default_factory=dict)
-    is_global_zero: bool = True
-    sanity_checking: bool = False
-
-
 def resolve_device(accelerator: str) -> torch.device:
     """cpu, or the first GPU for accelerator=gpu (auto: gpu when CUDA is visible)."""
     if accelerator == "auto":
@@ -917,135 +815,3 @@ def resolve_device(accelerator: str) -> torch.device:
     if accelerator != "cpu":
         raise ConfigError(f"accelerator={accelerator!r} is unknown to cluster=simulated; use cpu, gpu or auto")
     return torch.device("cpu")
-
-
-def train_simulated(cfg: Any, out_dir: Path) -> dict:
-    """Train `cfg.nodes` workers of `cfg.strategy` in this process and write `<out_dir>/results.json`.
-
-    The same keys as the multi-process path, plus ``simulated: true`` and the cost model's
-    prediction on `cfg.cluster.network` (see :func:`predict`).
-    """
-    import lightning as L
-    from omegaconf import OmegaConf
-
-    from asrbench import experiment
-    from asrbench.data import text
-    from asrbench.data.dataset import SpeechDataset
-    from asrbench.data.features import FeatureConfig
-    from asrbench.model.evaluate import evaluate_split
-    from asrbench.model.module import AcousticModule
-    from asrbench.strategies import build_strategy
-
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("resume"):
-        raise ConfigError("cluster=simulated cannot resume a checkpoint; drop resume= or use cluster=processes")
-    nodes = int(cfg.nodes)
-    strategy = build_strategy(cfg.strategy, nodes=nodes, timeout_s=cfg.collective_timeout_s)
-    kind = strategy_kind(strategy)
-    cluster_cfg = cfg.cluster
-    network = load_network(cluster_cfg.get("network") or "paper")
-    profile = load_compute_profile(cluster_cfg.get("compute_profile"))
-    loop = LoopConfig.from_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
-    device = resolve_device(cfg.accelerator)
-    fraction = float(cluster_cfg.get("memory_fraction", 0.9))
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    fcfg = FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    optim = experiment.inner_optim(cfg)
-    module = AcousticModule(fcfg.dim, model_cfg, optim, cfg.criterion, world_size=nodes)
-    if cfg.get("init_from"):
-        from hydra.utils import to_absolute_path
-
-        from asrbench import checkpoint
-        checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), checkpoint.identity(cfg, fcfg.dim))
-    numel = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-    gtc_state = getattr(strategy, "gtc_state", None)
-    arrays = stacked_arrays(kind, optim, bool(gtc_state and gtc_state.pass_through),
-                            int(getattr(strategy, "group_size", 1)))
-    check_memory(nodes, numel, arrays, device, fraction=fraction, report=False)  # before reading any data
-
-    feats = experiment.load_features(cfg)
-    frame_labels = experiment.load_frame_labels(cfg)
-    if cfg.criterion == "ce" and frame_labels is None:
-        raise ConfigError("criterion=ce trains on frame labels: run `asrbench align run=DIR` and pass "
-                          "data.alignments=<its output dir>")
-    train_set = SpeechDataset(feats["train"], frame_labels)
-    max_frames = int(feats["train"].lengths.max()) if len(feats["train"]) else 0
-    check_memory(nodes, numel, arrays, device, fraction=fraction, activations=activation_bytes(
-        model_cfg, fcfg.dim, text.vocab_size(), int(cfg.batch_size), max_frames))
-    if int(cfg.num_workers):
-        log.info("cluster=simulated reads every worker's batches in this process (num_workers=%s unused)",
-                 cfg.num_workers)
-
-    cluster = SimulatedCluster(module, strategy, nodes, device=device, gradient_clip_val=loop.gradient_clip_val,
-                               gradient_clip_algorithm=loop.gradient_clip_algorithm)
-    logger = experiment.build_logger(cfg, out_dir)
-    history = experiment.MetricsHistory(out_dir / "metrics.jsonl", loop.log_every_n_steps)
-    view = _TrainerView()
-    last = {"t": time.perf_counter(), "frames": 0}
-
-    def on_step(c: SimulatedCluster, losses: Tensor, step: int, epoch: int) -> None:
-        now = time.perf_counter()
-        frames = c.timings.frames - last["frames"]
-        metrics = {"train/loss": float(losses.mean()), "train/frames_per_s": frames / max(now - last["t"], 1e-9)}
-        metrics |= {f"comm/{k}": float(v) for k, v in c.comm_metrics().items()}
-        last.update(t=now, frames=c.timings.frames)
-        view.global_step, view.current_epoch = step, epoch
-        view.callback_metrics.update(metrics)
-        history.on_train_batch_end(view, None, None, None, step - 1)
-        if logger and step % loop.log_every_n_steps == 0:
-            logger.log_metrics(metrics, step=step)
-
-    def validate(epoch: int, step: int) -> None:
-        cluster.bind_worker(0)
-        res = evaluate_split(cluster.module.model, feats["dev"], frame_labels, batch_size=int(cfg.eval_batch_size),
-                             device=device)
-        cluster.module.model.train()
-        metrics = {"val/wer": res["wer"], "val/cer": res["cer"]}
-        if res["fer"] is not None:
-            metrics["val/fer"] = res["fer"]
-        view.global_step, view.current_epoch = step, epoch
-        view.callback_metrics.update(metrics)
-        history.on_validation_end(view, None)
-        if logger:
-            logger.log_metrics(metrics, step=step)
-
-    outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
-                  on_step=on_step, validate=validate)
-    cluster.finalize()
-    t = cluster.timings
-    frames_per_worker_step = t.frames / max(t.worker_steps, 1)
-    prediction = predict(cluster, network, profile=profile, overlap=float(cluster_cfg.get("overlap", 0.0)),
-                         frames_per_worker_step=frames_per_worker_step) if outcome.steps else {"simulated": True}
-
-    ckpt = out_dir / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
-                "simulated": True}, ckpt)
-
-    results: dict[str, Any] = {
-        "strategy": cfg.strategy.name,
-        "nodes": nodes,
-        "criterion": cfg.criterion,
-        "seed": int(cfg.seed),
-        "steps": outcome.steps,
-        "epochs": outcome.epochs,
-        "stopped_by": outcome.stopped_by,
-        "train_frames": t.frames,
-        "fit_wall_s": outcome.fit_wall_s,
-        "train_time_s": outcome.train_time_s,
-        # All workers' frames over the time this process spent training them, one after another.
-        "train_frames_per_s": t.frames / max(outcome.train_time_s, 1e-9),
-        "simulator_s": {"compute": t.compute_s, "exchange": t.exchange_s, "optimizer": t.optimizer_s,
-                        "averaging": t.averaging_s},
-    }
-    results.update(prediction)
-    results = experiment.finish_results(results, cluster.comm_summary(), cluster.module.model, feats, frame_labels,
-                                        cfg, out_dir, logger, checkpoint=ckpt, t0=t0)
-    if logger:
-        logger.finalize("success")
-    return results

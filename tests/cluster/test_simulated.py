@@ -254,10 +254,10 @@ def test_absurd_cluster_is_refused_in_one_line_before_reading_data(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", ["cluster=simulated", "nodes=100000", "model=lstm_paper", "strategy=gtc",
                                 f"data.root={tmp_path}/missing", "logger=none"])
-    from asrbench.cluster.simulated import train_simulated
+    from asrbench.experiment import train
 
     with pytest.raises(ConfigError) as err:
-        train_simulated(cfg, tmp_path / "run")
+        train(cfg, tmp_path / "run")
     message = str(err.value)
     assert "\n" not in message and "nodes=100000" in message and "lower nodes" in message
     assert "residuals" in message and "GiB" in message
