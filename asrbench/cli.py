@@ -5,7 +5,7 @@ import os
 import sys
 
 COMMANDS = {
-    "prepare": "generate (synth) or scan (librispeech) the corpus and cache its features",
+    "prepare": "generate (synth) or read (librispeech, kaldi, lhotse) the corpus and cache its features",
     "train": "train one run (strategy=single|sync|gtc|bmuf|gtc_bmuf|diloco, nodes=N)",
     "eval": "recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md",
     "align": "CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali",

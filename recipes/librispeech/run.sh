@@ -7,14 +7,17 @@
 # Each finished stage leaves $EXP/.stageN.done; re-running skips it. Usage:
 #   recipes/librispeech/run.sh --root /data/LibriSpeech [--launcher slurm|torchrun|local]
 #       [--gpus-per-machine 8] [--workers "32 64 128"] [--strategies "gtc bmuf gtc_bmuf"]
-#       [--stage N] [--stop-stage M] [--exp DIR] [extra train overrides...]
+#       [--stage N] [--stop-stage M] [--exp DIR] [extra overrides...]
+# Extra overrides come last in every stage, so the user's word wins over the recipe's defaults;
+# stage 0 takes those of data.* and features.*. `data=kaldi` or `data=lhotse` (with --root at the
+# data dirs or manifests) runs the same stages on a corpus in those forms (see README).
 # launcher=slurm runs each job with srun inside your allocation (salloc/sbatch); torchrun needs
 # HEAD=<host:port of the rendezvous> and is started on every machine by you (MACHINE_RANK set);
-# local runs nodes processes on this machine (CPU gloo, or its GPUs).
+# local runs nodes processes on this machine: on its GPUs when CUDA is visible, else on CPU (gloo).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-root=""; launcher=slurm; gpm=8; workers="32 64 128"; strategies="gtc bmuf gtc_bmuf"
+root=""; data=librispeech; launcher=slurm; gpm=8; workers="32 64 128"; strategies="gtc bmuf gtc_bmuf"
 stage=0; stop_stage=3; exp=outputs/librispeech
 extra=()
 while [ $# -gt 0 ]; do
@@ -27,14 +30,22 @@ while [ $# -gt 0 ]; do
     --stage) stage=$2; shift 2;;
     --stop-stage) stop_stage=$2; shift 2;;
     --exp) exp=$2; shift 2;;
+    data=*) data=${1#data=}; shift;;  # the config group goes first; its keys may follow
     *) extra+=("$1"); shift;;
   esac
 done
 if [ -z "$root" ]; then echo "error: --root /path/to/LibriSpeech is required" >&2; exit 2; fi
 mkdir -p "$exp"
 asrbench=.venv/bin/asrbench
-common=(data=librispeech "data.root=$root" model=lstm_paper logger=wandb experiment=librispeech
-        batch_size=16 trainer.max_epochs=8 checkpoint_every_n_steps=1000 "${extra[@]}")
+python=.venv/bin/python
+data_args=("data=$data" "data.root=$root")
+common=("${data_args[@]}" model=lstm_paper logger=wandb experiment=librispeech
+        batch_size=16 trainer.max_epochs=8 checkpoint_every_n_steps=1000)
+prepare_extra=()  # prepare has no model or trainer: it takes the data and feature overrides
+for o in "${extra[@]}"; do
+  case "$o" in data.*|features=*|features.*|+data.*|++data.*|+features.*|++features.*) prepare_extra+=("$o");; esac
+done
+case "$launcher" in local) accel=accelerator=auto;; *) accel=accelerator=gpu;; esac
 # The same knobs as conf/reproduce/paper.yaml
 declare -A knobs=([gtc]="optim.lr_scaling=sqrt optim.warmup_steps=500" [bmuf]="strategy.block_size=16"
                   [gtc_bmuf]="strategy.block_size=16 strategy.group_size=$gpm")
@@ -46,16 +57,17 @@ distributed() {  # distributed NODES overrides...: one training job of NODES wor
   local machines=$(( (nodes + gpm - 1) / gpm )); local per=$(( nodes < gpm ? nodes : gpm ))
   case "$launcher" in
     slurm) srun --nodes "$machines" --ntasks-per-node "$per" --gpus-per-node "$per" \
-             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" accelerator=gpu "$@";;
+             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" "$accel" "$@" "${extra[@]}";;
     torchrun) torchrun --nnodes "$machines" --nproc-per-node "$per" --node-rank "${MACHINE_RANK:?set MACHINE_RANK}" \
              --rdzv-backend c10d --rdzv-endpoint "${HEAD:?set HEAD=host:port}" \
-             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" accelerator=gpu "$@";;
-    local) "$asrbench" train "${common[@]}" nodes="$nodes" "$@";;
+             "$asrbench" train "${common[@]}" nodes="$nodes" num_machines="$machines" "$accel" "$@" "${extra[@]}";;
+    local) "$asrbench" train "${common[@]}" nodes="$nodes" "$accel" "$@" "${extra[@]}";;
     *) echo "error: --launcher must be slurm, torchrun or local (got $launcher)" >&2; exit 2;;
   esac
 }
 
 stage2() {
+  local s n
   for s in $strategies; do
     for n in $workers; do
       local dir="$exp/${s}_n$n"
@@ -70,12 +82,13 @@ stage2() {
 }
 
 stage3() {
+  local s n
   for s in $strategies; do
     for n in $workers; do
       "$asrbench" eval "run=$exp/${s}_n$n" "baseline=$exp/single"
     done
   done
-  python - "$exp" <<'PY'
+  "$python" - "$exp" <<'PY'
 import json, sys
 from pathlib import Path
 from asrbench import report
@@ -88,7 +101,8 @@ print(report.markdown_table(rows))
 PY
 }
 
-run_stage 0 "features" "$asrbench" prepare data=librispeech "data.root=$root"
-run_stage 1 "single-GPU baseline" "$asrbench" train "${common[@]}" strategy=single accelerator=gpu "hydra.run.dir=$exp/single"
+run_stage 0 "features" "$asrbench" prepare "${data_args[@]}" "${prepare_extra[@]}"
+run_stage 1 "single-GPU baseline" "$asrbench" train "${common[@]}" strategy=single "$accel" \
+  "hydra.run.dir=$exp/single" "${extra[@]}"
 run_stage 2 "strategies x workers" stage2
 run_stage 3 "evaluation" stage3
