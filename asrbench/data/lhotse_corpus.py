@@ -130,8 +130,8 @@ class CutSource:
         try:
             data = cut.load_audio()
         except Exception as exc:  # lhotse's loaders raise whatever their backend raises
-            raise CorpusError(f"{self.audio}: unreadable audio ({_one_line(exc)}); re-extract or re-download "
-                              f"it") from None
+            raise CorpusError(f"{self.audio}: unreadable audio ({_first_cause(exc)}); re-extract or "
+                              f"re-download it") from None
         data = np.asarray(data, dtype=np.float32)
         mono = data[0] if data.shape[0] == 1 else data.mean(axis=0, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(mono)), int(cut.sampling_rate)
@@ -165,6 +165,13 @@ class CutSource:
             raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} unreadable ({_one_line(exc)}); "
                               f"restore {f.storage_path} or set data.precomputed_features=false") from None
         return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The first backend's complaint of lhotse's AudioLoadingError (which lists every backend tried
+    and the whole cut), or the message of any other error."""
+    text = _one_line(exc).split(" Exception #1 ")[0].split(" [extra info]")[0]
+    return text.split("Exception #0 ", 1)[-1][:300]
 
 
 def _cuts(lhotse: Any, files: dict[str, Path]) -> Iterator[tuple[Any, Path]]:
