@@ -191,85 +191,34 @@ def align(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="reproduce", version_base="1.3")
 @user_errors
 def reproduce(cfg: DictConfig) -> None:
-    from hydra import compose
-
     from asrbench import reproduce as rep
 
-    t0 = time.perf_counter()
     out = run_dir()
-    common = [*cfg.reproduce.overrides, f"logger={cfg.run_logger}", "experiment=reproduce"]
-
-    def run(name: str, extra: list[str]) -> tuple[Path, dict]:
-        path = out / name
-        if (path / "results.json").is_file():
-            log.info("%s: finished before, reused", name)
-            return path, report.load_results(path)
-        log.info("== %s", name)
-        path.mkdir(parents=True, exist_ok=True)
-        return path, experiment.train(compose("train", overrides=[*common, *extra]), path)
-
-    epochs, warm = int(cfg.reproduce.epochs), int(cfg.reproduce.get("warm_start_epochs") or 0)
-    if not 0 <= warm < epochs:
-        raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
-    single = ["strategy=single", "nodes=1", "cluster=processes"]
-    start: list[str] = []
-    if warm:  # every run, the baseline included, continues from the same single-worker model
-        warm_dir, _ = run("warm_start", [*single, f"trainer.max_epochs={warm}"])
-        start = [f"init_from={warm_dir}"]
-    rest = [f"trainer.max_epochs={epochs - warm}", *start]
-    run_dirs, results = {}, []
-    run_dirs["single"], baseline = run("single", [*single, *rest])
-    for strategy in cfg.reproduce.strategies:
-        for nodes in cfg.reproduce.nodes:
-            name = rep.run_name(strategy, nodes)
-            extra = [f"strategy={strategy}", f"nodes={nodes}", "cluster=simulated", *rest,
-                     f"cluster.network={cfg.network}", *cfg.reproduce.strategy_overrides.get(strategy, [])]
-            run_dirs[name], res = run(name, extra)
-            results.append(res)
-    projection = paper_projection(cfg, results)
-    md, rows, median, proj_errors, proj_median = rep.write(out, baseline, results, run_dirs, cfg.network,
-                                                           time.perf_counter() - t0, projection)
-    runinfo.write_json_atomic(out / "reproduce.json", {"baseline": baseline, "runs": rows,
-                                                       "median_speedup_rel_error": median,
-                                                       "projection": projection,
-                                                       "projection_errors": proj_errors,
-                                                       "median_projected_speedup_rel_error": proj_median,
-                                                       "wall_s": time.perf_counter() - t0})
+    result = rep.run_reproduce(cfg, out, CONF)
+    projection = rep.paper_projection(cfg, result["first_seed_rows"], CONF)
+    md = rep.write(out, result, cfg.network, projection, rep.describe_setup(cfg, result))
+    runinfo.write_json_atomic(out / "reproduce.json", {k: v for k, v in result.items() if k != "histories"}
+                              | {"projection": projection, "git_commit": runinfo.git_commit(),
+                                 "versions": runinfo.versions(), "host": runinfo.host(),
+                                 "config": OmegaConf.to_container(cfg, resolve=True)})
     if cfg.run_logger == "wandb":
-        log_report_to_wandb(out, rows, cfg)
+        log_report_to_wandb(out, result, cfg)
     print(md.read_text())
     print(f"report: {md}")
 
 
-def paper_projection(cfg: DictConfig, results: list[dict]) -> dict | None:
-    """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
-    from asrbench import reproduce as rep
-    from asrbench.cluster.cost import load_compute_profile, load_network
-    from asrbench.data.features import FeatureConfig
-
-    proj = cfg.get("projection")
-    if not proj or not results:
-        return None
-    model_file = Path(CONF) / "model" / f"{proj.model}.yaml"
-    if not model_file.is_file():
-        raise ConfigError(f"projection.model={proj.model}: no {model_file}; name a preset of conf/model/")
-    model_cfg = OmegaConf.to_container(OmegaConf.load(model_file), resolve=True)
-    features = results[0]["config"]["features"]
-    input_dim = FeatureConfig(**features).dim
-    parameters = rep.model_parameters(model_cfg, input_dim)
-    profile = load_compute_profile(proj.compute_profile)
-    rows = rep.project(results, load_network(cfg.network), profile, parameters, overlap=float(proj.get("overlap", 0.0)))
-    return {"model": proj.model, "parameters": parameters, "profile": str(proj.compute_profile),
-            "compute_profile": profile, "network": cfg.network, "rows": rows}
-
-
-def log_report_to_wandb(out: Path, rows: list[dict], cfg: DictConfig) -> None:
+def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
     import wandb
-    keys = ["strategy", "nodes", "predicted_speedup", "rel_wer", "wer", "cer", "steps",
-            "bytes_sent_per_worker_per_step", "compression_ratio"]
-    with wandb.init(project="asrbench", group="reproduce", mode=experiment.wandb_mode(), name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
+
+    keys = ["strategy", "nodes", "wer", "wer_sd", "rel_wer", "rel_wer_sd", "fer", "fer_sd", "rel_fer", "rel_fer_sd",
+            "predicted_speedup", "steps", "dev_loss_rel_change"]
+    claim_keys = ["claim", "paper", "lower", "higher", "margin", "noise", "verdict"]
+    with wandb.init(project="asrbench", group="reproduce", mode=experiment.wandb_mode(),
+                    name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
                     config=OmegaConf.to_container(cfg, resolve=True)) as run:
-        run.log({"reproduce/table": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])}
+        run.log({"reproduce/table": wandb.Table(columns=keys, data=[[c.get(k) for k in keys] for c in result["cells"]]),
+                 "reproduce/claims": wandb.Table(columns=claim_keys,
+                                                 data=[[j.get(k) for k in claim_keys] for j in result["claims"]])}
                 | {f"reproduce/{p.stem}": wandb.Image(str(p)) for p in out.glob("*.png")})
 
 

@@ -35,7 +35,7 @@ from asrbench.data.corpus import scan_splits
 from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
-from asrbench.model.module import AcousticModule
+from asrbench.model.module import AcousticModule, scaled_lr
 from asrbench.strategies import build_strategy
 from asrbench.strategies.comm import is_collective_failure
 from asrbench.strategies.gtc import NonFiniteGradientError
@@ -166,6 +166,10 @@ def inner_optim(cfg: DictConfig) -> dict:
     warmup = int(strategy.get("dense_warmup_steps") or 0)
     adam = optim.get("name", "adam") in ("adam", "adamw")
     rms = strategy.get("tau_units", "gradient") == "rms"
+    rule = str(optim.get("lr_scaling", "none"))
+    if rule.endswith("_group"):  # by the workers whose gradients one exchange combines
+        optim["lr"] = scaled_lr(float(optim["lr"]), rule.removesuffix("_group"), exchange_group(cfg))
+        optim["lr_scaling"] = "none"
     if adam and rms and warmup > 0 and optim.get("freeze_variance_after") is None:
         optim["freeze_variance_after"] = warmup
     if rms:
@@ -178,6 +182,14 @@ def inner_optim(cfg: DictConfig) -> dict:
             raise ConfigError("strategy.tau_units=rms needs Adam's frozen second moment, which "
                               "strategy.reset_momentum=true clears at every BMUF sync; set one of them off")
     return optim
+
+
+def exchange_group(cfg: DictConfig) -> int:
+    """Workers whose gradients one exchange combines: N for sync and GTC, the group size g for
+    GTC-BMUF, 1 for BMUF (whose workers step alone) and a single worker."""
+    strategy = cfg.strategy
+    return {"sync": int(cfg.nodes), "gtc": int(cfg.nodes),
+            "gtc_bmuf": int(strategy.get("group_size") or 1)}.get(strategy.name, 1)
 
 
 def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
@@ -363,6 +375,8 @@ class SimulatedRunner:
         self.loop = LoopConfig.from_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
         self.device = resolve_device(cfg.accelerator)
         self.fraction = float(cfg.cluster.get("memory_fraction", 0.9))
+        if cfg.cluster.get("threads"):
+            torch.set_num_threads(int(cfg.cluster.threads))
         self.arrays: dict[str, int] = {}
 
     def before_data(self, module: AcousticModule, strategy: Any) -> None:
@@ -407,9 +421,11 @@ class SimulatedRunner:
         def validate(epoch: int, step: int) -> None:
             cluster.bind_worker(0)
             res = evaluate_split(cluster.module.model, feats["dev"], frame_labels,
-                                 batch_size=int(cfg.eval_batch_size), device=self.device)
+                                 batch_size=int(cfg.eval_batch_size), device=self.device, criterion=cfg.criterion)
             cluster.module.model.train()
             metrics = {"val/wer": res["wer"], "val/cer": res["cer"]}
+            if res["loss"] is not None:  # what the Trainer path logs as val/loss
+                metrics["val/loss"] = res["loss"]
             if res["fer"] is not None:
                 metrics["val/fer"] = res["fer"]
             view.global_step, view.current_epoch = step, epoch
@@ -430,7 +446,7 @@ class SimulatedRunner:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                     "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
-                    "simulated": True}, ckpt)
+                    "simulated": True, checkpoint.KEY: ident}, ckpt)  # init_from= accepts it
         # train_time_s: the time this process spent training all workers, one after another.
         return FitResult(steps=outcome.steps, epochs=outcome.epochs, train_frames=t.frames,
                          fit_wall_s=outcome.fit_wall_s, train_time_s=outcome.train_time_s, model=cluster.module.model,

@@ -1,5 +1,6 @@
 """The command line end to end on a tiny synthetic corpus: prepare, train (CTC and CE), align, eval."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,15 +103,38 @@ def test_align_eval_and_ce_training(ctc_run, corpus):
 
 def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     out = tmp_path / "rep"
-    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}")
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=900)
     md = (out / "report.md").read_text()
+    search = json.loads((out / "search" / "search.json").read_text())
+    assert [len(search["strategies"][s]["candidates"]) for s in ("gtc", "bmuf", "gtc_bmuf")] == [2, 1, 1]
+    tau = search["strategies"]["gtc"]["winner_overrides"]
+    assert search["strategies"]["gtc_bmuf"]["winner_overrides"][:1] == tau  # inherited from GTC's winner
+    for seed in (0, 1):
+        assert (out / f"seed{seed}" / "warm_start" / "results.json").is_file()
+        for strategy in ("gtc", "bmuf", "gtc_bmuf"):
+            for nodes in (4, 8):
+                run = out / f"seed{seed}" / f"{strategy}_n{nodes}"
+                if seed == 0 and nodes == 4:  # the search's winner is this cell's run
+                    assert not run.exists()
+                    continue
+                res = json.loads((run / "results.json").read_text())
+                assert res["simulated"] is True and res["predicted_speedup"] > 1 and res["fer"] is not None
+                assert res["config"]["init_from"].endswith(f"seed{seed}/warm_start")
     for strategy in ("gtc", "bmuf", "gtc_bmuf"):
         for nodes in (4, 8):
-            assert f"| {strategy} | {nodes} |" in md
-            res = json.loads((out / f"{strategy}_n{nodes}" / "results.json").read_text())
-            assert res["simulated"] is True and res["predicted_speedup"] > 1
+            assert f"| {strategy} | {nodes} | 2 |" in md  # the headline table: two seeds per cell
+    assert "## The paper's claims" in md and md.count("| trend: ") == 4
+    assert "## The knob search" in md and "**winner**" in md
     assert "## Projected to the paper's scale (lstm_paper, 22.0M parameters)" in md
-    assert md.count("speedup (projected)") == 1 and "| gtc_bmuf | 8 |" in md.split("Projected")[1]
-    for png in ("speedup.png", "rel_wer.png", "bytes.png", "wall_curves.png"):
+    for png in ("tradeoff.png", "learning_curves.png", "speedup.png", "rel_wer.png", "bytes.png"):
         assert (out / png).stat().st_size > 1000
-    assert json.loads((out / "reproduce.json").read_text())["baseline"]["strategy"] == "single"
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert summary["baseline"]["strategy"] == "single" and len(summary["claims"]) == 11
+    assert all(math.isfinite(r["dev_loss_rel_change"]) for rows in summary["rows_by_seed"].values() for r in rows)
+    # started again, every finished run is reused and the table is the same
+    again = asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=300)
+    assert "finished before, reused" in again.stderr + again.stdout
+    def accuracy(text: str) -> str:
+        return text.split("## Accuracy")[1].split("## The knob search")[0]
+
+    assert accuracy((out / "report.md").read_text()) == accuracy(md)

@@ -2,6 +2,7 @@
 with a run's own cost-model prediction."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -83,3 +84,76 @@ def test_projection_table_and_errors():
 
 def test_rows_without_a_cost_model_are_skipped():
     assert rep.project([{"strategy": "single", "nodes": 1}], NET, {"compute_s_per_worker_step": 1.0}, 10) == []
+
+
+# ---------------------------------------------------------------- convergence, seeds, claims
+def test_convergence_is_the_relative_change_over_the_last_fifth():
+    # dev loss 2 / (1 + step / 100), validated every 50 of 1,000 steps: at 800 it is 2/9, at 1,000 2/11
+    curve = [(s, 2 / (1 + s / 100)) for s in range(50, 1001, 50)]
+    c = rep.convergence(curve, 1000)
+    assert c["from_step"] == 800 and c["to_step"] == 1000
+    assert c["rel_change"] == pytest.approx((2 / 11 - 2 / 9) / (2 / 9))
+    flat = rep.convergence([(s, 1.0 + 1e-4 * (s % 2)) for s in range(10, 101, 10)], 100)
+    assert abs(flat["rel_change"]) < 1e-3
+    # no validation before the tail: compared with the first; one point: not measurable
+    assert rep.convergence([(900, 2.0), (1000, 1.0)], 1000)["rel_change"] == pytest.approx(-0.5)
+    assert math.isnan(rep.convergence([(10, 1.0)], 10)["rel_change"])
+    with pytest.raises(ValueError, match="tail"):
+        rep.convergence(curve, 1000, tail=1.5)
+
+
+def test_mean_sd_is_the_sample_deviation():
+    assert rep.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    mean, sd = rep.mean_sd([0.5])
+    assert mean == 0.5 and math.isnan(sd)
+    assert rep.mean_sd([None, 4.0, float("nan"), 6.0]) == (5.0, pytest.approx(math.sqrt(2)))
+
+
+@pytest.mark.parametrize("lower,higher,word", [
+    ([0.01, 0.02, 0.03], [0.10, 0.11, 0.12], "agrees"),          # margin 0.09 > spread 0.01
+    ([0.10, 0.11, 0.12], [0.01, 0.02, 0.03], "disagrees"),
+    ([0.01, 0.05, 0.09], [0.03, 0.06, 0.09], "within noise"),   # margin 0.01 < spread 0.04
+    ([0.01], [0.02], "agrees (one seed)"),
+    ([0.05], [0.02], "disagrees (one seed)"),
+])
+def test_verdict_by_hand(lower, higher, word):
+    v = rep.verdict(lower, higher)
+    assert v["verdict"] == word
+    assert v["margin"] == pytest.approx(sum(higher) / len(higher) - sum(lower) / len(lower))
+
+
+def test_claims_use_the_baseline_as_zero_and_the_best_of_several_cells():
+    per_seed = {("gtc_bmuf", 32): {0: -0.02, 1: -0.03, 2: -0.025}, ("gtc", 32): {0: 0.05, 1: 0.06, 2: 0.07},
+                ("bmuf", 32): {0: 0.01, 1: 0.0, 2: 0.02}, ("gtc_bmuf", 128): {0: 0.2, 1: 0.1, 2: 0.15},
+                ("gtc", 128): {0: 0.5, 1: 0.6, 2: 0.55}, ("bmuf", 128): {0: 0.12, 1: 0.13, 2: 0.14}}
+    judged = {j["claim"]: j for j in rep.judge_claims(per_seed)}
+    assert judged["32 workers: GTC-BMUF below the baseline"]["verdict"] == "agrees"
+    assert judged["32 workers: GTC < BMUF"]["verdict"] == "disagrees"
+    best = judged["trend: the hybrid is the most accurate at 128"]  # against bmuf, the better of the two
+    assert best["higher"] == pytest.approx(0.13) and best["verdict"] == "within noise"
+    assert judged["64 workers: GTC < GTC-BMUF"]["verdict"] == "not measured"
+    table = rep.claims_table(list(judged.values()))
+    assert "| 32 workers: GTC < BMUF | +1.4% vs +3.5% | +6.0% | +1.0% | -5.0 pts | 1.0 pts | **disagrees** |" in table
+
+
+def test_aggregate_over_seeds_and_the_headline_table():
+    rows = {s: [{"strategy": "gtc", "nodes": 32, "seed": s, "wer": w, "rel_wer": r, "fer": None, "steps": 100}]
+            for s, w, r in ((0, 0.30, 0.10), (1, 0.32, 0.14), (2, 0.34, 0.12))}
+    (cell,) = rep.aggregate(rows)
+    assert cell["seeds"] == [0, 1, 2] and cell["wer"] == pytest.approx(0.32) and cell["wer_sd"] == pytest.approx(0.02)
+    assert cell["rel_wer"] == pytest.approx(0.12) and math.isnan(cell["fer"])
+    table = rep.accuracy_table([cell], {("gtc", 32): 13.0})
+    assert "| gtc | 32 | 3 | 32.0 ± 2.0% | +12.0 ± 2.0% | +1.4% | - | - | 13.0x | 26x | 100 |" in table
+
+
+def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_path):
+    cands = [{"dev_wer": 0.4}, {"dev_wer": 0.3}, {"dev_wer": 0.3}]
+    assert rep.pick_winner(cands) == 1
+    search = {"nodes": 32, "seed": 0, "strategies": {"gtc": {"candidates": [], "winner": 0,
+                                                             "winner_overrides": ["strategy.tau=0.002"]}}}
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(json.dumps(search))
+    assert rep.load_search(tmp_path) == search
+    assert rep.load_search(tmp_path / "search" / "search.json") == search
+    with pytest.raises(FileNotFoundError, match="search.reuse"):
+        rep.load_search(tmp_path / "nowhere")

@@ -8,13 +8,16 @@ import torch
 from asrbench import metrics
 from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.model.decode import greedy_decode
-from asrbench.model.module import targets_to_text
+from asrbench.model.module import criterion_loss, targets_to_text
 
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, torch.Tensor] | None = None,
-                   batch_size: int = 32, device: str | torch.device = "cpu") -> dict:
-    """Greedy-decode every utterance of `split`; returns metrics and the hypotheses by utterance."""
+                   batch_size: int = 32, device: str | torch.device = "cpu", criterion: str = "ctc") -> dict:
+    """Greedy-decode every utterance of `split`; returns metrics and the hypotheses by utterance.
+
+    `loss` is the training criterion on the split (the mean over batches, weighted by their
+    utterances); None for criterion=ce without frame labels."""
     model.eval()
     labels = {u: frame_labels[u] for u in split.utt_ids if frame_labels and u in frame_labels} or None
     loader = make_loader(SpeechDataset(split, labels), batch_size=batch_size, shuffle=False, seed=0)
@@ -22,8 +25,13 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
     hyps: list[str] = []
     ids: list[str] = []
     wrong = counted = 0
+    loss_sum, loss_utts = 0.0, 0
     for batch in loader:
         logits = model(batch["feats"].to(device), batch["feat_lens"].to(device))
+        if criterion == "ctc" or "frame_labels" in batch:
+            on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss_sum += float(criterion_loss(logits, on_device, criterion)) * len(batch["feat_lens"])
+            loss_utts += len(batch["feat_lens"])
         hyps += greedy_decode(logits, batch["feat_lens"])
         refs += targets_to_text(batch["targets"], batch["target_lens"])
         ids += list(batch["utt_ids"])
@@ -34,6 +42,7 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
         "wer": metrics.wer(refs, hyps),
         "cer": metrics.cer(refs, hyps),
         "fer": wrong / counted if counted else None,
+        "loss": loss_sum / loss_utts if loss_utts else None,
         "utterances": len(refs),
         "speakers": by_speaker(ids, refs, hyps),
         "hyps": dict(zip(ids, hyps)),

@@ -23,6 +23,18 @@ from asrbench.model.optim import FrozenVarianceAdam
 CRITERIA = ("ctc", "ce")
 
 
+def criterion_loss(logits: torch.Tensor, batch: dict, criterion: str) -> torch.Tensor:
+    """The training loss of a batch: CTC per utterance (normalised by its target length, averaged
+    over the batch) or frame cross-entropy averaged over labelled frames."""
+    if criterion == "ctc":
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        return F.ctc_loss(log_probs, batch["targets"], batch["feat_lens"], batch["target_lens"],
+                          blank=0, reduction="mean", zero_infinity=True)
+    if "frame_labels" not in batch:
+        raise ValueError("criterion=ce needs frame labels: run `asrbench align` and set data.alignments=DIR")
+    return F.cross_entropy(logits.flatten(0, 1), batch["frame_labels"].flatten(), ignore_index=-100)
+
+
 def targets_to_text(targets: torch.Tensor, target_lens: torch.Tensor) -> list[str]:
     return [text.decode(row[:n].tolist()) for row, n in zip(targets.cpu(), target_lens.cpu())]
 
@@ -51,13 +63,7 @@ class AcousticModule(L.LightningModule):
         return self.model(feats, feat_lens)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        if self.criterion == "ctc":
-            log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C)
-            return F.ctc_loss(log_probs, batch["targets"], batch["feat_lens"], batch["target_lens"],
-                              blank=0, reduction="mean", zero_infinity=True)
-        if "frame_labels" not in batch:
-            raise ValueError("criterion=ce needs frame labels: run `asrbench align` and set data.alignments=DIR")
-        return F.cross_entropy(logits.flatten(0, 1), batch["frame_labels"].flatten(), ignore_index=-100)
+        return criterion_loss(logits, batch, self.criterion)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["feats"], batch["feat_lens"])
