@@ -501,6 +501,8 @@ def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_
 # ---------------------------------------------------------------------------------------------
 def _train_job(conf_dir: str, overrides: list[str], run_dir: str, threads: int | None) -> dict:
     """One `asrbench train` run in a fresh process, logging to <run_dir>/train.log."""
+    import os
+
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -508,6 +510,7 @@ def _train_job(conf_dir: str, overrides: list[str], run_dir: str, threads: int |
 
     if threads:
         torch.set_num_threads(threads)
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner per run stays in the run's own files
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path / "train.log")
