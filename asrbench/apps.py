@@ -238,3 +238,18 @@ def bench(cfg: DictConfig) -> None:
 
 
 COMMANDS["bench"] = bench
+
+
+# ---------------------------------------------------------------- calibrate
+@hydra.main(config_path=CONF, config_name="calibrate", version_base="1.3")
+@user_errors
+def calibrate(cfg: DictConfig) -> None:
+    from asrbench.cluster import calibrate as cal
+
+    out = run_dir()
+    result = cal.run(OmegaConf.to_container(cfg, resolve=True), out, host=runinfo.host().get("node", ""))
+    print((out / "calibrate.md").read_text())
+    print(f"network: {' and '.join(result['network_files'])} (use cluster.network=FILE)")
+
+
+COMMANDS["calibrate"] = calibrate

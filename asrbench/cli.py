@@ -10,6 +10,7 @@ COMMANDS = {
     "eval": "recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md",
     "align": "CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali",
     "bench": "measured speed against plain-PyTorch peers: bench=quick|full -> bench.json, bench.md",
+    "calibrate": "time this machine's collectives, fit a network preset: -> network.yaml (cluster.network=FILE)",
     "reproduce": "the paper's table on the simulated cluster: reproduce=cpu|paper|tiny -> report.md + plots",
 }
 # Lightning restarts the script for ranks > 0 with the same arguments; the command travels in

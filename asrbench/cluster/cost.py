@@ -55,6 +55,18 @@ Strategies, per optimizer step (``comm_parts``):
               all-reduce of the model among the n/g group representatives + pipelined
               broadcast of the result within each group
     ========  ==========================================================================
+
+Stragglers. A worker's compute grows with the frames of its batch (the LSTM runs over every
+padded frame), so workers of one synchronous step finish at different times and the step waits
+for the slowest. With f[t][i] the padded frames of worker i at step t, a schedule of groups of g
+workers that synchronise every step and of blocks of K steps closed by a collective over all
+groups costs, per block b, max over groups of sum over t in b of max over i in the group of
+f[t][i] frames; ``straggler_factor`` (:func:`straggler_factor`) is that over all blocks divided
+by the frames of the mean worker, sum over t of mean over i of f[t][i]. sync and gtc are g = n,
+K = 1 (the slowest worker of each step); bmuf is g = 1 (the slowest worker's block); gtc_bmuf
+is the slowest group's block, each of its steps the slowest member's. ``step_time`` charges the
+per-worker compute at this factor; T_1 stays the mean worker's compute, so the speedup falls by
+exactly the waiting.
 """
 from __future__ import annotations
 
@@ -90,6 +102,8 @@ LENGTH_BYTES = 8  # one int64 message length per worker in GTC's first all-gathe
 #   gtc_dense_step_fraction          optional (0 if absent): fraction of GTC's steps all-reduced dense
 #                                    (strategy.dense_warmup_steps); these then read
 #                                    dense_bytes_per_worker_per_step, the GTC_KEYS the other steps
+#   straggler_factor                 optional (1 if absent): compute of the slowest worker (group,
+#                                    block) over the mean worker's, >= 1 (:func:`straggler_factor`)
 _GTC_KEYS = ("gtc_msg_bytes_mean", "gtc_msg_bytes_max", "elements_sent_per_step", "decode_rate")
 _BMUF_KEYS = ("model_bytes", "block_size")
 STATS_KEYS: dict[str, tuple[str, ...]] = {
@@ -315,22 +329,66 @@ def comm_parts(strategy: str, stats: Mapping[str, Any], n: int, network: Mapping
     return parts
 
 
+def straggler_factor(frames: Sequence[Sequence[float]], group_size: int, block_size: int = 1) -> float:
+    """Compute of the slowest worker, group and block over the mean worker's (module docstring).
+
+    `frames[t][i]` is the work of worker i at step t (padded frames); groups are g consecutive
+    workers that wait for each other every step, blocks K consecutive steps (the last may be
+    partial) after which every group waits for the slowest. Returns 1.0 when nothing was done.
+    """
+    if group_size < 1 or block_size < 1:
+        raise ValueError(f"Args `group_size` and `block_size` must be positive (got {group_size}, {block_size})")
+    mean_work, slowest = 0.0, 0.0
+    for start in range(0, len(frames), block_size):
+        block = frames[start:start + block_size]
+        workers = len(block[0])
+        if workers % group_size:
+            raise ValueError(f"Arg `group_size`={group_size} must divide the {workers} workers")
+        per_group = [0.0] * (workers // group_size)
+        for step in block:
+            assert len(step) == workers, "every step needs the frames of every worker"
+            mean_work += sum(step) / workers
+            for k in range(len(per_group)):
+                per_group[k] += max(step[k * group_size:(k + 1) * group_size])
+        slowest += max(per_group)
+    return slowest / mean_work if mean_work > 0 else 1.0
+
+
+def schedule(strategy: str, n: int, stats: Mapping[str, Any]) -> tuple[int, int]:
+    """(g, K) of a strategy's waiting: who waits for whom every step, and every how many steps all do."""
+    if strategy in ("sync", "gtc"):
+        return n, 1
+    if strategy == "bmuf":
+        return 1, int(stats["block_size"])
+    if strategy == "gtc_bmuf":
+        return int(stats["group_size"]), int(stats["block_size"])
+    return 1, 1
+
+
 def step_time(strategy: str, compute_s: float, stats: Mapping[str, Any], n: int, network: Mapping[str, Any],
               *, overlap: float = 0.0) -> dict[str, float]:
-    """Predicted wall time of one optimizer step: {compute_s, comm_s, total_s} in seconds.
+    """Predicted wall time of one optimizer step: {compute_s, straggler_s, comm_s, total_s} in seconds.
 
-    T_step = T_compute + T_comm - min(overlap T_comm, T_compute), where T_comm is the sum of
-    `comm_parts` and ``overlap`` in [0, 1] is the fraction of communication hidden behind
-    compute (bucketed all-reduce during the backward pass). The default 0 assumes none is
-    hidden, which is what a BMUF block end or a GTC exchange after the backward pass does.
+    T_step = s T_compute + T_comm - min(overlap T_comm, s T_compute), where s is
+    ``stats["straggler_factor"]`` (1 if absent: every worker as fast as the mean one),
+    T_compute the mean worker's compute, T_comm the sum of `comm_parts` and ``overlap`` in
+    [0, 1] the fraction of communication hidden behind compute (bucketed all-reduce during the
+    backward pass). The default 0 assumes none is hidden, which is what a BMUF block end or a
+    GTC exchange after the backward pass does. ``straggler_s`` = (s - 1) T_compute is the
+    waiting for the slowest worker.
     """
     if compute_s < 0:
         raise ValueError(f"Arg `compute_s` must be >= 0 (got {compute_s})")
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"Arg `overlap` must be in [0, 1] (got {overlap}); 0 = no communication hidden")
+    factor = float(stats.get("straggler_factor") or 1.0)
+    if factor < 1.0:
+        raise ValueError(f"stats['straggler_factor'] must be >= 1 (got {factor}): the slowest worker is never "
+                         f"faster than the mean one")
     comm = sum(comm_parts(strategy, stats, n, network).values())
-    total = compute_s + comm - min(overlap * comm, compute_s)
-    return {"compute_s": float(compute_s), "comm_s": comm, "total_s": total}
+    busy = factor * compute_s
+    total = busy + comm - min(overlap * comm, busy)
+    return {"compute_s": float(compute_s), "straggler_s": busy - compute_s, "comm_s": comm, "total_s": total}
 
 
 def speedup(n: int, t_step_n: float, t_step_1: float, samples_per_step_per_worker: float = 1.0) -> float:
@@ -401,8 +459,9 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
             overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
     """The cost model's step time and speedup for this run's strategy, N and measured statistics.
 
-    T_1 = compute (one worker, no communication); T_N = compute + GTC encode + communication;
-    speedup = N T_1 / T_N (:func:`speedup`).
+    T_1 = compute (one worker, no communication); T_N = s (compute + GTC encode) + communication,
+    s the run's straggler factor (measured from every worker's batches); speedup = N T_1 / T_N
+    (:func:`speedup`). The ``*_without_stragglers`` figures take s = 1.
     """
     kind = cluster.kind
     stats = cluster.cost_stats()
@@ -415,6 +474,8 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
     if compute <= 0:
         raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
     step = step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
+    even = step_time(kind, compute + encode_s, stats | {"straggler_factor": 1.0}, cluster.nodes, network,
+                     overlap=overlap)
     out = {
         "simulated": True,
         "network": network["name"],
@@ -426,6 +487,10 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
         "predicted_comm_s": step["comm_s"],
         "predicted_comm_parts": comm_parts(kind, stats, cluster.nodes, network),
         "predicted_speedup": speedup(cluster.nodes, step["total_s"], compute),
+        "straggler_factor": stats.get("straggler_factor", 1.0),
+        "predicted_straggler_s": step["straggler_s"],
+        "predicted_step_s_without_stragglers": even["total_s"],
+        "predicted_speedup_without_stragglers": speedup(cluster.nodes, even["total_s"], compute),
         "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
                        "network": dict(network)},
     }

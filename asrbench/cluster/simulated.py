@@ -28,7 +28,8 @@ Symbols
 One optimizer step of the cluster:
 
 1. Local gradients: for each worker i, the model's parameters and gradients become views of
-   P[i] and G[i] (no copy); forward and backward on worker i's batch.
+   P[i] and G[i] (no copy); forward and backward on worker i's batch, whose padded frames are
+   recorded (the cost model charges the slowest worker: :func:`cost.straggler_factor`).
 2. Exchange over rows, within each group of g consecutive workers: sync, the mean of the rows
    (the all-reduce); gtc, :func:`encode` on each row, then :func:`decode` of the group's
    messages in rank order, as the hook does, written to every row of the group.
@@ -58,7 +59,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from asrbench.data.dataset import make_loader
+from asrbench.cluster import cost
+from asrbench.data.dataset import make_loader, train_batches_per_epoch
 from asrbench.errors import ConfigError
 from asrbench.model.module import AcousticModule
 from asrbench.strategies.accounting import CommStats
@@ -407,6 +409,8 @@ class Timings:
     averaging_s: float = 0.0  # BMUF's block syncs
     worker_steps: int = 0
     frames: int = 0
+    # padded frames (batch x longest utterance: what the LSTM runs over) of each worker, per step
+    worker_frames: list[list[int]] = field(default_factory=list)
 
 
 class SimulatedCluster:
@@ -498,6 +502,7 @@ class SimulatedCluster:
         losses = []
         self.G.zero_()
         t = self.timings
+        t.worker_frames.append([int(b["feats"].shape[0] * b["feats"].shape[1]) for b in batches])
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             self.binding.bind(self.P[i], self.G[i])
@@ -588,7 +593,14 @@ class SimulatedCluster:
             synced_state = state if self.averager.config.average_sync else 0
             stats |= {"model_bytes": float((self.numel + synced_state) * FP32_BYTES),
                       "block_size": float(self.averager.block_size), "group_size": float(self.group_size)}
+        stats["straggler_factor"] = self.straggler_factor(stats)
         return stats
+
+    def straggler_factor(self, stats: Mapping[str, float] | None = None) -> float:
+        """The slowest worker's compute over the mean worker's, from every worker's padded frames per
+        step and this strategy's waiting (:func:`asrbench.cluster.cost.straggler_factor`)."""
+        g, k = cost.schedule(self.kind, self.nodes, stats if stats is not None else self.cost_stats())
+        return cost.straggler_factor(self.timings.worker_frames, g, k)
 
     def compute_s_per_worker_step(self) -> float:
         """Measured seconds of one worker's step without communication: forward + backward, plus
@@ -685,10 +697,8 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
     optimizer step (step counted from 1), `validate(epoch, step)` where Lightning would validate.
     """
     loaders = worker_loaders(dataset, cluster.nodes, batch_size=batch_size, seed=seed)
-    per_epoch = len(loaders[0])
-    if per_epoch == 0:
-        raise ConfigError(f"nodes={cluster.nodes} x batch_size={batch_size} is more than the {len(dataset)} "
-                          f"training utterances: every worker needs a full batch; lower nodes or batch_size")
+    per_epoch = train_batches_per_epoch(len(dataset), batch_size=batch_size, world_size=cluster.nodes)
+    assert per_epoch == len(loaders[0])
     interval = loop.val_check_interval
     val_every = max(1, int(per_epoch * interval)) if isinstance(interval, float) else int(interval)
     total = per_epoch * loop.max_epochs if loop.max_epochs is not None else None
