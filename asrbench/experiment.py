@@ -382,8 +382,9 @@ class SimulatedRunner:
     def before_data(self, module: AcousticModule, strategy: Any) -> None:
         """Refuse, before any data is read, workers whose stacked arrays cannot fit in memory."""
         gtc_state = getattr(strategy, "gtc_state", None)
-        self.arrays = stacked_arrays(strategy_kind(strategy), module.optim_cfg,
-                                     bool(gtc_state and gtc_state.pass_through), int(getattr(strategy, "group_size", 1)))
+        pass_through = bool(gtc_state and gtc_state.pass_through)
+        self.arrays = stacked_arrays(strategy_kind(strategy), module.optim_cfg, pass_through,
+                                     int(getattr(strategy, "group_size", 1)))
         check_memory(int(self.cfg.nodes), _numel(module), self.arrays, self.device, fraction=self.fraction,
                      report=False)
 

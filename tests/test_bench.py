@@ -36,6 +36,7 @@ def smoke_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_figure_with_numeric_ratios(smoke_run):
     results = json.loads((smoke_run / "bench.json").read_text())
     figures = {f["name"]: f for f in results["figures"]}
@@ -59,6 +60,7 @@ def test_bench_json_has_every_figure_with_numeric_ratios(smoke_run):
     assert results["threads"] == {"in_process": 1, "per_worker_process": 1}
 
 
+@pytest.mark.slow
 def test_bench_md_is_the_table_with_machine_threads_and_commit(smoke_run):
     md = (smoke_run / "bench.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
@@ -104,6 +106,7 @@ def _rank_one_raises(rank: int, world: int, spec: dict) -> int:
     return rank
 
 
+@pytest.mark.slow
 def test_a_failing_worker_is_named(tmp_path):
     with pytest.raises(bench.BenchError, match="rank 1 of 2 failed: RuntimeError: injected"):
         bench.run_processes(_rank_one_raises, 2, {}, timeout_s=60)

@@ -295,6 +295,7 @@ RESULT_KEYS = {"strategy", "nodes", "wer", "cer", "fer", "eval", "steps", "epoch
                "bmuf_blocks"}
 
 
+@pytest.mark.slow
 def test_train_simulated_writes_the_results_of_the_real_path(tmp_path, make_librispeech_tree):
     from hydra import compose, initialize_config_dir
 

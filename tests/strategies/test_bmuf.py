@@ -330,6 +330,7 @@ def _resume_mid_block(rank, world, form):
     return torch.equal(straight, _flat(model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_averaging_equivalences_in_gloo(world):
     from dist_utils import run_workers
@@ -341,6 +342,7 @@ def test_averaging_equivalences_in_gloo(world):
         assert out["warned"]
 
 
+@pytest.mark.slow
 def test_replicas_schedule_and_resume_in_gloo():
     from dist_utils import run_workers
 
@@ -420,6 +422,7 @@ def _lightning_bmuf(rank, world, root):
             "resumed_summary": strategy_b.comm_summary(), "numel": strategy.averager.numel}
 
 
+@pytest.mark.slow
 def test_lightning_strategy_local_steps_sync_and_exact_resume(tmp_path):
     from dist_utils import run_workers
 

@@ -78,6 +78,7 @@ def _limits(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_one_group_is_gtc_and_groups_of_one_are_bmuf():
     from dist_utils import run_workers
 
@@ -99,6 +100,7 @@ def _groups(rank, world, root):
             "eta": strategy.averager.block_momentum, "numel": strategy.averager.numel}
 
 
+@pytest.mark.slow
 def test_groups_gtc_inside_bmuf_across_and_exact_resume(tmp_path):
     from dist_utils import run_workers
 
