@@ -546,6 +546,7 @@ class Runner:
 
     def run(self, jobs: Sequence[Job]) -> dict[str, dict]:
         import multiprocessing
+        import shutil
         import time
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -559,6 +560,9 @@ class Runner:
                 todo.append(job)
         if not todo:
             return done
+        for job in todo:  # what a stopped attempt left (curves, checkpoints) would mix into the new run
+            if job.path.exists():
+                shutil.rmtree(job.path)
         t0 = time.perf_counter()
         with ProcessPoolExecutor(max_workers=min(self.parallel, len(todo)),
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
