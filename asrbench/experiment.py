@@ -29,7 +29,7 @@ from asrbench.cluster import cost
 from asrbench.cluster.simulated import (LoopConfig, SimulatedCluster, activation_bytes, check_memory, fit,
                                         resolve_device, stacked_arrays, strategy_kind)
 from asrbench.data import text
-from asrbench.data.dataset import SpeechDataset, make_loader
+from asrbench.data.dataset import SpeechDataset, make_loader, train_batches_per_epoch
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
 from asrbench.data.corpus import scan_splits
 from asrbench.errors import ConfigError, RunFailed
@@ -481,6 +481,51 @@ def load_run_data(cfg: DictConfig, progress: bool = True) -> RunData:
     return RunData(feats, frame_labels)
 
 
+def planned_steps(per_epoch: int, trainer: Mapping) -> tuple[int | None, str]:
+    """The optimizer steps a fit runs with `per_epoch` steps per epoch, under Lightning's limits
+    (max_steps -1: none; max_epochs unset: 1000 unless max_steps is set; -1: none), and the setting
+    that binds, as a user would write it; None: no step limit."""
+    max_steps = -1 if trainer.get("max_steps") is None else int(trainer["max_steps"])
+    max_epochs = trainer.get("max_epochs")
+    max_epochs = (1000 if max_steps == -1 else -1) if max_epochs is None else int(max_epochs)
+    by_epochs = per_epoch * max_epochs if max_epochs >= 0 else None
+    if max_steps >= 0 and (by_epochs is None or max_steps <= by_epochs):
+        return max_steps, f"trainer.max_steps={max_steps}"
+    return by_epochs, f"trainer.max_epochs={max_epochs}"
+
+
+def check_steps(cfg: DictConfig, strategy: Any, train_utterances: int) -> None:
+    """Refuse, once the features are known and before any worker starts, a run that would train
+    nothing: no full batch per worker, no step under the trainer's limits, or, for a strategy that
+    averages in blocks (bmuf, diloco, gtc_bmuf), fewer steps than one block of K."""
+    nodes, batch_size = int(cfg.nodes), int(cfg.batch_size)
+    per_epoch = train_batches_per_epoch(train_utterances, batch_size=batch_size, world_size=nodes)
+    steps, limit = planned_steps(per_epoch, cfg.trainer)
+    if steps == 0:
+        raise ConfigError(f"{limit} trains 0 steps; raise it")
+    if steps is None or not hasattr(strategy, "block_steps"):
+        return
+    try:
+        k = strategy.block_steps(nodes)
+    except ValueError as err:
+        raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
+    if steps >= k:
+        return
+    block = strategy.bmuf_config
+    if block.block_size is not None:
+        knob, smaller = "strategy.block_size", f"strategy.block_size<={steps}"
+    else:
+        knob = f"strategy.block_size_samples={block.block_size_samples} over batch_size x N"
+        smaller = f"strategy.block_size_samples<={steps * batch_size * strategy.bmuf_workers(nodes)}"
+    longer = [f"trainer.max_steps>={k}"] if limit.startswith("trainer.max_steps") else []
+    max_epochs, epochs = cfg.trainer.get("max_epochs"), -(-k // per_epoch)
+    if max_epochs is not None and 0 <= int(max_epochs) < epochs:
+        longer.append(f"trainer.max_epochs>={epochs}")
+    raise ConfigError(f"strategy={cfg.strategy.name} averages the models once every K = {k} steps ({knob}) but "
+                      f"this run trains {steps} steps ({per_epoch} per epoch, {limit}): no block would complete; "
+                      f"set {' and '.join(longer)}{',' if len(longer) > 1 else ''} or {smaller}")
+
+
 def make_runner(cfg: DictConfig, out_dir: Path) -> Runner:
     """The runner of ``cluster``: simulated, or Lightning's Trainer over processes."""
     return SimulatedRunner(cfg, out_dir) if cfg.cluster.name == "simulated" else TrainerRunner(cfg, out_dir)
@@ -503,6 +548,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
         checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), ident)
     runner.before_data(module, strategy)
     data = load_run_data(cfg, progress=runner.progress)
+    check_steps(cfg, strategy, len(data.feats["train"]))
     logger = build_logger(cfg, out_dir)
     fitted = runner.fit(module, strategy, data, logger, ident=ident, resume=resume)
     if fitted is None:

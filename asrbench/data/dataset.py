@@ -16,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from asrbench.data import text as textlib
 from asrbench.data.features import SplitFeatures
+from asrbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +207,22 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
     resumable.set_epoch(epoch)
     return ResumableDataLoader(dataset, batch_sampler=resumable, collate_fn=collate, num_workers=num_workers,
                                progress=progress)
+
+
+def train_batches_per_epoch(utterances: int, *, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch of a training loader (``make_loader(drop_last=True)``): each rank's
+    shard of ``utterances // world_size`` cut into full batches, the same count on every rank.
+
+    A run in which that is zero would train nothing: a one-line ConfigError says why and what to change.
+    """
+    shard = utterances // world_size
+    batches = shard // batch_size
+    if batches == 0:
+        change = [f"batch_size<={shard}"] if shard else []
+        if world_size > 1 and utterances // batch_size >= 2:
+            change.append(f"nodes<={utterances // batch_size}")
+        fix = f"set {' or '.join(change)} or add training utterances" if change else "add training utterances"
+        raise ConfigError(f"each worker's shard of the {utterances} training utterances (nodes={world_size}) holds "
+                          f"{shard}, fewer than batch_size={batch_size}: the run would train 0 steps (a worker "
+                          f"steps on full batches only); {fix}")
+    return batches

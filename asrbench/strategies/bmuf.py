@@ -474,7 +474,18 @@ class BMUFLightning:
         self.averager = None
         self._params: list[torch.Tensor] = []
 
+    def block_steps(self, nodes: int) -> int:
+        """K in optimizer steps for a run of `nodes` workers, known before any process starts (a run
+        checks that its data yields one block)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the averager resolves K again and warns then
+            return self.bmuf_config.resolve(self.bmuf_workers(nodes))[0]
+
     # Hooks for the hierarchical variant.
+    def bmuf_workers(self, nodes: int) -> int:
+        """N, the models BMUF averages in a run of `nodes` workers: every worker's."""
+        return nodes
+
     def _make_averager(self, params: list[torch.Tensor]) -> BMUFAverager:
         return BMUFAverager(params, self.bmuf_config, comm_stats=self.bmuf_comm_stats)
 

@@ -131,9 +131,14 @@ class GTCBMUFStrategy(BMUFLightning, GTCStrategy):
         if self.group_size > 1:
             super()._register_ddp_hooks()
             return
-        log.info("GTC-BMUF with group_size=1: a group of one sends no gradients, so no GTC hook runs (BMUF)")
+        if self.is_global_zero:
+            log.info("GTC-BMUF with group_size=1: a group of one sends no gradients, so no GTC hook runs (BMUF)")
         assert isinstance(self.model, DistributedDataParallel)
         _register_ddp_comm_hook(model=self.model, ddp_comm_hook=noop_hook)
+
+    def bmuf_workers(self, nodes: int) -> int:
+        """N, the models BMUF averages in a run of `nodes` workers: one per group."""
+        return nodes // self.group_size
 
     def _make_averager(self, params: list[torch.Tensor]) -> BMUFAverager:
         assert self.intra_group is not None and self.representatives is not None

@@ -281,7 +281,8 @@ def test_trainer_limits_follow_lightning():
 def test_too_many_workers_for_the_data_is_a_config_error():
     module = _module()
     cluster = SimulatedCluster(module, build_strategy(STRATEGIES["sync"], nodes=NODES, timeout_s=30), NODES)
-    with pytest.raises(ConfigError, match="nodes=4 x batch_size=8 is more than the 24 training utterances"):
+    with pytest.raises(ConfigError, match=r"shard of the 24 training utterances \(nodes=4\) holds 6, fewer than "
+                                          r"batch_size=8: the run would train 0 steps"):
         fit(cluster, SpeechDataset(synthetic_split(24, 1)), batch_size=8, seed=0, loop=LoopConfig())
 
 
