@@ -71,6 +71,45 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+# Loggers of other packages whose lines belong in a run's log file, not on its console: Lightning's
+# banners, tips and per-rank "Initializing distributed", torch's notices (cpp_extension's "No CUDA
+# runtime is found"), and Python warnings (py.warnings).
+THIRD_PARTY_LOGGERS = ("lightning", "torch", "py.warnings")
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def on_console(record: logging.LogRecord) -> bool:
+    """A record for the console: any error, asrbench's own lines, and warnings raised at a line of
+    asrbench; other packages' lines below ERROR and warnings raised in their code go to the log file."""
+    if record.levelno >= logging.ERROR:
+        return True
+    if record.name == "py.warnings":
+        return record.getMessage().startswith(PACKAGE_DIR)  # "<file>:<line>: ..." (warnings.formatwarning)
+    return not _third_party(record.name)
+
+
+def _third_party(name: str) -> bool:
+    return any(name == party or name.startswith(f"{party}.") for party in THIRD_PARTY_LOGGERS)
+
+
+def third_party_to_log_file() -> None:
+    """Send other packages' log lines and warnings to the run's log file (Hydra's `<run dir>/<app>.log`,
+    each rank its own) and keep them off the console (:func:`on_console`). A run without a log file
+    (hydra/job_logging=disabled) is left as it is."""
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        return
+    for name in [n for n in [*THIRD_PARTY_LOGGERS, *logging.root.manager.loggerDict] if _third_party(n)]:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)  # Lightning's and torch's own stderr handlers
+        logger.propagate = True
+    for handler in root.handlers:
+        if not isinstance(handler, logging.FileHandler) and isinstance(handler, logging.StreamHandler):
+            handler.addFilter(on_console)
+    logging.captureWarnings(True)
+
+
 # ---------------------------------------------------------------- prepare
 @hydra.main(config_path=CONF, config_name="prepare", version_base="1.3")
 @user_errors
@@ -86,6 +125,7 @@ def prepare(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 @user_errors
 def train(cfg: DictConfig) -> None:
+    third_party_to_log_file()
     results = experiment.train(cfg, run_dir())
     if results:
         rows = [results]

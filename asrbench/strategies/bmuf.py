@@ -69,6 +69,7 @@ from torch.optim import Optimizer
 
 from asrbench.errors import CheckpointError
 from asrbench.strategies.accounting import CommStats
+from asrbench.strategies.comm import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,10 @@ class BMUFAverager(ModelAverager):
             raise TypeError(f"give BMUFAverager a config or keyword knobs, not both: {sorted(knobs)}")
         self.config = config
         self.num_workers = self._num_workers()
-        self.block_size, self.block_momentum = config.resolve(self.num_workers)
+        with warnings.catch_warnings():
+            if not is_rank_zero():  # every rank resolves the same K and η; rank 0 warns for them
+                warnings.simplefilter("ignore")
+            self.block_size, self.block_momentum = config.resolve(self.num_workers)
         self.block_lr = config.block_lr
         tensors = _tensors(params)
         start = flatten(tensors)
@@ -511,10 +515,11 @@ class BMUFLightning:
         assert self.lightning_module is not None
         self._params = [p for p in self.lightning_module.parameters() if p.requires_grad]
         self.averager = self._make_averager(self._params)
-        log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g, %s (%s form), N = %d", self.averager.block_size,
-                 self.averager.block_momentum, self.averager.block_lr,
-                 "NBM" if self.bmuf_config.nesterov else "CBM", self.bmuf_config.nesterov_form,
-                 self.averager.num_workers)
+        if self.is_global_zero:
+            log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g, %s (%s form), N = %d", self.averager.block_size,
+                     self.averager.block_momentum, self.averager.block_lr,
+                     "NBM" if self.bmuf_config.nesterov else "CBM", self.bmuf_config.nesterov_form,
+                     self.averager.num_workers)
 
     def _local_optimizer(self) -> Optimizer:
         opt = self.optimizers[0]

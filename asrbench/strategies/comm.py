@@ -131,6 +131,12 @@ def as_timedelta(timeout: timedelta | float | int | None) -> timedelta | None:
     return timedelta(seconds=float(timeout))
 
 
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for the run on the console: global rank 0 once the process group
+    exists, else the only process (the launching one, or the simulated cluster's)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
 # --- a worker process that dies under Lightning's script launcher --------------------------------
 
 class NamingObserver(_ChildProcessObserver):

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
@@ -45,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from asrbench.errors import CheckpointError
 from asrbench.strategies import gtc_kernel
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.comm import collective_error
+from asrbench.strategies.comm import collective_error, is_rank_zero
 from asrbench.strategies.sync import AccountedDDPStrategy
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,6 @@ class GTCState:
                              f"integer, got {dense_warmup_steps!r}")
         if tau_units not in TAU_UNITS:
             raise ValueError(f"Arg `tau_units` must be one of {TAU_UNITS}, got {tau_units!r}")
-        log.info("GTC config: tau = %s (%s units); max_density = %s; pass_through = %s; dense_warmup_steps = %s",
-                 tau, tau_units, max_density, pass_through, dense_warmup_steps)
         self.process_group = process_group
         self.tau = float(tau)
         self.max_density = max_density
@@ -416,7 +415,8 @@ class GTCState:
         self.comm_stats.step()
         density = self._step_sent / max(self._step_total, 1)
         if (not self.sends_dense() and self.max_density is not None and density > self.max_density
-                and (self._last_warn_iter is None or self.iter - self._last_warn_iter >= self.density_warn_interval)):
+                and (self._last_warn_iter is None or self.iter - self._last_warn_iter >= self.density_warn_interval)
+                and is_rank_zero()):
             log.warning("GTC step %d sent %.2f%% of the gradient elements (max_density %.2f%%): tau = %g is small "
                         "for these gradients; raise it (warned at most every %d steps)", self.iter, 100 * density,
                         100 * self.max_density, self.tau, self.density_warn_interval)
@@ -435,7 +435,7 @@ class GTCState:
         if self._slots and residual.numel() != self.canonical_numel:
             raise ValueError(f"the GTC residual to restore has {residual.numel()} elements but the model's "
                              f"trainable parameters have {self.canonical_numel}: the checkpoint is of another model")
-        if float(state.get("tau", self.tau)) != self.tau:
+        if float(state.get("tau", self.tau)) != self.tau and is_rank_zero():
             log.warning("GTC residuals were saved with tau = %s and resume with tau = %s", state["tau"], self.tau)
         self._clear_buckets()
         self._pending = residual.detach().to(torch.float32).clone()
@@ -634,6 +634,9 @@ class GTCStrategy(AccountedDDPStrategy):
         self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
                                    density_warn_interval=density_warn_interval,
                                    dense_warmup_steps=dense_warmup_steps, tau_units=tau_units)
+        if rank_zero_only.rank == 0:  # every rank builds one; the launching process (rank 0) says it
+            log.info("GTC config: tau = %s (%s units); max_density = %s; pass_through = %s; dense_warmup_steps = %s",
+                     tau, tau_units, max_density, pass_through, dense_warmup_steps)
         gtc_kernel.load()  # built here, in the launching process, before any worker waits on a collective
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
@@ -694,7 +697,9 @@ class GTCStrategy(AccountedDDPStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None:
-            log.warning("%s holds no GTC residuals (written by another strategy?): they start at 0", checkpoint_path)
+            if self.is_global_zero:
+                log.warning("%s holds no GTC residuals (written by another strategy?): they start at 0",
+                            checkpoint_path)
             return checkpoint
         if entry["world_size"] != self.world_size:
             raise CheckpointError(f"{checkpoint_path} holds GTC residuals of {entry['world_size']} workers but this "

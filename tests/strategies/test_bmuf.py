@@ -335,11 +335,11 @@ def _resume_mid_block(rank, world, form):
 def test_averaging_equivalences_in_gloo(world):
     from dist_utils import run_workers
 
-    for out in run_workers(_averaging_equivalences, world, timeout=60):
+    for rank, out in enumerate(run_workers(_averaging_equivalences, world, timeout=60)):
         assert out["moved"] > 1e-2  # the models trained
         assert out["periodic_diff"] < 1e-6  # S + (W̄ - S) is W̄ up to one rounding
         assert out["sync_sgd_diff"] < 1e-6
-        assert out["warned"]
+        assert out["warned"] == (rank == 0)  # every rank resolves the same K; rank 0 warns for them
 
 
 @pytest.mark.slow
