@@ -1,0 +1,61 @@
+"""The "how far to trust these speedups" section (asrbench/cluster/trust.py) and the straggler re-costing."""
+from __future__ import annotations
+
+import pytest
+
+from asrbench.cluster import cost, stragglers, trust
+
+CAL = {"where": "a test box", "latency_s": 50e-6, "bandwidth_Bps": 2e9, "held_out_median_abs_error": 0.12,
+       "held_out_worst_abs_error": 0.4, "per_collective": {"all_reduce": {"held_out_median_abs_error": 0.05}}}
+CHECKS = [{"strategy": "sync", "nodes": 2, "predicted_s": 0.010, "measured_s": 0.020, "where": "a test box",
+           "load": 1.5}]
+
+
+def test_section_names_every_figure_and_assumption():
+    shares = [{"strategy": "bmuf", "nodes": 32, "factor": 1.2, "share": 0.15},
+              {"strategy": "bmuf", "nodes": 64, "factor": 1.25, "share": 0.19}]
+    md = trust.trust_section([CAL], CHECKS, shares, findings=["Overhead is the missing term."])
+    assert md.startswith("## How far to trust these speedups")
+    assert "| a test box | 50 us | 2.00 GB/s | 12% | 40% | all_reduce 5% |" in md
+    assert "| a test box (1.5) | sync | 2 | 10.0 | 20.0 | -50% |" in md
+    assert "| bmuf | 15% (s 1.20) | 19% (s 1.25) |" in md
+    assert "Overhead is the missing term." in md
+    assert "v100_lstm_paper.yaml" in md and "p3.16xlarge" in md
+
+
+def test_straggler_shares_from_runs_and_their_projection():
+    results = [{"strategy": "gtc", "nodes": 32, "cost_model": {"stats": {"straggler_factor": 1.5}}}]
+    rows = [{"strategy": "gtc", "nodes": 32, "compute_s": 0.2, "step_s": 0.5},
+            {"strategy": "bmuf", "nodes": 32, "compute_s": 0.2, "step_s": 0.25}]
+    shares = trust.straggler_shares(results, rows)
+    assert shares[0] == {"strategy": "gtc", "nodes": 32, "factor": 1.5, "share": pytest.approx(0.1 / 0.5)}
+    assert shares[1]["factor"] == 1.0 and shares[1]["share"] == 0.0  # a run from before the straggler term
+
+
+def test_report_section_reads_the_measured_files():
+    md = trust.report_section([], [])
+    assert "idle 16-core" in md and "2-core VM" in md and "predicted vs measured" in md
+
+
+def test_with_stragglers_equals_the_cost_model():
+    net = cost.load_network("paper")
+    stats = {"model_bytes": 88e6, "block_size": 4.0}
+    even = cost.step_time("bmuf", 0.22, stats, 128, net)["total_s"]
+    slow = cost.step_time("bmuf", 0.22, stats | {"straggler_factor": 1.2}, 128, net)["total_s"]
+    before = cost.speedup(128, even, 0.22)
+    assert stragglers.with_stragglers(before, 128, 1.2) == pytest.approx(cost.speedup(128, slow, 0.22))
+
+
+def test_sampler_frames_deal_the_corpus_as_the_loaders_do():
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80]
+    frames = stragglers.sampler_frames(lengths, nodes=2, batch_size=2)
+    assert len(frames) == 2 and all(len(step) == 2 for step in frames)  # 8 utterances / (2 workers x 2)
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    batches = list(BatchSampler(DistributedSampler(range(8), num_replicas=2, rank=1, shuffle=True, seed=0,
+                                                   drop_last=True), 2, True))
+    assert [step[1] for step in frames] == [2 * max(lengths[i] for i in b) for b in batches]
+    bucketed = stragglers.sampler_frames(lengths, nodes=2, batch_size=2, sampler="bucketed")
+    assert sum(map(sum, bucketed)) <= sum(map(sum, frames))  # sorted batches pad less
+    imb = stragglers.imbalance(frames)
+    assert imb["steps"] == 2 and imb["median"] >= 1.0
