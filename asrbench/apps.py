@@ -190,12 +190,34 @@ def evaluate(cfg: DictConfig) -> None:
     print(f"report: {md}")
 
 
+# ---------------------------------------------------------------- report
+@hydra.main(config_path=CONF, config_name="report", version_base="1.3")
+@user_errors
+def report_runs(cfg: DictConfig) -> None:
+    if not cfg.runs:
+        raise ConfigError("report needs runs=[DIR,...] (finished `asrbench train` run dirs)")
+    base = report.load_results(Path(to_absolute_path(cfg.baseline))) if cfg.baseline else None
+    rows, histories = [], {}
+    for run in cfg.runs:
+        path = Path(to_absolute_path(str(run)))
+        res = report.with_relative(report.load_results(path), base)
+        rows.append(res)
+        histories[f"{res['strategy']} x{res['nodes']}"] = report.read_history(path)
+    out = run_dir()
+    md = report.write_report(out, rows, histories, title=cfg.title, intro=cfg.get("intro") or "")
+    runinfo.write_json_atomic(out / "report.json", {"rows": rows, "baseline": cfg.baseline,
+                                                    "git_commit": runinfo.git_commit()})
+    print(md.read_text())
+    print(f"report: {md}")
+
+
 # ---------------------------------------------------------------- align
 @hydra.main(config_path=CONF, config_name="align", version_base="1.3")
 @user_errors
 def align(cfg: DictConfig) -> None:
     from asrbench.data.features import FeatureConfig
-    from asrbench.data.librispeech import load_word_timings, scan_subsets
+    from asrbench.data.corpus import scan_split
+    from asrbench.data.librispeech import load_word_timings
     from asrbench.model.align import align_split, boundary_accuracy, write_alignments
 
     if not cfg.run:
@@ -214,7 +236,7 @@ def align(cfg: DictConfig) -> None:
         ali, skipped = align_split(model, feats[name], batch_size=cfg.batch_size)
         utts = []
         for subset in subsets:
-            subset_utts = scan_subsets(root, [subset])
+            subset_utts = scan_split(run_cfg.data, root, [subset])
             utts += subset_utts
             write_alignments(out / f"{subset}.ali", {u.utt_id: ali[u.utt_id] for u in subset_utts if u.utt_id in ali})
         timings = load_word_timings(utts)
@@ -262,7 +284,8 @@ def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
                 | {f"reproduce/{p.stem}": wandb.Image(str(p)) for p in out.glob("*.png")})
 
 
-COMMANDS = {"prepare": prepare, "train": train, "eval": evaluate, "align": align, "reproduce": reproduce}
+COMMANDS = {"prepare": prepare, "train": train, "eval": evaluate, "align": align, "reproduce": reproduce,
+            "report": report_runs}
 
 
 # ---------------------------------------------------------------- bench

@@ -123,19 +123,27 @@ class SpeechDataModule(L.LightningDataModule):
 
 # ---------------------------------------------------------------- run pieces
 class MetricsHistory(L.Callback):
-    """Rank 0 appends logged scalars to `<run dir>/metrics.jsonl` (curves without a logger)."""
+    """Rank 0 appends logged scalars to `<run dir>/metrics.jsonl` (curves without a logger), each row
+    with `time_s`, the wall time since training started (curves against time)."""
 
     def __init__(self, path: Path, every_n_steps: int) -> None:
         self.path, self.every = Path(path), max(1, every_n_steps)
+        self.t0: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = time.perf_counter()
 
     def _write(self, trainer: L.Trainer, prefix: tuple[str, ...]) -> None:
         if not trainer.is_global_zero:
             return
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
         row = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith(prefix) and torch.as_tensor(v).numel() == 1}
         if row:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch} | row) + "\n")
+                f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                    "time_s": round(time.perf_counter() - self.t0, 3)} | row) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:
@@ -406,6 +414,7 @@ class SimulatedRunner:
         history = MetricsHistory(self.out_dir / "metrics.jsonl", loop.log_every_n_steps)
         view = _TrainerView()
         last = {"t": time.perf_counter(), "frames": 0}
+        history.t0 = last["t"]
 
         def on_step(c: SimulatedCluster, losses: Tensor, step: int, epoch: int) -> None:
             now = time.perf_counter()

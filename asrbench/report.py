@@ -81,7 +81,8 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
-    """Training loss and dev WER against step, one line per run; returns the PNG path."""
+    """Training loss against step and against wall time, and dev WER at every validation, one
+    line per run; returns the PNG path."""
     if not any(histories.values()):
         return None
     import matplotlib
@@ -89,17 +90,54 @@ def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, hist in histories.items():
-        for ax, key in zip(axes, ("train/loss", "val/wer")):
-            pts = [(h["step"], h[key]) for h in hist if key in h]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("step", "train/loss", "training loss", "step"),
+              ("time_s", "train/loss", "training loss", "wall time since training started (s)"),
+              ("step", "val/wer", "dev WER", "step"))
+    for i, (label, hist) in enumerate(histories.items()):
+        for ax, (x, key, _, _) in zip(axes, panels):
+            pts = [(h[x], h[key]) for h in hist if key in h and x in h]
             if pts:
-                ax.plot(*zip(*pts), label=label, marker="." if key == "val/wer" else None)
-    for ax, title in zip(axes, ("training loss", "dev WER")):
-        ax.set_xlabel("step")
+                ax.plot(*zip(*pts), label=label, color=f"C{i % 10}", lw=1,
+                        marker="o" if key == "val/wer" else None, ms=3)
+    for ax, (_, _, title, xlabel) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].legend()
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tradeoff(rows: Sequence[Mapping], path: Path) -> Path | None:
+    """Relative WER against bytes sent per worker per step and against measured time per step, one
+    point per run (the baseline at 0)."""
+    pts = [r for r in rows if r.get("rel_wer") is not None and r.get("steps")]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, r in enumerate(pts):
+        label = f"{r['strategy']} x{r['nodes']}"
+        step_s = r.get("train_time_s", 0.0) / max(int(r["steps"]), 1)
+        for ax, x in zip(axes, (max(float(r.get("bytes_sent_per_worker_per_step") or 0), 1.0), step_s)):
+            ax.scatter([x], [r["rel_wer"] * 100], color=f"C{i % 10}", label=label, s=40)
+            ax.annotate(label, (x, r["rel_wer"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("bytes sent per worker per step (log; the baseline sends none)")
+    axes[1].set_xlabel("measured wall time per step (s)")
+    for ax in axes:
+        ax.set_ylabel("relative WER change vs the baseline (%)")
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -107,18 +145,24 @@ def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
 
 
 def write_report(out_dir: Path, rows: Sequence[Mapping], histories: Mapping[str, list[dict]],
-                 title: str = "asrbench report") -> Path:
-    """report.md (+ curves.png) in `out_dir`; returns the Markdown path."""
+                 title: str = "asrbench report", intro: str = "") -> Path:
+    """report.md in `out_dir`: the headline table first, then curves.png (every run's training
+    loss against step and wall time, dev WER at every validation) and tradeoff.png (relative WER
+    against bytes and time per step), then per-split and per-speaker tables; returns its path."""
     out_dir = Path(out_dir)
-    png = plot_curves(histories, out_dir / "curves.png")
-    parts = [f"# {title}", "", markdown_table(rows), ""]
+    curves = plot_curves(histories, out_dir / "curves.png")
+    tradeoff = plot_tradeoff(rows, out_dir / "tradeoff.png") if len(rows) > 1 else None
+    parts = [f"# {title}", ""] + ([intro, ""] if intro else []) + [markdown_table(rows), ""]
+    if curves:
+        parts += ["![learning curves](curves.png)", ""]
+    if tradeoff:
+        parts += ["![accuracy against communication and time per step](tradeoff.png)", ""]
     for r in rows:
         parts += [f"## {r.get('strategy')} x{r.get('nodes')}: per split", "", per_split_table(r), ""]
+    for r in rows:
         speakers = per_speaker_table(r)
         if speakers:
             parts += [f"### {r.get('strategy')} x{r.get('nodes')}: per speaker", "", speakers, ""]
-    if png:
-        parts += ["![learning curves](curves.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
