@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from asrbench import report
+from asrbench.cluster import trust
 from asrbench.paper import PAPER_TABLE, paper_rel_wer_text, paper_value
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | No
             projection_table(projection["rows"]), "",
             f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
             f"over {len(proj_errors)} figures.", ""]
+    parts += [trust.report_section(result["first_seed_rows"], (projection or {}).get("rows", [])), ""]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
