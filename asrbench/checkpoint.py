@@ -10,6 +10,7 @@ is refused before any process starts, in one line naming the checkpoint and the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -51,6 +52,12 @@ class RunIdentity(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[KEY] = dict(self.ident)
+
+
+def launching_process() -> bool:
+    """Whether this is rank 0's process, the one that speaks for the run: every rank loads the same
+    weights and receives the same Ctrl-C, and the console should hear of it once."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def resolve_resume(resume: str | Path, key: str = "resume") -> Path:
@@ -121,7 +128,8 @@ def load_initial_weights(module: torch.nn.Module, init_from: str | Path, expecte
         module.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: its weights do not fit this model ({' '.join(str(err).split())[:200]})") from None
-    log.info("model weights initialised from %s (step %s)", path, ckpt.get("global_step"))
+    if launching_process():
+        log.info("model weights initialised from %s (step %s)", path, ckpt.get("global_step"))
     return path
 
 
@@ -180,7 +188,8 @@ class GracefulStop(L.Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # a second Ctrl-C: at once
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+        if launching_process():
+            log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
