@@ -212,11 +212,16 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
-                           group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
-                           save_dir=str(out_dir), tags=list(cfg.logger.get("tags") or []),
-                           config=resolved_config(cfg) | {"git_commit": runinfo.git_commit(),
-                                                          "versions": runinfo.versions()})
+        wandb_logger = WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
+                                   group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
+                                   save_dir=str(out_dir), tags=list(cfg.logger.get("tags") or []),
+                                   config=resolved_config(cfg) | {"git_commit": runinfo.git_commit(),
+                                                                  "versions": runinfo.versions()})
+        # Lightning always passes wandb.init an `anonymous` setting, which wandb 0.31 answers with a
+        # deprecation warning on every run's console; unset, it means the same (no anonymous logging).
+        if wandb_logger._wandb_init.get("anonymous") is None:
+            wandb_logger._wandb_init.pop("anonymous", None)
+        return wandb_logger
     raise ConfigError(f"logger={name!r} is unknown; use wandb, csv or none")
 
 
