@@ -36,7 +36,7 @@ from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule, scaled_lr
-from asrbench.strategies import build_strategy
+from asrbench.strategies import build_strategy, exchange_group
 from asrbench.strategies.comm import is_collective_failure
 from asrbench.strategies.gtc import NonFiniteGradientError
 
@@ -176,7 +176,8 @@ def inner_optim(cfg: DictConfig) -> dict:
     rms = strategy.get("tau_units", "gradient") == "rms"
     rule = str(optim.get("lr_scaling", "none"))
     if rule.endswith("_group"):  # by the workers whose gradients one exchange combines
-        optim["lr"] = scaled_lr(float(optim["lr"]), rule.removesuffix("_group"), exchange_group(cfg))
+        group = exchange_group(strategy.name, int(cfg.nodes), int(strategy.get("group_size") or 1))
+        optim["lr"] = scaled_lr(float(optim["lr"]), rule.removesuffix("_group"), group)
         optim["lr_scaling"] = "none"
     if adam and rms and warmup > 0 and optim.get("freeze_variance_after") is None:
         optim["freeze_variance_after"] = warmup
@@ -190,14 +191,6 @@ def inner_optim(cfg: DictConfig) -> dict:
             raise ConfigError("strategy.tau_units=rms needs Adam's frozen second moment, which "
                               "strategy.reset_momentum=true clears at every BMUF sync; set one of them off")
     return optim
-
-
-def exchange_group(cfg: DictConfig) -> int:
-    """Workers whose gradients one exchange combines: N for sync and GTC, the group size g for
-    GTC-BMUF, 1 for BMUF (whose workers step alone) and a single worker."""
-    strategy = cfg.strategy
-    return {"sync": int(cfg.nodes), "gtc": int(cfg.nodes),
-            "gtc_bmuf": int(strategy.get("group_size") or 1)}.get(strategy.name, 1)
 
 
 def build_logger(cfg: DictConfig, out_dir: Path) -> Any:

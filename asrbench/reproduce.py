@@ -25,10 +25,6 @@ def run_name(strategy: str, nodes: int) -> str:
     return f"{strategy}_n{nodes}"
 
 
-def rows_with_baseline(results: Sequence[Mapping], baseline: Mapping) -> list[dict]:
-    return [report.with_relative(r, baseline) for r in results]
-
-
 def comparison_table(rows: Sequence[Mapping]) -> str:
     """Ours (predicted speedup under the network preset, measured relative WER) beside the paper."""
     head = ("| strategy | workers | speedup (ours) | speedup (paper) | rel. WER (ours) | rel. WER (paper) "
@@ -207,7 +203,7 @@ def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | No
     """report.md (headline table, claims, search, convergence, speed) and its plots."""
     cells = result["cells"]
     projected = {(p["strategy"], p["nodes"]): p["predicted_speedup"] for p in (projection or {}).get("rows", [])}
-    first = [report.with_relative(r, result["baseline"]) for r in result["first_seed_rows"]]
+    first = result["first_seed_rows"]  # already relative to their seed's baseline
     plots = [plot_tradeoff(cells, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
              *plot_scaling([c for c in cells if c["strategy"] != "single"], out_dir)]
     errors, median = speedup_errors(first)
@@ -477,6 +473,7 @@ def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     labels: dict[str, int] = {}
+    labelled_seed = min((int(r.get("seed", 0)) for r, _ in runs), default=0)  # one legend entry per cell
     for res, history in runs:
         label = f"{res['strategy']} x{res['nodes']}"
         color = f"C{labels.setdefault(label, len(labels)) % 10}"
@@ -485,7 +482,7 @@ def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_
             pts = dev_curve(history, key)
             if pts:
                 ax.plot([s / steps * epochs for s, _ in pts], [v for _, v in pts], color=color, lw=1, alpha=0.8,
-                        label=label if int(res.get("seed", 0)) == min(int(r.get("seed", 0)) for r, _ in runs) else None)
+                        label=label if int(res.get("seed", 0)) == labelled_seed else None)
     for ax, name in zip(axes, ("dev loss", "dev WER")):
         ax.set_xlabel("epochs of training data (after the shared warm start)")
         ax.set_ylabel(name)
@@ -633,8 +630,9 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
 
     # 1. one single-worker warm start per seed; every run of that seed continues from it
     warm_dir = {s: out / f"seed{s}" / "warm_start" for s in seeds}
+    warm_results: dict[str, dict] = {}
     if warm:
-        runner.run([Job(f"seed{s} warm start", [*common, *single, f"seed={s}", f"trainer.max_epochs={warm}"],
+        warm_results = runner.run([Job(f"seed{s} warm start", [*common, *single, f"seed={s}", f"trainer.max_epochs={warm}"],
                         warm_dir[s]) for s in seeds])
     start = {s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}
     rest = [f"trainer.max_epochs={epochs - warm}"]
@@ -735,11 +733,14 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             per_seed[(r["strategy"], int(r["nodes"]))][seed] = r["rel_wer"]
     judged = judge_claims(per_seed)
     first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != "single"]
-    every = [*[done[j.name] for j in [*jobs, *baselines]],
-             *[report.load_results(warm_dir[s]) for s in seeds if warm and (warm_dir[s] / "results.json").is_file()],
-             *[report.load_results(Path(c["run"])) for v in (search.get("strategies") or {}).values()
-               for c in v["candidates"] if Path(c["run"]) not in {j.path for j in jobs}]]
-    return {"runs": len(every), "run_s": sum(r.get("wall_s") or 0.0 for r in every),
+    # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
+    # itself rather than reusing another's) that the grid did not take over
+    grid_paths = {j.path for j in jobs}
+    searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
+                if reused_paths and Path(c["run"]) not in grid_paths]
+    every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *baselines])]
+    return {"runs": len(every) + len(searched),
+            "run_s": sum(r.get("wall_s") or 0.0 for r in every) + sum(c.get("wall_s") or 0.0 for c in searched),
             "seeds": seeds, "rows_by_seed": rows_by_seed, "cells": cells, "claims": judged, "search": search,
             "winners": winners, "histories": histories, "first_seed_rows": first,
             "baseline": rows_by_seed[seeds[0]][0], "wall_s": time.perf_counter() - t0}

@@ -63,6 +63,7 @@ from asrbench.cluster import cost
 from asrbench.data.dataset import make_loader, train_batches_per_epoch
 from asrbench.errors import ConfigError
 from asrbench.model.module import AcousticModule
+from asrbench.strategies import exchange_group
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig, BMUFLightning
 from asrbench.strategies.gtc import GTCState, GTCStrategy, NonFiniteGradientError, decode, encode, pack
@@ -445,8 +446,7 @@ class SimulatedCluster:
         for row, grad in zip(self.rows, self.G.unbind(0)):
             row.grad = grad
         self.optimizer, self.schedulers = build_worker_optimizer(module, self.rows)
-        self.group_size = {"single": 1, "sync": nodes, "gtc": nodes, "bmuf": 1,
-                           "gtc_bmuf": int(getattr(strategy, "group_size", 1))}[self.kind]
+        self.group_size = exchange_group(self.kind, nodes, int(getattr(strategy, "group_size", 1)))
         self.exchange: DenseMean | GroupGTC | None = None
         self.averager: SimulatedBMUFAverager | None = None
         self.bmuf_stats: CommStats | None = None

@@ -28,6 +28,12 @@ def strategy_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in HARNESS_KEYS}
 
 
+def exchange_group(name: str, nodes: int, group_size: int = 1) -> int:
+    """Workers whose gradients one exchange combines: N for sync and GTC, the group size g for
+    GTC-BMUF, 1 for BMUF and its presets (whose workers step alone) and a single worker."""
+    return {"sync": nodes, "gtc": nodes, "gtc_bmuf": group_size}.get(name, 1)
+
+
 def build_strategy(cfg: Mapping[str, Any], *, nodes: int, timeout_s: float) -> Any:
     """The Lightning Strategy for `strategy=<name>`, or the string Lightning takes for one worker."""
     name = cfg["name"]
