@@ -637,15 +637,17 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     start = {s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}
     rest = [f"trainer.max_epochs={epochs - warm}"]
 
-    # 2. frame labels for FER: forced alignment with the first seed's warm-start model
+    # 2. frame labels for FER: each seed's runs are scored against the forced alignment of that
+    # seed's own warm start (one reference per seed: a run and its baseline share it)
     if rc.get("fer") and warm:
-        align_dir = out / "align"
-        if not (align_dir / "align.json").is_file():
-            log.info("== frame labels: forced alignment with %s", warm_dir[seeds[0]])
-            env = os.environ | {"OMP_NUM_THREADS": str(runner.parallel)}
-            subprocess.run([sys.executable, "-m", "asrbench.cli", "align", f"run={warm_dir[seeds[0]]}",
-                            f"hydra.run.dir={align_dir}"], check=True, env=env, stdout=subprocess.DEVNULL)
-        common.append(f"data.alignments={align_dir}")
+        for s in seeds:
+            align_dir = out / "align" / f"seed{s}"
+            if not (align_dir / "align.json").is_file():
+                log.info("== frame labels: forced alignment with %s", warm_dir[s])
+                env = os.environ | {"OMP_NUM_THREADS": str(runner.parallel)}
+                subprocess.run([sys.executable, "-m", "asrbench.cli", "align", f"run={warm_dir[s]}",
+                                f"hydra.run.dir={align_dir}"], check=True, env=env, stdout=subprocess.DEVNULL)
+            start[s].append(f"data.alignments={align_dir}")
 
     fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
     baselines = [Job(f"seed{s} single", [*common, *single, f"seed={s}", *rest, *start[s]], out / f"seed{s}" / "single")
