@@ -104,7 +104,8 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
         out.append({"strategy": r["strategy"], "nodes": r["nodes"], "parameters": parameters,
                     "compute_s": compute, "comm_s": step["comm_s"], "step_s": step["total_s"],
                     "comm_parts": cost.comm_parts(r["strategy"], stats, r["nodes"], network),
-                    "predicted_speedup": cost.speedup(r["nodes"], step["total_s"], compute)})
+                    "predicted_speedup": cost.speedup(r["nodes"], step["total_s"],
+                                                      compute + cost.step_overhead(network, "single"))})
     return out
 
 

@@ -67,6 +67,14 @@ K = 1 (the slowest worker of each step); bmuf is g = 1 (the slowest worker's blo
 is the slowest group's block, each of its steps the slowest member's. ``step_time`` charges the
 per-worker compute at this factor; T_1 stays the mean worker's compute, so the speedup falls by
 exactly the waiting.
+
+Per-step software overhead (optional, a network file's ``step_overhead_s``): what a real
+training loop spends each step outside the model's forward, backward and optimizer and outside
+the bytes on the wire: the trainer's own loop, DDP's reducer, a communication hook's Python and
+its collectives' launches. It is a constant per strategy, in seconds, measured on the machine
+the network file describes (conf/network/loopback_gloo_checks.json: fitted at N = 2 and checked
+at N = 4); ``step_time`` adds it to T_N and ``predict`` adds the ``single`` entry to T_1. A file
+without it charges none, which is what the paper-scale presets do: nothing measured it there.
 """
 from __future__ import annotations
 
@@ -141,7 +149,35 @@ def check_network(network: Mapping[str, Any]) -> dict[str, Any]:
                               f"fix it in conf/network/{name}.yaml")
         out[key] = value
     out["gpus_per_machine"] = int(out["gpus_per_machine"])
+    overhead = network.get("step_overhead_s")
+    if overhead is not None:
+        out["step_overhead_s"] = _check_overhead(name, overhead)
     return out
+
+
+def _check_overhead(name: str, overhead: Any) -> dict[str, float]:
+    """``step_overhead_s`` as {strategy: seconds}: one number for every strategy, or a mapping."""
+    where = f"network={name}: `step_overhead_s`"
+    if isinstance(overhead, Mapping):
+        unknown = sorted(set(overhead) - set(STRATEGIES))
+        if unknown:
+            raise ConfigError(f"{where} names {', '.join(map(str, unknown))}, not a strategy; use keys of "
+                              f"{', '.join(STRATEGIES)}")
+        items = dict(overhead)
+    else:
+        items = {st: overhead for st in STRATEGIES}
+    out = {}
+    for st, value in items.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ConfigError(f"{where}[{st}] must be a number of seconds >= 0 (got {value!r}); "
+                              f"fix it in conf/network/{name}.yaml")
+        out[str(st)] = float(value)
+    return out
+
+
+def step_overhead(network: Mapping[str, Any], strategy: str) -> float:
+    """Seconds of per-step software overhead of `strategy` on this network's machine (0 if not measured)."""
+    return float((network.get("step_overhead_s") or {}).get(strategy, 0.0))
 
 
 def link(network: Mapping[str, Any], *, within_machine: bool) -> tuple[float, float]:
@@ -369,13 +405,14 @@ def step_time(strategy: str, compute_s: float, stats: Mapping[str, Any], n: int,
               *, overlap: float = 0.0) -> dict[str, float]:
     """Predicted wall time of one optimizer step: {compute_s, straggler_s, comm_s, total_s} in seconds.
 
-    T_step = s T_compute + T_comm - min(overlap T_comm, s T_compute), where s is
+    T_step = s T_compute + T_comm - min(overlap T_comm, s T_compute) + T_overhead, where s is
     ``stats["straggler_factor"]`` (1 if absent: every worker as fast as the mean one),
     T_compute the mean worker's compute, T_comm the sum of `comm_parts` and ``overlap`` in
     [0, 1] the fraction of communication hidden behind compute (bucketed all-reduce during the
     backward pass). The default 0 assumes none is hidden, which is what a BMUF block end or a
     GTC exchange after the backward pass does. ``straggler_s`` = (s - 1) T_compute is the
-    waiting for the slowest worker.
+    waiting for the slowest worker; ``overhead_s`` = T_overhead the network file's per-step software
+    overhead of this strategy (:func:`step_overhead`, 0 when it has none).
     """
     if compute_s < 0:
         raise ValueError(f"Arg `compute_s` must be >= 0 (got {compute_s})")
@@ -387,8 +424,10 @@ def step_time(strategy: str, compute_s: float, stats: Mapping[str, Any], n: int,
                          f"faster than the mean one")
     comm = sum(comm_parts(strategy, stats, n, network).values())
     busy = factor * compute_s
-    total = busy + comm - min(overlap * comm, busy)
-    return {"compute_s": float(compute_s), "straggler_s": busy - compute_s, "comm_s": comm, "total_s": total}
+    overhead = step_overhead(network, strategy)
+    total = busy + comm - min(overlap * comm, busy) + overhead
+    return {"compute_s": float(compute_s), "straggler_s": busy - compute_s, "comm_s": comm,
+            "overhead_s": overhead, "total_s": total}
 
 
 def speedup(n: int, t_step_n: float, t_step_1: float, samples_per_step_per_worker: float = 1.0) -> float:
@@ -407,15 +446,16 @@ def speedup(n: int, t_step_n: float, t_step_1: float, samples_per_step_per_worke
 
 def scaling(strategy: str, compute_s: float, stats: Mapping[str, Any], ns: Sequence[int],
             network: Mapping[str, Any], *, overlap: float = 0.0) -> list[dict[str, float]]:
-    """Step time and speedup over one worker (T_1 = compute_s) for each n in `ns`.
+    """Step time and speedup over one worker (T_1 = compute_s + the single-worker overhead) for each n in `ns`.
 
     The same measured `stats` are used at every n: message sizes and decode rate measured at one
     scale stand for all of them.
     """
     rows = []
+    t_1 = compute_s + step_overhead(network, "single")
     for n in ns:
         row = step_time(strategy, compute_s, stats, n, network, overlap=overlap)
-        rows.append({"n": n, **row, "speedup": speedup(n, row["total_s"], compute_s)})
+        rows.append({"n": n, **row, "speedup": speedup(n, row["total_s"], t_1)})
     return rows
 
 
@@ -459,7 +499,8 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
             overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
     """The cost model's step time and speedup for this run's strategy, N and measured statistics.
 
-    T_1 = compute (one worker, no communication); T_N = s (compute + GTC encode) + communication,
+    T_1 = compute + the network file's single-worker overhead (one worker, no communication);
+    T_N = s (compute + GTC encode) + communication + this strategy's overhead (:func:`step_time`),
     s the run's straggler factor (measured from every worker's batches); speedup = N T_1 / T_N
     (:func:`speedup`). The ``*_without_stragglers`` figures take s = 1.
     """
@@ -473,6 +514,7 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
         stats["decode_rate"] = float(profile["decode_rate"])
     if compute <= 0:
         raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
+    t_1 = compute + step_overhead(network, "single")  # one worker: its own loop's overhead, no communication
     step = step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
     even = step_time(kind, compute + encode_s, stats | {"straggler_factor": 1.0}, cluster.nodes, network,
                      overlap=overlap)
@@ -486,11 +528,12 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
         "predicted_step_s": step["total_s"],
         "predicted_comm_s": step["comm_s"],
         "predicted_comm_parts": comm_parts(kind, stats, cluster.nodes, network),
-        "predicted_speedup": speedup(cluster.nodes, step["total_s"], compute),
+        "predicted_speedup": speedup(cluster.nodes, step["total_s"], t_1),
+        "predicted_overhead_s": step["overhead_s"],
         "straggler_factor": stats.get("straggler_factor", 1.0),
         "predicted_straggler_s": step["straggler_s"],
         "predicted_step_s_without_stragglers": even["total_s"],
-        "predicted_speedup_without_stragglers": speedup(cluster.nodes, even["total_s"], compute),
+        "predicted_speedup_without_stragglers": speedup(cluster.nodes, even["total_s"], t_1),
         "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
                        "network": dict(network)},
     }

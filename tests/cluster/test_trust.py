@@ -23,6 +23,49 @@ def test_section_names_every_figure_and_assumption():
     assert "v100_lstm_paper.yaml" in md and "p3.16xlarge" in md
 
 
+def test_overhead_fitted_at_two_workers_predicts_the_held_out_checks():
+    # a machine whose every step costs the model's prediction plus a constant per strategy
+    true = {"single": 0.007, "sync": 0.013, "gtc": 0.027}
+    checks = [{"strategy": st, "nodes": n, "predicted_s": p, "measured_s": p + true[st], "where": "box"}
+              for st, n, p in [("single", 1, 0.009), ("sync", 2, 0.010), ("sync", 4, 0.0125), ("sync", 8, 0.016),
+                               ("gtc", 2, 0.0136), ("gtc", 4, 0.0177)]]
+    checks.append({"strategy": "bmuf", "nodes": 4, "predicted_s": 0.02, "measured_s": 0.03, "where": "box"})
+    fitted, held = trust.fit_step_overhead(checks)
+    assert fitted["box"] == pytest.approx(true)  # bmuf has no N = 2 check: nothing fitted, nothing held out
+    assert [(h["strategy"], h["nodes"]) for h in held] == [("sync", 4), ("sync", 8), ("gtc", 4)]
+    assert all(h["error"] == pytest.approx(0.0, abs=1e-12) for h in held)
+    # a miss is the relative error of the prediction plus the overhead
+    checks[2]["measured_s"] = (0.0125 + 0.013) * 1.25
+    _, held = trust.fit_step_overhead(checks)
+    assert held[0]["error"] == pytest.approx(1 / 1.25 - 1)
+    md = trust.trust_section([CAL], checks, [])
+    assert "**With the per-step overhead term**" in md and "| box | sync | 4 | 13.0 | 25.5 | 31.9 | -20% |" in md
+
+
+def test_overhead_term_enters_step_time_and_speedup():
+    net = dict(cost.load_network("loopback_gloo_idle16"))
+    stats = {"dense_bytes_per_worker_per_step": 4e6}
+    plain = cost.step_time("sync", 0.01, stats, 4, net | {"step_overhead_s": None})
+    timed = cost.step_time("sync", 0.01, stats, 4, net)
+    assert timed["overhead_s"] == net["step_overhead_s"]["sync"] > 0
+    assert timed["total_s"] == pytest.approx(plain["total_s"] + timed["overhead_s"])
+    rows = cost.scaling("sync", 0.01, stats, [4], net)
+    t_1 = 0.01 + net["step_overhead_s"]["single"]
+    assert rows[0]["speedup"] == pytest.approx(4 * t_1 / timed["total_s"])
+    assert cost.step_overhead(cost.load_network("paper"), "gtc") == 0.0  # nothing measured at the paper's scale
+
+
+@pytest.mark.parametrize("value, words", [(-0.01, "single] must be a number of seconds >= 0"),
+                                          ({"syncc": 0.01}, "names syncc, not a strategy"),
+                                          ({"gtc": "fast"}, "gtc] must be a number")])
+def test_bad_overhead_is_one_line(value, words):
+    net = {"name": "box", "latency_s": 1e-5, "bandwidth_Bps": 1e9, "gpus_per_machine": 1,
+           "intra_latency_s": 1e-5, "intra_bandwidth_Bps": 1e9, "step_overhead_s": value}
+    with pytest.raises(cost.ConfigError, match="network=box: `step_overhead_s`") as err:
+        cost.check_network(net)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
 def test_straggler_shares_from_runs_and_their_projection():
     results = [{"strategy": "gtc", "nodes": 32, "cost_model": {"stats": {"straggler_factor": 1.5}}}]
     rows = [{"strategy": "gtc", "nodes": 32, "compute_s": 0.2, "step_s": 0.5},
