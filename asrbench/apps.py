@@ -256,9 +256,15 @@ def reproduce(cfg: DictConfig) -> None:
     from asrbench import reproduce as rep
 
     out = run_dir()
+    # the runs to compare with are read first: a wrong path fails now, not after the experiment
+    compare = cfg.get("compare_with") or []
+    compare = [compare] if isinstance(compare, str) else list(compare)  # compare_with=DIR names one
+    others = [(str(r["config"]["reproduce"]["name"]), r) for r in (rep.load_reproduce(rep.to_absolute(p))
+                                                                    for p in compare)]
     result = rep.run_reproduce(cfg, out, CONF)
     projection = rep.paper_projection(cfg, result["first_seed_rows"], CONF)
-    md = rep.write(out, result, cfg.network, projection, rep.describe_setup(cfg, result))
+    md = rep.write(out, result, cfg.network, projection, rep.describe_setup(cfg, result), others=others,
+                   name=str(cfg.reproduce.name))
     runinfo.write_json_atomic(out / "reproduce.json", {k: v for k, v in result.items() if k != "histories"}
                               | {"projection": projection, "git_commit": runinfo.git_commit(),
                                  "versions": runinfo.versions(), "host": runinfo.host(),

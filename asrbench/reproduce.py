@@ -200,8 +200,10 @@ def search_table(search: Mapping) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str) -> Path:
-    """report.md (headline table, claims, search, convergence, speed) and its plots."""
+def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str,
+          others: Sequence[tuple[str, Mapping]] = (), name: str = "this run") -> Path:
+    """report.md (headline table, claims, search, convergence, speed) and its plots; `others`
+    (name, reproduce.json) of finished reproduce runs go beside this one's claims."""
     cells = result["cells"]
     projected = {(p["strategy"], p["nodes"]): p["predicted_speedup"] for p in (projection or {}).get("rows", [])}
     first = result["first_seed_rows"]  # already relative to their seed's baseline
@@ -224,6 +226,11 @@ def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | No
         "larger than the larger seed spread of the two sides (sd over seeds); otherwise *within noise*.", "",
         claims_table(result["claims"]), "",
     ]
+    if others:
+        parts += ["## Beside other settings", "",
+                  "Relative WER (mean ± sd over seeds) and each claim's verdict (margin in points) in this run and "
+                  "in the other finished reproduce runs named by `reproduce.compare_with`.", "",
+                  settings_table([(name, result), *others]), ""]
     if search:
         cost = (f"{search.get('runs', '?')} runs at {search.get('nodes')} workers, seed {search.get('seed')}, "
                 f"{search['run_s'] / 60:.1f} min of run time" if "run_s" in search else "reused from an earlier run")
@@ -379,6 +386,50 @@ def claims_table(judged: Sequence[Mapping]) -> str:
         noise = "-" if math.isnan(j["noise"]) else f"{j['noise'] * 100:.1f} pts"
         lines.append(f"| {j['claim']} | {j['paper']} | {j['lower'] * 100:+.1f}% | {j['higher'] * 100:+.1f}% | "
                      f"{j['margin'] * 100:+.1f} pts | {noise} | **{j['verdict']}** |")
+    return "\n".join(lines)
+
+
+def load_reproduce(path: str | Path) -> dict:
+    """A finished reproduce's reproduce.json (the file, or the directory holding it)."""
+    import json
+
+    p = Path(path)
+    p = p / "reproduce.json" if p.is_dir() else p
+    if not p.is_file():
+        from asrbench.errors import ConfigError
+
+        raise ConfigError(f"compare_with: {path} holds no reproduce.json; name the directory of a finished "
+                          f"asrbench reproduce")
+    return json.loads(p.read_text())
+
+
+def settings_table(settings: Sequence[tuple[str, Mapping]]) -> str:
+    """Relative WER of every cell and the verdict of every claim, one column per finished reproduce.
+
+    `settings` = [(name, reproduce.json content)]; a cell or claim a setting lacks reads "-"."""
+    from asrbench.paper import paper_rel_wer_text
+
+    names = [n for n, _ in settings]
+    cells = {n: {(c["strategy"], int(c["nodes"])): c for c in r["cells"]} for n, r in settings}
+    keys = list(dict.fromkeys(k for n in names for k in cells[n] if k[0] != "single"))
+    lines = ["| strategy | workers | paper | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+    for st, n in keys:
+        row = [_pct_pm(cells[m][st, n]["rel_wer"], cells[m][st, n].get("rel_wer_sd", math.nan))
+               if (st, n) in cells[m] else "-" for m in names]
+        lines.append(f"| {st} | {n} | {paper_rel_wer_text(st, n)} | " + " | ".join(row) + " |")
+    claims = {n: {j["claim"]: j for j in r.get("claims", [])} for n, r in settings}
+    order = list(dict.fromkeys(c for n in names for c in claims[n]))
+    lines += ["", "| claim | paper | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    for c in order:
+        paper = next(claims[n][c]["paper"] for n in names if c in claims[n])
+        row = []
+        for n in names:
+            j = claims[n].get(c)
+            if j is None or j["verdict"] == "not measured":
+                row.append("-")
+            else:
+                row.append(f"**{j['verdict']}** ({j['margin'] * 100:+.1f} pts)")
+        lines.append(f"| {c} | {paper} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -597,8 +648,10 @@ def load_search(path: str | Path) -> dict:
     p = Path(path)
     p = p / "search" / "search.json" if (p / "search" / "search.json").is_file() else p
     if not p.is_file():
-        raise FileNotFoundError(f"reproduce.search.reuse={path}: no search.json there; point it at a finished "
-                                f"reproduce directory or its search/search.json")
+        from asrbench.errors import ConfigError
+
+        raise ConfigError(f"reproduce.search.reuse={path}: no search.json there; point it at a finished "
+                          f"reproduce directory or its search/search.json")
     return json.loads(p.read_text())
 
 

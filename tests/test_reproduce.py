@@ -11,6 +11,7 @@ import torch
 from asrbench import reproduce as rep
 from asrbench.cluster import cost
 from asrbench.data import text
+from asrbench.errors import ConfigError
 from asrbench.model.lstm import LSTMAcousticModel
 
 NET = {"name": "t", "latency_s": 1e-5, "bandwidth_Bps": 1e9, "gpus_per_machine": 8,
@@ -155,5 +156,24 @@ def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_pat
     (tmp_path / "search" / "search.json").write_text(json.dumps(search))
     assert rep.load_search(tmp_path) == search
     assert rep.load_search(tmp_path / "search" / "search.json") == search
-    with pytest.raises(FileNotFoundError, match="search.reuse"):
+    with pytest.raises(ConfigError, match="search.reuse"):
         rep.load_search(tmp_path / "nowhere")
+
+
+def test_settings_side_by_side(tmp_path):
+    def setting(rel, verdict, margin):
+        return {"cells": [{"strategy": "single", "nodes": 1, "rel_wer": 0.0, "rel_wer_sd": 0.0},
+                          {"strategy": "gtc", "nodes": 128, "rel_wer": rel, "rel_wer_sd": 0.02}],
+                "claims": [{"claim": "trend: GTC collapses at 128 (worse than at 64)", "paper": "+2.8% vs +15.6%",
+                            "verdict": verdict, "margin": margin}]}
+    adam, sgd = setting(0.063, "within noise", 0.006), setting(0.5, "agrees", 0.3)
+    (tmp_path / "reproduce.json").write_text(json.dumps(sgd))
+    assert rep.load_reproduce(tmp_path) == sgd
+    with pytest.raises(ConfigError, match="compare_with: .*nowhere holds no reproduce.json"):
+        rep.load_reproduce(tmp_path / "nowhere")
+    table = rep.settings_table([("cpu", adam), ("cpu_sgd", sgd)])
+    assert "| strategy | workers | paper | cpu | cpu_sgd |" in table
+    assert "| gtc | 128 | +15.6% | +6.3 ± 2.0% | +50.0 ± 2.0% |" in table
+    assert ("| trend: GTC collapses at 128 (worse than at 64) | +2.8% vs +15.6% | **within noise** (+0.6 pts) | "
+            "**agrees** (+30.0 pts) |") in table
+    assert "single" not in table
