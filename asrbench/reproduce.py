@@ -218,7 +218,11 @@ def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | No
         "Relative change = (WER - baseline WER) / baseline WER, each seed against its own single-worker "
         "baseline (same warm start, same data). WER on the first test set (unseen voices); the search "
         "looked at dev only. The last column is the relative change of dev loss over the last 20% of "
-        "each run's steps (flat is near 0).", "",
+        "each run's steps (flat is near 0)." + (
+            " FER counts the frames whose most likely label differs from the CTC forced alignment made with the "
+            "same seed's warm start: it measures agreement with that model, so it favours runs that move "
+            "little from it and does not rank the strategies; the claims use WER only."
+            if any(not math.isnan(c.get("fer", math.nan)) for c in cells) else ""), "",
         accuracy_table(cells, projected), "",
         "## The paper's claims", "",
         "Each claim is an ordering of relative WERs. The margin is (higher side) - (lower side) in "
