@@ -172,7 +172,7 @@ def evaluate(cfg: DictConfig) -> None:
     run_cfg.eval_batch_size = cfg.eval_batch_size
     model = load_model(run_path, old)
     feats = experiment.load_features(run_cfg)
-    frame_labels = experiment.load_frame_labels(run_cfg)
+    frame_labels = experiment.load_frame_labels(run_cfg, feats)
     out = run_dir()
     res = old | experiment.evaluate_all(model, feats, frame_labels, run_cfg, out)
     res["evaluated_by"] = {"git_commit": runinfo.git_commit(), "versions": runinfo.versions()}

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 KEY = "asrbench"  # the checkpoint entry holding the writing run's identity
 # Keys of the identity that must match for a resume, with what to tell the user about each.
-MUST_MATCH = ("strategy", "nodes", "model", "criterion", "input_dim")
+MUST_MATCH = ("strategy", "nodes", "model", "criterion", "input_dim", "phone_probe")
 
 
 class Interrupted(AsrbenchError):
@@ -37,11 +37,13 @@ class Interrupted(AsrbenchError):
     exit_code = 130
 
 
-def identity(cfg: DictConfig, input_dim: int) -> dict[str, Any]:
-    """What a checkpoint must agree on with a run that resumes from it."""
+def identity(cfg: DictConfig, input_dim: int, num_phones: int = 0) -> dict[str, Any]:
+    """What a checkpoint must agree on with a run that resumes from it (a phone probe's classes only when
+    the model has one, so checkpoints written before probes existed still match a run without)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    return {"strategy": str(cfg.strategy.name), "nodes": int(cfg.nodes), "model": model,
-            "criterion": str(cfg.criterion), "input_dim": int(input_dim), "format": 1}
+    ident = {"strategy": str(cfg.strategy.name), "nodes": int(cfg.nodes), "model": model,
+             "criterion": str(cfg.criterion), "input_dim": int(input_dim), "format": 1}
+    return ident | ({"phone_probe": int(num_phones)} if num_phones else {})
 
 
 class RunIdentity(L.Callback):
@@ -95,8 +97,8 @@ def identity_differences(path: Path, ckpt: Mapping[str, Any], expected: Mapping[
     found = ckpt.get(KEY)
     if not isinstance(found, Mapping):
         raise CheckpointError(f"{path}: written without asrbench's run identity (not by `asrbench train`); {advice}")
-    return [f"{k}={_show(found.get(k))} (this run: {_show(expected[k])})"
-            for k in keys if _norm(found.get(k)) != _norm(expected[k])]
+    return [f"{k}={_show(found.get(k))} (this run: {_show(expected.get(k))})"
+            for k in keys if _norm(found.get(k)) != _norm(expected.get(k))]
 
 
 def check_resume(resume: str | Path, expected: Mapping[str, Any]) -> Path:
@@ -110,7 +112,7 @@ def check_resume(resume: str | Path, expected: Mapping[str, Any]) -> Path:
     return path
 
 
-WEIGHT_KEYS = ("model", "criterion", "input_dim")
+WEIGHT_KEYS = ("model", "criterion", "input_dim", "phone_probe")
 
 
 def load_initial_weights(module: torch.nn.Module, init_from: str | Path, expected: Mapping[str, Any]) -> Path:

@@ -85,7 +85,47 @@ def load_features(cfg: DictConfig, progress: bool = True) -> dict[str, SplitFeat
                             on_bad_utterance=cfg.data.get("on_bad_utterance", "skip"))
 
 
-def load_frame_labels(cfg: DictConfig) -> dict[str, torch.Tensor] | None:
+def phone_set(cfg: DictConfig, progress: bool = True) -> list[str] | None:
+    """With ``data.phone_labels``, the phone labels' classes (silence first) from the training subsets'
+    timings, generating a synthetic corpus first if needed; None without it."""
+    if not cfg.data.get("phone_labels"):
+        return None
+    if cfg.data.get("alignments"):
+        raise ConfigError("data.phone_labels=true and data.alignments are two sources of frame labels; set one "
+                          "(data.alignments=null for the synthesiser's phone timings)")
+    if cfg.criterion != "ctc":
+        raise ConfigError(f"data.phone_labels=true scores a phone probe beside a CTC model; criterion={cfg.criterion} "
+                          f"trains on frame labels itself: use criterion=ctc, or data.alignments with criterion=ce")
+    if cfg.data.get("kind") != "synth":
+        raise ConfigError(f"data.phone_labels=true needs the synthesiser's phoneme timings; data={cfg.data.get('name')} "
+                          f"has none: set data.phone_labels=false (or data.alignments=DIR from `asrbench align`)")
+    from asrbench.data import phones
+
+    root = ensure_corpus(cfg.data, progress)
+    return phones.inventory(phones.read_timings(root, split_names(cfg.data)["train"]).values())
+
+
+def load_frame_labels(cfg: DictConfig, feats: Mapping[str, SplitFeatures] | None = None
+                      ) -> dict[str, torch.Tensor] | None:
+    """Frame labels of every split: forced-alignment labels (``data.alignments``) or phone labels from the
+    synthesiser's timings (``data.phone_labels``, which needs `feats` for the frame counts); None without."""
+    if cfg.data.get("phone_labels"):
+        from asrbench.data import phones
+
+        classes = phone_set(cfg, progress=False)
+        if feats is None:
+            feats = load_features(cfg, progress=False)
+        lengths = {u: int(n) for split in feats.values() for u, n in zip(split.utt_ids, split.lengths.tolist())}
+        subsets = [s for group in split_names(cfg.data).values() for s in group]
+        f = cfg.features
+        labels = phones.phone_frame_labels(phones.read_timings(data_root(cfg.data), subsets), lengths, classes,
+                                           frame_shift_ms=float(f.frame_shift_ms),
+                                           frame_length_ms=float(f.frame_length_ms), stack=int(f.stack),
+                                           skip=int(f.skip))
+        silence = phones.check_labels(labels, len(classes))
+        log.debug("phone labels: %d utterances, %d classes, %.0f%% of frames silence", len(labels), len(classes),
+                  silence * 100)
+        return labels
     ali = cfg.data.get("alignments")
     if not ali:
         return None
@@ -481,7 +521,7 @@ def feature_dim(cfg: DictConfig) -> int:
 def load_run_data(cfg: DictConfig, progress: bool = True) -> RunData:
     """The run's features and frame labels; criterion=ce needs the latter."""
     feats = load_features(cfg, progress=progress)
-    frame_labels = load_frame_labels(cfg)
+    frame_labels = load_frame_labels(cfg, feats)
     if cfg.criterion == "ce" and frame_labels is None:
         raise ConfigError("criterion=ce trains on frame labels: run `asrbench align run=DIR` and pass "
                           "data.alignments=<its output dir>")
@@ -544,13 +584,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     out_dir = Path(out_dir)
     runner = make_runner(cfg, out_dir)
     input_dim = feature_dim(cfg)
-    ident = checkpoint.identity(cfg, input_dim)
+    # The phone probe's classes (data.phone_labels) come from the corpus's timings, generated if needed.
+    phones = phone_set(cfg, progress=runner.progress)
+    ident = checkpoint.identity(cfg, input_dim, len(phones) if phones else 0)
     resume = str(checkpoint.check_resume(to_absolute_path(cfg.resume), ident)) if cfg.get("resume") else None
     strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     # Built before the data is read: reading it leaves the global RNG alone (features fork it).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = AcousticModule(input_dim, OmegaConf.to_container(cfg.model, resolve=True), inner_optim(cfg),
-                            cfg.criterion, world_size=int(cfg.nodes))
+                            cfg.criterion, world_size=int(cfg.nodes), num_phones=len(phones) if phones else 0)
     if cfg.get("init_from") and not resume:
         checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), ident)
     runner.before_data(module, strategy)

@@ -35,19 +35,29 @@ def criterion_loss(logits: torch.Tensor, batch: dict, criterion: str) -> torch.T
     return F.cross_entropy(logits.flatten(0, 1), batch["frame_labels"].flatten(), ignore_index=-100)
 
 
+def probe_loss(phone_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Frame cross-entropy of the phone probe over labelled frames; 0 (in the graph) when none is labelled."""
+    if not bool((labels != -100).any()):
+        return phone_logits.sum() * 0.0
+    return F.cross_entropy(phone_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def targets_to_text(targets: torch.Tensor, target_lens: torch.Tensor) -> list[str]:
     return [text.decode(row[:n].tolist()) for row, n in zip(targets.cpu(), target_lens.cpu())]
 
 
 class AcousticModule(L.LightningModule):
     def __init__(self, input_dim: int, model: dict, optim: dict, criterion: str = "ctc",
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, num_phones: int = 0) -> None:
         super().__init__()
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r} is unknown; use one of {CRITERIA}")
+        if num_phones and criterion != "ctc":
+            raise ValueError("a phone probe (num_phones > 0) reads frame labels as phones; criterion=ce reads them "
+                             "as the output units: use criterion=ctc")
         self.save_hyperparameters()
         model_kw = {k: v for k, v in model.items() if k != "name"}
-        self.model = LSTMAcousticModel(input_dim, text.vocab_size(), **model_kw)
+        self.model = LSTMAcousticModel(input_dim, text.vocab_size(), num_phones=num_phones, **model_kw)
         self.criterion = criterion
         self.optim_cfg = dict(optim)
         self.world_size = world_size
@@ -63,7 +73,17 @@ class AcousticModule(L.LightningModule):
         return self.model(feats, feat_lens)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        return criterion_loss(logits, batch, self.criterion)
+        """The training loss: the criterion, plus the phone probe's frame cross-entropy when the model
+        has one (its gradient stops at the probe, so the acoustic model trains on the criterion alone)."""
+        loss = criterion_loss(logits, batch, self.criterion)
+        if self.model.phone_probe is not None and "frame_labels" in batch:
+            loss = loss + probe_loss(self.model.phone_logits(), batch["frame_labels"])
+        return loss
+
+    def frame_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What frame labels are compared with: the phone probe's logits when the model has one, else the
+        output units' (`logits` of the last forward)."""
+        return self.model.phone_logits() if self.model.phone_probe is not None else logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["feats"], batch["feat_lens"])
@@ -90,8 +110,8 @@ class AcousticModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["feats"], batch["feat_lens"])
-        if self.criterion == "ctc" or "frame_labels" in batch:
-            self.val_loss.update(self.loss(logits, batch).detach())
+        if self.criterion == "ctc" or "frame_labels" in batch:  # the criterion alone: comparable with or without a probe
+            self.val_loss.update(criterion_loss(logits, batch, self.criterion).detach())
         hyps = greedy_decode(logits, batch["feat_lens"])
         refs = targets_to_text(batch["targets"], batch["target_lens"])
         self.val_wer.update(hyps, refs)
@@ -99,7 +119,7 @@ class AcousticModule(L.LightningModule):
         if "frame_labels" in batch:
             labels = batch["frame_labels"]
             mask = labels != -100
-            self.val_frames_wrong.update(((logits.argmax(-1) != labels) & mask).sum().float())
+            self.val_frames_wrong.update(((self.frame_logits(logits).argmax(-1) != labels) & mask).sum().float())
             self.val_frames.update(mask.sum().float())
 
     def on_validation_epoch_end(self) -> None:
