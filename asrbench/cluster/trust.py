@@ -54,30 +54,37 @@ def load_step_checks(path: str | Path = STEP_CHECKS) -> tuple[list[dict[str, Any
     return list(doc["checks"]), list(doc.get("findings") or [])
 
 
-def fit_step_overhead(checks: Sequence[Mapping[str, Any]], *, fit_nodes: int = 2
+FIT_MODEL = "lstm_tiny"  # a check without a `model` key was made with it
+
+
+def fit_step_overhead(checks: Sequence[Mapping[str, Any]], *, fit_nodes: int = 2, fit_model: str = FIT_MODEL
                       ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """The per-step software overhead the cost model lacks, fitted on some step checks and tested on the rest.
 
-    Per machine (``where``) and strategy, T_overhead = measured - predicted at ``fit_nodes``
-    workers (the single worker at its one). Every other check of that machine and strategy is
-    held out: its prediction plus that overhead against its measurement. Returns
-    ({where: {strategy: seconds}}, held-out rows with strategy, nodes, where, predicted_s,
-    overhead_s, measured_s, error).
+    Per machine (``where``) and strategy, T_overhead = measured - predicted of the check with
+    ``fit_model`` at ``fit_nodes`` workers (the single worker at its one). Every other check of
+    that machine and strategy (other worker counts, other models) is held out: its prediction plus
+    that overhead against its measurement. Returns ({where: {strategy: seconds}}, held-out rows
+    with strategy, nodes, model, where, predicted_s, overhead_s, measured_s, error).
     """
+    def fits(c: Mapping[str, Any]) -> bool:
+        return (int(c["nodes"]) == (1 if c["strategy"] == "single" else fit_nodes)
+                and c.get("model", FIT_MODEL) == fit_model)
+
     fitted: dict[str, dict[str, float]] = {}
     for c in checks:
-        if int(c["nodes"]) == (1 if c["strategy"] == "single" else fit_nodes):
+        if fits(c):
             fitted.setdefault(c.get("where") or "this machine", {})[c["strategy"]] = c["measured_s"] - c["predicted_s"]
     held = []
     for c in checks:
         where = c.get("where") or "this machine"
         overhead = fitted.get(where, {}).get(c["strategy"])
-        if overhead is None or int(c["nodes"]) in (1, fit_nodes):
+        if overhead is None or fits(c):
             continue
         predicted = c["predicted_s"] + overhead
-        held.append({"strategy": c["strategy"], "nodes": int(c["nodes"]), "where": where, "load": c.get("load"),
-                     "predicted_s": predicted, "overhead_s": overhead, "measured_s": c["measured_s"],
-                     "error": (predicted - c["measured_s"]) / c["measured_s"]})
+        held.append({"strategy": c["strategy"], "nodes": int(c["nodes"]), "model": c.get("model", FIT_MODEL),
+                     "where": where, "load": c.get("load"), "predicted_s": predicted, "overhead_s": overhead,
+                     "measured_s": c["measured_s"], "error": (predicted - c["measured_s"]) / c["measured_s"]})
     return fitted, held
 
 
@@ -136,16 +143,17 @@ def trust_section(calibrations: Sequence[Mapping[str, Any]], step_checks: Sequen
                                 for where, e in errs.items()) + "."]
         fitted, held = fit_step_overhead(step_checks)
         if held:
-            lines += ["", f"**With the per-step overhead term** (T_overhead per strategy = measured - predicted at "
-                      f"N = 2, the single worker at N = 1; every row below is held out, predicted as the model's "
-                      f"step plus that term):", "",
-                      "| where (load average) | strategy | workers | overhead (ms) | predicted (ms) | measured (ms) "
-                      "| error |", "|" + "---|" * 7]
+            lines += ["", f"**With the per-step overhead term** (T_overhead per strategy and machine = measured - "
+                      f"predicted with {FIT_MODEL} at N = 2, the single worker at N = 1; every row below is held "
+                      f"out, predicted as the model's step plus that term):", "",
+                      "| where (load average) | strategy | workers | model | overhead (ms) | predicted (ms) | "
+                      "measured (ms) | error |", "|" + "---|" * 8]
             by_where: dict[str, list[float]] = {}
             for h in held:
                 by_where.setdefault(h["where"], []).append(abs(h["error"]))
                 load = f" ({h['load']:.1f})" if isinstance(h.get("load"), (int, float)) else ""
-                lines.append(f"| {h['where']}{load} | {h['strategy']} | {h['nodes']} | {h['overhead_s'] * 1e3:.1f} | "
+                lines.append(f"| {h['where']}{load} | {h['strategy']} | {h['nodes']} | {h['model']} | "
+                             f"{h['overhead_s'] * 1e3:.1f} | "
                              f"{h['predicted_s'] * 1e3:.1f} | {h['measured_s'] * 1e3:.1f} | {h['error']:+.0%} |")
             lines += ["", "; ".join(f"{where}: held-out median |error| {_pct(statistics.median(e))}, worst "
                                     f"{_pct(max(e))}" for where, e in by_where.items()) + "."]

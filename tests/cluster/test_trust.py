@@ -39,7 +39,13 @@ def test_overhead_fitted_at_two_workers_predicts_the_held_out_checks():
     _, held = trust.fit_step_overhead(checks)
     assert held[0]["error"] == pytest.approx(1 / 1.25 - 1)
     md = trust.trust_section([CAL], checks, [])
-    assert "**With the per-step overhead term**" in md and "| box | sync | 4 | 13.0 | 25.5 | 31.9 | -20% |" in md
+    assert "**With the per-step overhead term**" in md and "| box | sync | 4 | lstm_tiny | 13.0 | 25.5 | 31.9 | -20% |" in md
+    # another model at the fitted N is held out too
+    checks.append({"strategy": "sync", "nodes": 2, "model": "lstm_small", "predicted_s": 0.03, "measured_s": 0.05,
+                   "where": "box"})
+    fitted, held = trust.fit_step_overhead(checks)
+    assert fitted["box"]["sync"] == pytest.approx(0.013)
+    assert held[-1]["model"] == "lstm_small" and held[-1]["error"] == pytest.approx(0.043 / 0.05 - 1)
 
 
 def test_overhead_term_enters_step_time_and_speedup():
