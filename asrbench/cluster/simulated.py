@@ -159,22 +159,35 @@ def step_schedulers(configs: Sequence[Any], interval: str, index: int) -> None:
 
 @torch.no_grad()
 def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: int = 1,
-              algorithm: str = "norm") -> None:
+              algorithm: str = "norm", split: int | None = None) -> None:
     """Lightning's gradient clipping applied to each worker's row of `grads`.
 
     ``norm``: ``torch.nn.utils.clip_grad_norm_`` per worker: the L2 norm ‖g‖ over all of that
     worker's parameter tensors (computed per tensor, then over the tensor norms, as torch does),
     and g <- g min(1, max_norm / (‖g‖ + 1e-6)). ``value``: clamp to [-max_norm, max_norm]. Rows
-    of one group are equal after the exchange, so the norm is computed once per group.
+    of one group are equal after the exchange, so the norm is computed once per group. With
+    `split`, the parameters before and from that index are clipped each by their own norm
+    (:meth:`AcousticModule.configure_gradient_clipping`: the phone probe's own).
     """
     if algorithm == "value":
         grads.clamp_(-max_norm, max_norm)
         return
-    workers, numel = grads.shape
-    norms = torch.stack([torch.nn.utils.get_total_norm(binding.views(grads[i]))
-                         for i in range(0, workers, group_size)])
-    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    grads.view(-1, group_size, numel).mul_(coef.view(-1, 1, 1))
+    workers = grads.shape[0]
+    offsets = [0]
+    for size in binding.sizes:
+        offsets.append(offsets[-1] + size)
+    parts = [(0, len(binding.sizes))] if split is None else [(0, split), (split, len(binding.sizes))]
+    for a, b in parts:
+        lo, hi = offsets[a], offsets[b]
+        if hi == lo:
+            continue
+        block = grads[:, lo:hi]
+        shapes = binding.shapes[a:b]
+        norms = torch.stack([torch.nn.utils.get_total_norm([v.view(sh) for v, sh in
+                                                            zip(block[i].split(binding.sizes[a:b]), shapes)])
+                             for i in range(0, workers, group_size)])
+        coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+        block.view(-1, group_size, hi - lo).mul_(coef.view(-1, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +450,8 @@ class SimulatedCluster:
         self.module = module.to(self.device)
         self.module.train()
         self.binding = RowBinding(module.model)
+        probe = {id(p) for p in module.probe_parameters()}  # clipped by their own norm, as the module does
+        self.clip_split = next((i for i, p in enumerate(self.binding.params) if id(p) in probe), None)
         n = self.numel = self.binding.numel
         self.clip_val = float(gradient_clip_val) if gradient_clip_val else None
         self.clip_algorithm = gradient_clip_algorithm
@@ -530,7 +545,7 @@ class SimulatedCluster:
         _synchronize(self.device)
         t1 = time.perf_counter()
         if self.clip_val is not None:
-            clip_rows(self.G, self.binding, self.clip_val, self.group_size, self.clip_algorithm)
+            clip_rows(self.G, self.binding, self.clip_val, self.group_size, self.clip_algorithm, self.clip_split)
         self.optimizer.step()
         _synchronize(self.device)
         t2 = time.perf_counter()

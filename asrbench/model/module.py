@@ -80,6 +80,21 @@ class AcousticModule(L.LightningModule):
             loss = loss + probe_loss(self.model.phone_logits(), batch["frame_labels"])
         return loss
 
+    def probe_parameters(self) -> list[torch.nn.Parameter]:
+        """The phone probe's parameters (none without one); they come last in the model's parameters."""
+        return list(self.model.phone_probe.parameters()) if self.model.phone_probe is not None else []
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except that the phone probe is clipped by its own norm: the acoustic
+        model's gradient is then clipped exactly as in a model without a probe."""
+        probe = self.probe_parameters()
+        if not probe or not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        ids = {id(p) for p in probe}
+        for group in ([p for p in self.parameters() if id(p) not in ids], probe):
+            torch.nn.utils.clip_grad_norm_(group, float(gradient_clip_val))
+
     def frame_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What frame labels are compared with: the phone probe's logits when the model has one, else the
         output units' (`logits` of the last forward)."""

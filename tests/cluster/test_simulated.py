@@ -339,3 +339,45 @@ def test_train_simulated_writes_the_results_of_the_real_path(tmp_path, make_libr
     ckpt = torch.load(results["checkpoint"], weights_only=True)
     restored = AcousticModule(**ckpt["hyper_parameters"])
     restored.load_state_dict(ckpt["state_dict"])  # `asrbench eval run=` loads it the same way
+
+
+def test_clip_rows_clips_the_phone_probe_by_its_own_norm():
+    module = AcousticModule(DIM, MODEL, OPTIM, "ctc", num_phones=5)
+    binding = RowBinding(module.model)
+    split = len(binding.params) - len(module.probe_parameters())
+    gen = torch.Generator().manual_seed(2)
+    grads = torch.randn(3, binding.numel, generator=gen) * 3.0
+    expected = []
+    for row in grads:
+        for p, v in zip(module.model.parameters(), binding.views(row)):
+            p.grad = v.clone()
+        module.configure_gradient_clipping(None, 1.5, "norm")
+        expected.append(torch.cat([p.grad.reshape(-1) for p in module.model.parameters()]))
+    clipped = grads.clone()
+    clip_rows(clipped, binding, 1.5, split=split)
+    assert torch.equal(clipped, torch.stack(expected))
+    trunk = sum(binding.sizes[:split])
+    assert clipped[:, :trunk].norm(dim=1).sub(1.5).abs().max() < 1e-4  # each part at the clip norm
+    assert clipped[:, trunk:].norm(dim=1).sub(1.5).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["sync", "gtc_bmuf"])
+def test_a_phone_probe_leaves_the_simulated_training_of_the_acoustic_model_unchanged(name):
+    """The probe trains on a stopped gradient and is clipped by its own norm: with clipping acting,
+    the acoustic model's parameters follow the same path, bit for bit, with and without it."""
+    split = synthetic_split(NODES * BATCH * 6, 1)
+    gen = torch.Generator().manual_seed(5)
+    labels = {u: torch.randint(0, 5, (int(n),), generator=gen) for u, n in zip(split.utt_ids, split.lengths)}
+    paths = []
+    for num_phones, data in ((0, SpeechDataset(split)), (5, SpeechDataset(split, labels))):
+        torch.manual_seed(SEED)
+        module = AcousticModule(DIM, MODEL, OPTIM, "ctc", world_size=NODES, num_phones=num_phones)
+        cluster = SimulatedCluster(module, build_strategy(STRATEGIES[name], nodes=NODES, timeout_s=30), NODES,
+                                   gradient_clip_val=CLIP)
+        rows = []
+        fit(cluster, data, batch_size=BATCH, seed=SEED, loop=LoopConfig(max_steps=12, enable_progress_bar=False),
+            on_step=lambda c, losses, step, epoch: rows.append(c.P.clone()))
+        paths.append(torch.stack(rows))
+    plain, probed = paths
+    assert probed.shape[-1] > plain.shape[-1]
+    assert torch.equal(probed[..., :plain.shape[-1]], plain)
