@@ -24,7 +24,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-CALIBRATED_NETWORKS = (CONF / "network" / "loopback_gloo_idle16.yaml", CONF / "network" / "loopback_gloo.yaml")
+CALIBRATED_NETWORKS = (CONF / "network" / "loopback_gloo_idle16.yaml", CONF / "network" / "loopback_gloo_idle2.yaml",
+                       CONF / "network" / "loopback_gloo.yaml")
 STEP_CHECKS = CONF / "network" / "loopback_gloo_checks.json"
 ASSUMPTIONS = (
     "the compute of one worker step on a V100 (conf/profiles/v100_lstm_paper.yaml: estimated from peak "
