@@ -104,3 +104,17 @@ def test_phone_labels_refusals_are_one_line(data, criterion, words):
         phone_set(cfg)
     assert words in str(err.value) and "\n" not in str(err.value)
     assert phone_set(OmegaConf.create({"data": {**data, "phone_labels": False}, "criterion": criterion})) is None
+
+
+def test_checkpoints_record_the_probe_and_refuse_a_run_without_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from asrbench import checkpoint
+
+    cfg = OmegaConf.create({"model": {"name": "t", "hidden_size": 16}, "strategy": {"name": "single"}, "nodes": 1,
+                            "criterion": "ctc"})
+    plain, probed = checkpoint.identity(cfg, 6), checkpoint.identity(cfg, 6, 58)
+    assert "phone_probe" not in plain and probed["phone_probe"] == 58  # older checkpoints still match plain runs
+    diffs = checkpoint.identity_differences(tmp_path, {checkpoint.KEY: probed}, plain, checkpoint.WEIGHT_KEYS, "")
+    assert diffs == ["phone_probe=58 (this run: None)"]
+    assert checkpoint.identity_differences(tmp_path, {checkpoint.KEY: plain}, plain, checkpoint.MUST_MATCH, "") == []
