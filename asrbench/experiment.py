@@ -85,11 +85,8 @@ def load_features(cfg: DictConfig, progress: bool = True) -> dict[str, SplitFeat
                             on_bad_utterance=cfg.data.get("on_bad_utterance", "skip"))
 
 
-def phone_set(cfg: DictConfig, progress: bool = True) -> list[str] | None:
-    """With ``data.phone_labels``, the phone labels' classes (silence first) from the training subsets'
-    timings, generating a synthetic corpus first if needed; None without it."""
-    if not cfg.data.get("phone_labels"):
-        return None
+def _check_phone_labels(cfg: DictConfig) -> None:
+    """The settings ``data.phone_labels=true`` cannot go with, each refused in one line."""
     if cfg.data.get("alignments"):
         raise ConfigError("data.phone_labels=true and data.alignments are two sources of frame labels; set one "
                           "(data.alignments=null for the synthesiser's phone timings)")
@@ -99,6 +96,14 @@ def phone_set(cfg: DictConfig, progress: bool = True) -> list[str] | None:
     if cfg.data.get("kind") != "synth":
         raise ConfigError(f"data.phone_labels=true needs the synthesiser's phoneme timings; data={cfg.data.get('name')} "
                           f"has none: set data.phone_labels=false (or data.alignments=DIR from `asrbench align`)")
+
+
+def phone_set(cfg: DictConfig, progress: bool = True) -> list[str] | None:
+    """With ``data.phone_labels``, the phone labels' classes (silence first) from the training subsets'
+    timings, generating a synthetic corpus first if needed; None without it."""
+    if not cfg.data.get("phone_labels"):
+        return None
+    _check_phone_labels(cfg)
     from asrbench.data import phones
 
     root = ensure_corpus(cfg.data, progress)
@@ -112,13 +117,15 @@ def load_frame_labels(cfg: DictConfig, feats: Mapping[str, SplitFeatures] | None
     if cfg.data.get("phone_labels"):
         from asrbench.data import phones
 
-        classes = phone_set(cfg, progress=False)
-        if feats is None:
+        _check_phone_labels(cfg)
+        if feats is None:  # also generates the corpus if needed
             feats = load_features(cfg, progress=False)
         lengths = {u: int(n) for split in feats.values() for u, n in zip(split.utt_ids, split.lengths.tolist())}
-        subsets = [s for group in split_names(cfg.data).values() for s in group]
+        names = split_names(cfg.data)
+        timings = phones.read_timings(data_root(cfg.data), [s for group in names.values() for s in group])
+        classes = phones.inventory(timings[s] for s in names["train"])  # as phone_set gives the module
         f = cfg.features
-        labels = phones.phone_frame_labels(phones.read_timings(data_root(cfg.data), subsets), lengths, classes,
+        labels = phones.phone_frame_labels(timings, lengths, classes,
                                            frame_shift_ms=float(f.frame_shift_ms),
                                            frame_length_ms=float(f.frame_length_ms), stack=int(f.stack),
                                            skip=int(f.skip))

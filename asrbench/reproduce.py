@@ -209,7 +209,6 @@ FER_NOTES = {
                  "the same seed's warm start: it measures agreement with that model, so it favours runs that move "
                  "little from it and does not rank the strategies; the claims use WER only.",
 }
-FER_NOTES[True] = FER_NOTES["alignment"]
 
 
 def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str,
@@ -693,8 +692,8 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     experiment.load_features(compose("train", overrides=common))  # corpus and features once, before any run
     single = ["strategy=single", "nodes=1"]
     tail = float(rc.get("convergence_tail", 0.2))
-    fer = rc.get("fer")
-    if fer not in (None, False, True, "phones", "alignment"):
+    fer = "alignment" if rc.get("fer") is True else rc.get("fer")  # true: the older name of alignment
+    if fer not in (None, False, "phones", "alignment"):
         raise ConfigError(f"reproduce.fer={fer} is unknown; use phones (a phone probe against the synthesiser's "
                           f"timings), alignment (forced alignment with each seed's warm start) or false")
     if fer == "phones":  # every run, the warm starts included, trains the probe beside its CTC model
@@ -711,7 +710,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
 
     # 2. fer=alignment: each seed's runs are scored against the forced alignment of that seed's own
     # warm start (one reference per seed: a run and its baseline share it)
-    if fer in (True, "alignment") and warm:
+    if fer == "alignment" and warm:
         for s in seeds:
             align_dir = out / "align" / f"seed{s}"
             if not (align_dir / "align.json").is_file():

@@ -36,8 +36,7 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
         refs += targets_to_text(batch["targets"], batch["target_lens"])
         ids += list(batch["utt_ids"])
         if "frame_labels" in batch:  # against the phone probe when the model has one (asrbench.data.phones)
-            scored = model.phone_logits() if getattr(model, "phone_probe", None) is not None else logits
-            w, c = metrics.frame_errors(scored.cpu(), batch["frame_labels"])
+            w, c = metrics.frame_errors(model.frame_logits(logits).cpu(), batch["frame_labels"])
             wrong, counted = wrong + w, counted + c
     return {
         "wer": metrics.wer(refs, hyps),

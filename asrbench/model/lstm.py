@@ -38,6 +38,11 @@ class LSTMAcousticModel(nn.Module):
             self.last_hidden = hidden
         return self.output(hidden)
 
+    def frame_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What frame labels are compared with: the probe's phone logits when the model has one, else
+        the output units' `logits` (of the last forward)."""
+        return self.phone_logits() if self.phone_probe is not None else logits
+
     def phone_logits(self) -> torch.Tensor:
         """The probe's phone logits (B, T, num_phones) for the last forward, on a stopped gradient."""
         if self.phone_probe is None or self.last_hidden is None:

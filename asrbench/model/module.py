@@ -95,11 +95,6 @@ class AcousticModule(L.LightningModule):
         for group in ([p for p in self.parameters() if id(p) not in ids], probe):
             torch.nn.utils.clip_grad_norm_(group, float(gradient_clip_val))
 
-    def frame_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """What frame labels are compared with: the phone probe's logits when the model has one, else the
-        output units' (`logits` of the last forward)."""
-        return self.model.phone_logits() if self.model.phone_probe is not None else logits
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["feats"], batch["feat_lens"])
         loss = self.loss(logits, batch)
@@ -134,7 +129,7 @@ class AcousticModule(L.LightningModule):
         if "frame_labels" in batch:
             labels = batch["frame_labels"]
             mask = labels != -100
-            self.val_frames_wrong.update(((self.frame_logits(logits).argmax(-1) != labels) & mask).sum().float())
+            self.val_frames_wrong.update(((self.model.frame_logits(logits).argmax(-1) != labels) & mask).sum().float())
             self.val_frames.update(mask.sum().float())
 
     def on_validation_epoch_end(self) -> None:

@@ -73,7 +73,7 @@ def test_the_probe_does_not_change_the_acoustic_model():
         else:  # same initial weights (the probe is built last), same gradients: the CTC model is unchanged
             assert torch.equal(p.detach(), grads[name].detach()) and torch.equal(p.grad, grads[name].grad), name
     logits = probed(batch["feats"], batch["feat_lens"])
-    assert probed.frame_logits(logits).shape == (2, 12, 5) and plain.frame_logits(logits) is logits
+    assert probed.model.frame_logits(logits).shape == (2, 12, 5) and plain.model.frame_logits(logits) is logits
 
 
 def test_probe_loss_with_no_labelled_frame_is_zero_not_nan():
