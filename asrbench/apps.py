@@ -263,8 +263,8 @@ def reproduce(cfg: DictConfig) -> None:
                                                                     for p in compare)]
     result = rep.run_reproduce(cfg, out, CONF)
     projection = rep.paper_projection(cfg, result["first_seed_rows"], CONF)
-    md = rep.write(out, result, cfg.network, projection, rep.describe_setup(cfg, result), others=others,
-                   name=str(cfg.reproduce.name))
+    md = report.write_reproduce(out, result, cfg.network, projection, rep.describe_setup(cfg, result),
+                                others=others, name=str(cfg.reproduce.name))
     runinfo.write_json_atomic(out / "reproduce.json", {k: v for k, v in result.items() if k != "histories"}
                               | {"projection": projection, "git_commit": runinfo.git_commit(),
                                  "versions": runinfo.versions(), "host": runinfo.host(),
@@ -276,12 +276,14 @@ def reproduce(cfg: DictConfig) -> None:
 
 
 def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
+    """The report's tables and figures as one W&B run in the invocation's group."""
     import wandb
 
-    keys = ["strategy", "nodes", "wer", "wer_sd", "rel_wer", "rel_wer_sd", "fer", "fer_sd", "rel_fer", "rel_fer_sd",
-            "predicted_speedup", "steps", "dev_loss_rel_change"]
-    claim_keys = ["claim", "paper", "lower", "higher", "margin", "noise", "verdict"]
-    with wandb.init(project="asrbench", group="reproduce", mode=experiment.wandb_mode(),
+    keys = ["strategy", "nodes", "wer", "wer_sd", "rel_wer", "rel_wer_sd", "cer", "rel_cer", "fer", "fer_sd", "rel_fer",
+            "rel_fer_sd", "predicted_speedup", "steps", "plateaus"]
+    claim_keys = ["claim", "paper", "metric", "mean", "low", "high", "p_holm", "paper_margin", "p_ref_holm", "mde",
+                  "mde_holm", "verdict"]
+    with wandb.init(project="asrbench", group=f"reproduce-{out.name}", job_type="report", mode=experiment.wandb_mode(),
                     name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
                     config=OmegaConf.to_container(cfg, resolve=True)) as run:
         run.log({"reproduce/table": wandb.Table(columns=keys, data=[[c.get(k) for k in keys] for c in result["cells"]]),

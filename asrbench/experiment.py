@@ -254,6 +254,7 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
 
         wandb_logger = WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
                                    group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
+                                   job_type=cfg.logger.get("job_type"),
                                    save_dir=str(out_dir), tags=list(cfg.logger.get("tags") or []),
                                    config=resolved_config(cfg) | {"git_commit": runinfo.git_commit(),
                                                                   "versions": runinfo.versions()})
@@ -263,6 +264,16 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
             wandb_logger._wandb_init.pop("anonymous", None)
         return wandb_logger
     raise ConfigError(f"logger={name!r} is unknown; use wandb, csv or none")
+
+
+def finish_wandb(logger: Any) -> None:
+    """End this run's W&B run, so that the next run in the same process opens its own: a
+    WandbLogger otherwise finds the run still open and logs into it (reproduce runs several jobs
+    in one worker process)."""
+    run = getattr(logger, "_experiment", None)
+    if run is not None and hasattr(run, "finish"):
+        run.finish()
+        logger._experiment = None
 
 
 def wandb_mode() -> str:
@@ -397,7 +408,7 @@ class TrainerRunner:
                          train_time_s=module.train_time_s, model=module.model, comm_summary=comm() if comm else {})
 
     def close(self, logger: Any) -> None:
-        pass  # the Trainer finalized its logger at the end of fit
+        finish_wandb(logger)  # the Trainer finalized the logger at the end of fit; the W&B run ends here
 
 
 @dataclass
@@ -474,7 +485,7 @@ class SimulatedRunner:
                 logger.log_metrics(metrics, step=step)
 
         def validate(epoch: int, step: int) -> None:
-            cluster.bind_worker(0)
+            cluster.bind_global_model()  # BMUF: W_g at this block end, not a worker's local model
             res = evaluate_split(cluster.module.model, feats["dev"], frame_labels,
                                  batch_size=int(cfg.eval_batch_size), device=self.device, criterion=cfg.criterion)
             cluster.module.model.train()
@@ -514,6 +525,7 @@ class SimulatedRunner:
     def close(self, logger: Any) -> None:
         if logger:
             logger.finalize("success")
+        finish_wandb(logger)
 
 
 def _numel(module: AcousticModule) -> int:
@@ -656,6 +668,7 @@ def evaluate_all(model: torch.nn.Module, feats: Mapping[str, SplitFeatures], fra
         hyps = res.pop("hyps")
         (out_dir / "hyps").mkdir(exist_ok=True)
         (out_dir / "hyps" / f"{split}.txt").write_text("".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
+        runinfo.write_json_atomic(out_dir / "hyps" / f"{split}.scores.json", res.pop("scores"))
         per_split[split] = res
         log.info("%s: WER %.4f CER %.4f FER %s (%d utterances)", split, res["wer"], res["cer"],
                  "n/a" if res["fer"] is None else f"{res['fer']:.4f}", res["utterances"])

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from asrbench.metrics import relative_change
+from asrbench.paper import PAPER_TABLE, paper_rel_wer_text, paper_value
 
 
 def load_results(run_dir: Path) -> dict:
@@ -165,4 +166,388 @@ def write_report(out_dir: Path, rows: Sequence[Mapping], histories: Mapping[str,
             parts += [f"### {r.get('strategy')} x{r.get('nodes')}: per speaker", "", speakers, ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))
+    return path
+
+
+def speedup_errors(rows: Sequence[Mapping]) -> tuple[list[dict], float]:
+    """Relative error of each predicted speedup against the paper's, and their median."""
+    out = []
+    for r in rows:
+        paper_s = paper_value(r["strategy"], r["nodes"], "speedup")
+        if paper_s and r.get("predicted_speedup"):
+            out.append({"strategy": r["strategy"], "nodes": r["nodes"], "ours": r["predicted_speedup"],
+                        "paper": paper_s, "rel_error": (r["predicted_speedup"] - paper_s) / paper_s})
+    errs = sorted(abs(e["rel_error"]) for e in out)
+    median = errs[len(errs) // 2] if len(errs) % 2 else (sum(errs[len(errs) // 2 - 1:len(errs) // 2 + 1]) / 2 if errs else math.nan)
+    return out, median
+
+
+def comparison_table(rows: Sequence[Mapping]) -> str:
+    """Ours (predicted speedup under the network preset, measured relative WER) beside the paper."""
+    head = ("| strategy | workers | speedup (ours) | speedup (paper) | rel. WER (ours) | rel. WER (paper) "
+            "| WER | steps | bytes sent/worker/step | compression |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        s, n = r["strategy"], r["nodes"]
+        paper_s = paper_value(s, n, "speedup")
+        rel = r.get("rel_wer")
+        lines.append(
+            f"| {s} | {n} | {_num(r.get('predicted_speedup'))}x | {_num(paper_s)}{'x' if paper_s else ''} | "
+            f"{'-' if rel is None or math.isnan(rel) else f'{rel * 100:+.1f}%'} | {paper_rel_wer_text(s, n)} | "
+            f"{r['wer'] * 100:.1f}% | {r.get('steps')} | {_num(r.get('bytes_sent_per_worker_per_step'))} | "
+            f"{_num(r.get('compression_ratio'))} |")
+    return "\n".join(lines)
+
+
+def projection_table(proj: Sequence[Mapping]) -> str:
+    lines = ["| strategy | workers | step (s) | of which comm (s) | largest comm part | speedup (projected) "
+             "| speedup (paper) | rel. error |", "|" + "---|" * 8]
+    for p in proj:
+        paper_s = paper_value(p["strategy"], p["nodes"], "speedup")
+        part = max(p["comm_parts"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        err = f"{(p['predicted_speedup'] - paper_s) / paper_s * 100:+.0f}%" if paper_s else "-"
+        lines.append(f"| {p['strategy']} | {p['nodes']} | {p['step_s']:.3f} | {p['comm_s']:.3f} | "
+                     f"{part[0]} ({part[1]:.3f} s) | {p['predicted_speedup']:.1f}x | "
+                     f"{_num(paper_s)}{'x' if paper_s else ''} | {err} |")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def plot_scaling(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
+    """speedup.png, rel_wer.png and bytes.png: ours (solid) and the paper's (dashed) per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = sorted({r["strategy"] for r in rows})
+    paths = []
+    for key, fname, ylabel in (("predicted_speedup", "speedup.png", "speedup over one worker"),
+                               ("rel_wer", "rel_wer.png", "relative WER change vs single worker (%)"),
+                               ("bytes_sent_per_worker_per_step", "bytes.png", "bytes sent / worker / step")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, s in enumerate(strategies):
+            pts = sorted((r["nodes"], r.get(key)) for r in rows if r["strategy"] == s and r.get(key) is not None)
+            scale = 100 if key == "rel_wer" else 1
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="o", color=f"C{i}", label=f"{s} (ours)")
+            paper_key = {"predicted_speedup": "speedup", "rel_wer": "rel_wer"}.get(key)
+            if paper_key and s in PAPER_TABLE:
+                ppts = [(n, v[paper_key] * scale) for n, v in sorted(PAPER_TABLE[s].items())
+                        if not math.isnan(v[paper_key])]
+                ax.plot([p[0] for p in ppts], [p[1] for p in ppts], "--", marker="x", color=f"C{i}",
+                        label=f"{s} (paper)")
+        if key == "bytes_sent_per_worker_per_step":
+            ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("workers")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    return paths
+
+
+def search_table(search: Mapping) -> str:
+    lines = ["| strategy | candidate overrides | dev WER | test WER | GTC density | steps | |", "|" + "---|" * 7]
+    for s, v in (search.get("strategies") or {}).items():
+        for i, c in enumerate(v["candidates"]):
+            dens = "-" if c.get("density") is None else f"{c['density'] * 100:.1f}%"
+            lines.append(f"| {s} | `{' '.join(c['overrides']) or '(defaults)'}` | {c['dev_wer'] * 100:.1f}% | "
+                         f"{c['test_wer'] * 100:.1f}% | {dens} | {c['steps']:,} | "
+                         f"{'**winner**' if i == v['winner'] else ''} |")
+    return "\n".join(lines)
+
+
+FER_NOTES = {
+    "phones": " FER is the frame error of a phone probe, a linear classifier on the acoustic model's top layer "
+              "trained beside it on a stopped gradient (it does not change the CTC model), against the "
+              "synthesiser's exact phone timings: the same reference for every run and seed. The claims use WER, "
+              "the paper's measure.",
+    "alignment": " FER counts the frames whose most likely label differs from the CTC forced alignment made with "
+                 "the same seed's warm start: it measures agreement with that model, so it favours runs that move "
+                 "little from it and does not rank the strategies; the claims use WER only.",
+}
+
+
+def _pct_pm(mean: float, sd: float, signed: bool = True) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean * 100:+.1f}" if signed else f"{mean * 100:.1f}"
+    return text + ("" if math.isnan(sd) else f" ± {sd * 100:.1f}") + "%"
+
+
+def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[str, int], float],
+                            out_dir: Path) -> Path:
+    """tradeoff.png: relative WER (mean ± sd over seeds) against speedup, ours and the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, s in enumerate(("gtc", "bmuf", "gtc_bmuf")):
+        ours = sorted((projected.get((c["strategy"], c["nodes"]), c["predicted_speedup"]), c["rel_wer"] * 100,
+                       0 if math.isnan(c["rel_wer_sd"]) else c["rel_wer_sd"] * 100, c["nodes"])
+                      for c in cells if c["strategy"] == s and not math.isnan(c["rel_wer"]))
+        if ours:
+            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] for o in ours], fmt="o-",
+                        color=f"C{i}", capsize=3, label=f"{s} (ours)")
+            for x, y, _, n in ours:
+                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+        paper = [(v["speedup"], 0.0 if v.get("below_baseline") else v["rel_wer"] * 100, n)
+                 for n, v in sorted(PAPER_TABLE.get(s, {}).items())]
+        ax.plot([p[0] for p in paper], [p[1] for p in paper], "x--", color=f"C{i}", label=f"{s} (paper)")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("speedup over one worker (ours: projected to the paper's scale; ours at our own worker counts)")
+    ax.set_ylabel("relative WER change vs single worker (%)")
+    ax.set_title("accuracy against speed; paper's GTC-BMUF x32 'below baseline' drawn at 0", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "tradeoff.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_dir: Path) -> Path:
+    """learning_curves.png: dev loss and dev WER of every run against epochs of data seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels: dict[str, int] = {}
+    labelled_seed = min((int(r.get("seed", 0)) for r, _ in runs), default=0)  # one legend entry per cell
+    for res, history in runs:
+        label = f"{res['strategy']} x{res['nodes']}"
+        color = f"C{labels.setdefault(label, len(labels)) % 10}"
+        steps, epochs = max(int(res.get("steps") or 0), 1), float(res.get("epochs") or 1)
+        for ax, key in zip(axes, ("val/loss", "val/wer")):
+            pts = [(int(h["step"]), float(h[key])) for h in history
+                   if h.get(key) is not None and math.isfinite(float(h[key]))]
+            if pts:
+                ax.plot([s / steps * epochs for s, _ in pts], [v for _, v in pts], color=color, lw=1, alpha=0.8,
+                        label=label if int(res.get("seed", 0)) == labelled_seed else None)
+    for ax, name in zip(axes, ("dev loss", "dev WER")):
+        ax.set_xlabel("epochs of training data (after the shared warm start)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out_dir / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+# ---------------------------------------------------------------------------------------------
+# asrbench reproduce: its report.md, tables and figures
+# ---------------------------------------------------------------------------------------------
+def _ci(d: Mapping | None, scale: float = 100.0, signed: bool = True) -> str:
+    """'+2.1 [+0.4, +3.8]' from a stats.Paired dict (points of relative error)."""
+    if not d or d.get("mean") is None or math.isnan(d["mean"]):
+        return "-"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    if d.get("low") is None or math.isnan(d["low"]):
+        return f.format(d["mean"] * scale)
+    return f"{f.format(d['mean'] * scale)} [{f.format(d['low'] * scale)}, {f.format(d['high'] * scale)}]"
+
+
+def _p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def evidence_cells_table(ev: Mapping, nodes: Sequence[int]) -> str:
+    """Every cell against the baseline on one split: absolute error rates and relative changes with
+    their paired 95% CIs, beside the paper's figure at the same tier of workers."""
+    from asrbench.paper import PAPER_NODES
+
+    metrics = ev["metrics"]
+    head = ["strategy", "workers", *[f"{m.upper()}" for m in metrics],
+            *[f"rel. {m.upper()} [95% CI]" for m in metrics], "paper (tier)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = ev["baseline"]
+    lines.append("| single | 1 | " + " | ".join(f"{base[m] * 100:.1f}%" for m in metrics) + " | "
+                 + " | ".join("0" for _ in metrics) + " | - |")
+    tier = {int(n): p for n, p in zip(nodes, PAPER_NODES)}
+    for c in ev["cells"]:
+        paper = tier.get(int(c["nodes"]))
+        lines.append(f"| {c['strategy']} | {c['nodes']} | " + " | ".join(f"{c[f'{m}_abs'] * 100:.1f}%" for m in metrics)
+                     + " | " + " | ".join(_ci(c[m]) for m in metrics) + " | "
+                     + (f"{paper_rel_wer_text(c['strategy'], paper)} (x{paper})" if paper else "-") + " |")
+    return "\n".join(lines)
+
+
+def pairs_table(ev: Mapping) -> str:
+    """Strategies against each other at each worker count: rel(b) - rel(a) in points with the paired
+    95% CI and Holm's adjusted p over all pairs; positive: a is more accurate."""
+    metrics = ev["metrics"]
+    head = ["workers", "a vs b", *[f"{m.upper()}: b - a [95% CI]" for m in metrics], *[f"p {m.upper()} (Holm)" for m in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in ev["pairs"]:
+        lines.append(f"| {p['nodes']} | {p['a']} vs {p['b']} | " + " | ".join(_ci(p[m]) for m in metrics) + " | "
+                     + " | ".join(_p(p[m].get("p_holm")) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(claims: Sequence[Mapping]) -> str:
+    """The paper's claims: our paired difference (higher side minus lower side, points of relative
+    error: positive is the paper's order), its CI, Holm-adjusted p against 0 and against the paper's
+    margin, the minimum detectable effect and the verdict."""
+    lines = ["| claim | paper | metric | ours: difference [95% CI] | p vs 0 (Holm) | paper's margin | "
+             "p vs margin (Holm) | MDE (α 0.05 / Holm) | verdict |", "|" + "---|" * 9]
+    for j in claims:
+        if j.get("verdict") == "not measured":
+            lines.append(f"| {j['claim']} | {j['paper']} | {j.get('metric', '-').upper()} | - | - | - | - | - | "
+                         f"not measured |")
+            continue
+        margin = j.get("paper_margin")
+        lines.append(
+            f"| {j['claim']} | {j['paper']} | {j['metric'].upper()} | {_ci(j)} pts | {_p(j.get('p_holm'))} | "
+            f"{'-' if margin is None else f'{margin * 100:+.1f} pts'} | {_p(j.get('p_ref_holm'))} | "
+            f"{j['mde'] * 100:.1f} / {j['mde_holm'] * 100:.1f} pts | **{j['verdict']}** |")
+    return "\n".join(lines)
+
+
+def runs_table(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
+    """Every run: seed, steps, WER per split, and the plateau test of its dev-loss curve."""
+    lines = ["| run | seed | steps | dev WER | " + " | ".join(f"{s} WER" for s in splits)
+             + " | dev loss: change over the last points [95% CI] | plateau |", "|" + "---|" * (6 + len(splits))]
+    for r in rows:
+        pl = r.get("plateau") or {}
+        change = ("-" if pl.get("rel_change") is None or math.isnan(pl["rel_change"]) else
+                  f"{pl['rel_change'] * 100:+.1f}% [{pl['low'] * 100:+.1f}, {pl['high'] * 100:+.1f}] "
+                  f"({pl['points']} points, steps {pl['from_step']:,}-{pl['to_step']:,})")
+        lines.append(f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | {r['dev_wer'] * 100:.1f}% | "
+                     + " | ".join(f"{r['eval'][s]['wer'] * 100:.1f}%" if s in r.get("eval", {}) else "-" for s in splits)
+                     + f" | {change} | {'yes' if pl.get('plateau') else 'no'} |")
+    return "\n".join(lines)
+
+
+def settings_table(settings: Sequence[tuple[str, Mapping]]) -> str:
+    """Each claim's verdict and difference in this and other finished reproduce runs (compare_with)."""
+    names = [n for n, _ in settings]
+    claims = {n: {j["claim"]: j for j in r.get("claims", [])} for n, r in settings}
+    order = list(dict.fromkeys(c for n in names for c in claims[n]))
+    lines = ["| claim | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for c in order:
+        row = []
+        for n in names:
+            j = claims[n].get(c)
+            if j is None or j.get("verdict") == "not measured":
+                row.append("-")
+            elif "low" in j:
+                row.append(f"**{j['verdict']}** ({_ci(j)} pts)")
+            else:  # an older reproduce.json: margin against the seed spread
+                row.append(f"**{j['verdict']}** ({j['margin'] * 100:+.1f} pts, older rule)")
+        lines.append(f"| {c} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+STATISTICS_NOTE = (
+    "How to read the numbers. Every effect is a relative error change, (rate - baseline rate) / baseline "
+    "rate, in points (+2.0 = 2% worse than one worker). Each seed has one warm start from which its "
+    "baseline and every distributed run continue, and every run is scored on the same utterances, so a "
+    "comparison is paired twice: the difference is taken seed by seed, and the test set's own noise is "
+    "the spread of the mean difference when the utterances are resampled with replacement, the same "
+    "resample for every run ({resamples} paired bootstrap resamples). The 95% CI is a t interval on "
+    "sqrt(s_d^2 / n + se_boot^2) with Welch-Satterthwaite degrees of freedom (asrbench/stats.py). A "
+    "claim's difference is the higher side minus the lower side, so a positive value is the paper's "
+    "order. Its verdict uses Holm's correction over the {claims} claims tested: *agrees* / *disagrees* "
+    "when the difference is non-zero after correction, *excludes the paper's effect* when it is not, but "
+    "the paper's margin is rejected after correction (a second Holm family), *inconclusive* otherwise. "
+    "The MDE is the smallest true difference the claim's test finds with 80% power: at a = 0.05, and at "
+    "the strictest Holm level (0.05 / {claims}). The paper's margins were measured at 32 / 64 / 128 "
+    "workers; here each claim is restated at this experiment's worker counts {nodes}, the same tiers "
+    "smallest to largest.")
+
+
+def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str,
+                    others: Sequence[tuple[str, Mapping]] = (), name: str = "this run") -> Path:
+    """report.md (setup, claims with their statistics, effects per cell and per pair of strategies on
+    every scored split, search, runs with their plateau tests, speed) and its plots."""
+    from asrbench.cluster import trust  # imports omegaconf, which report's other users need not load
+
+    out_dir = Path(out_dir)
+    cells = result["cells"]
+    nodes = result["nodes"]
+    split = result["split"]
+    ev = result["evidence"]
+    projected = {(p["strategy"], p["nodes"]): p["predicted_speedup"] for p in (projection or {}).get("rows", [])}
+    first = result["first_seed_rows"]
+    plots = [plot_reproduce_tradeoff(cells, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
+             *plot_scaling([c for c in cells if c["strategy"] != "single"], out_dir)]
+    errors, median = speedup_errors(first)
+    search = result.get("search") or {}
+    main = ev[split]
+    parts = [
+        "# asrbench reproduce", "", setup, "",
+        f"## The paper's claims ({split}, {main['utterances']:,} utterances, {main['words']:,} words; "
+        f"{len(main['seeds'])} seeds)", "",
+        claims_table(main["claims"]), "",
+        STATISTICS_NOTE.format(resamples=main["resamples"], claims=sum(j.get("verdict") != "not measured"
+                                                                       for j in main["claims"]),
+                               nodes=" / ".join(map(str, nodes))), "",
+    ]
+    for sp, e in ev.items():
+        role = "the split the claims are decided on" if sp == split else "scored beside it"
+        parts += [f"## Each cell against the baseline: {sp} ({role}; {e['utterances']:,} utterances, "
+                  f"{e['words']:,} words)", "",
+                  "Mean over seeds of each rate, and the relative change against the same seed's baseline with "
+                  "its paired 95% CI." + FER_NOTES.get(result.get("fer"), ""), "",
+                  evidence_cells_table(e, nodes), "",
+                  f"### Strategies against each other: {sp}", "",
+                  "rel(b) - rel(a) in points: positive when a is more accurate; p adjusted by Holm over every "
+                  "pair of one metric.", "",
+                  pairs_table(e), ""]
+    if others:
+        parts += ["## Beside other settings", "",
+                  "Each claim's verdict in this run and in the other finished reproduce runs named by "
+                  "`reproduce.compare_with`.", "", settings_table([(name, result), *others]), ""]
+    if search:
+        cost = (f"{search.get('runs', '?')} runs at {search.get('nodes')} workers, seed {search.get('seed')}, "
+                f"{search['run_s'] / 60:.1f} min of run time" if "run_s" in search else "reused from an earlier run")
+        parts += ["## The knob search", "",
+                  f"One search at one worker count on dev WER ({cost}); each strategy's winner is kept for "
+                  f"every worker count and seed.", "", search_table(search), ""]
+    all_rows = [r for rows in result["rows_by_seed"].values() for r in rows]
+    splits = list(ev)
+    plateaus = sum(bool((r.get("plateau") or {}).get("plateau")) for r in all_rows)
+    parts += ["## Every run: steps and plateau", "",
+              f"{plateaus} of {len(all_rows)} runs end on a plateau: a least-squares line through the last dev-loss "
+              f"points predicts a change over them whose 95% CI lies within the tolerance (asrbench.stats.plateau). "
+              f"BMUF and GTC-BMUF are validated on the global model W_g at block ends.", "",
+              runs_table(all_rows, splits), "",
+              f"## Speed (seed {result['seeds'][0]}'s runs on this machine's simulated cluster)", "",
+              comparison_table(first), "",
+              f"Median relative error of our predicted speedups against the paper's: {median * 100:.0f}% "
+              f"over {len(errors)} figures (the paper's worker counts only).", ""]
+    if projection and projection["rows"]:
+        proj_errors, proj_median = speedup_errors(projection["rows"])
+        parts += [
+            f"## Projected to the paper's scale ({projection['model']}, {projection['parameters'] / 1e6:.1f}M parameters)",
+            "",
+            f"Each run's measured communication pattern (strategy, N, K, group size, the fraction of elements "
+            f"GTC sent) re-costed for `{projection['model']}` with the compute profile "
+            f"`{projection['profile']}` on the `{network}` network: bytes scale with the parameter count, "
+            f"compute is the profile's seconds per worker step.", "",
+            projection_table(projection["rows"]), "",
+            f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
+            f"over {len(proj_errors)} figures.", ""]
+    parts += [trust.report_section(first, (projection or {}).get("rows", [])), ""]
+    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts) + "\n")
     return path

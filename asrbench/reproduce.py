@@ -7,6 +7,7 @@ W&B.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -14,45 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asrbench import report
-from asrbench.cluster import trust
-from asrbench.paper import PAPER_TABLE, paper_rel_wer_text, paper_value
+from asrbench import analysis, report, stats
 
 log = logging.getLogger(__name__)
 
 
 def run_name(strategy: str, nodes: int) -> str:
     return f"{strategy}_n{nodes}"
-
-
-def comparison_table(rows: Sequence[Mapping]) -> str:
-    """Ours (predicted speedup under the network preset, measured relative WER) beside the paper."""
-    head = ("| strategy | workers | speedup (ours) | speedup (paper) | rel. WER (ours) | rel. WER (paper) "
-            "| WER | steps | bytes sent/worker/step | compression |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        s, n = r["strategy"], r["nodes"]
-        paper_s = paper_value(s, n, "speedup")
-        rel = r.get("rel_wer")
-        lines.append(
-            f"| {s} | {n} | {_num(r.get('predicted_speedup'))}x | {_num(paper_s)}{'x' if paper_s else ''} | "
-            f"{'-' if rel is None or math.isnan(rel) else f'{rel * 100:+.1f}%'} | {paper_rel_wer_text(s, n)} | "
-            f"{r['wer'] * 100:.1f}% | {r.get('steps')} | {_num(r.get('bytes_sent_per_worker_per_step'))} | "
-            f"{_num(r.get('compression_ratio'))} |")
-    return "\n".join(lines)
-
-
-def speedup_errors(rows: Sequence[Mapping]) -> tuple[list[dict], float]:
-    """Relative error of each predicted speedup against the paper's, and their median."""
-    out = []
-    for r in rows:
-        paper_s = paper_value(r["strategy"], r["nodes"], "speedup")
-        if paper_s and r.get("predicted_speedup"):
-            out.append({"strategy": r["strategy"], "nodes": r["nodes"], "ours": r["predicted_speedup"],
-                        "paper": paper_s, "rel_error": (r["predicted_speedup"] - paper_s) / paper_s})
-    errs = sorted(abs(e["rel_error"]) for e in out)
-    median = errs[len(errs) // 2] if len(errs) % 2 else (sum(errs[len(errs) // 2 - 1:len(errs) // 2 + 1]) / 2 if errs else math.nan)
-    return out, median
 
 
 # Cost-model statistics that grow with the number of parameters (GTC densities are kept).
@@ -109,63 +78,6 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
     return out
 
 
-def projection_table(proj: Sequence[Mapping]) -> str:
-    lines = ["| strategy | workers | step (s) | of which comm (s) | largest comm part | speedup (projected) "
-             "| speedup (paper) | rel. error |", "|" + "---|" * 8]
-    for p in proj:
-        paper_s = paper_value(p["strategy"], p["nodes"], "speedup")
-        part = max(p["comm_parts"].items(), key=lambda kv: kv[1], default=("-", 0.0))
-        err = f"{(p['predicted_speedup'] - paper_s) / paper_s * 100:+.0f}%" if paper_s else "-"
-        lines.append(f"| {p['strategy']} | {p['nodes']} | {p['step_s']:.3f} | {p['comm_s']:.3f} | "
-                     f"{part[0]} ({part[1]:.3f} s) | {p['predicted_speedup']:.1f}x | "
-                     f"{_num(paper_s)}{'x' if paper_s else ''} | {err} |")
-    return "\n".join(lines)
-
-
-def _num(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-
-
-def plot_scaling(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
-    """speedup.png, rel_wer.png and bytes.png: ours (solid) and the paper's (dashed) per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    strategies = sorted({r["strategy"] for r in rows})
-    paths = []
-    for key, fname, ylabel in (("predicted_speedup", "speedup.png", "speedup over one worker"),
-                               ("rel_wer", "rel_wer.png", "relative WER change vs single worker (%)"),
-                               ("bytes_sent_per_worker_per_step", "bytes.png", "bytes sent / worker / step")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, s in enumerate(strategies):
-            pts = sorted((r["nodes"], r.get(key)) for r in rows if r["strategy"] == s and r.get(key) is not None)
-            scale = 100 if key == "rel_wer" else 1
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="o", color=f"C{i}", label=f"{s} (ours)")
-            paper_key = {"predicted_speedup": "speedup", "rel_wer": "rel_wer"}.get(key)
-            if paper_key and s in PAPER_TABLE:
-                ppts = [(n, v[paper_key] * scale) for n, v in sorted(PAPER_TABLE[s].items())
-                        if not math.isnan(v[paper_key])]
-                ax.plot([p[0] for p in ppts], [p[1] for p in ppts], "--", marker="x", color=f"C{i}",
-                        label=f"{s} (paper)")
-        if key == "bytes_sent_per_worker_per_step":
-            ax.set_yscale("log")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("workers")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / fname)
-    return paths
-
-
 def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path) -> dict | None:
     """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
     from omegaconf import OmegaConf
@@ -189,92 +101,8 @@ def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path)
             "compute_profile": profile, "network": cfg.network, "rows": rows}
 
 
-def search_table(search: Mapping) -> str:
-    lines = ["| strategy | candidate overrides | dev WER | test WER | GTC density | steps | |", "|" + "---|" * 7]
-    for s, v in (search.get("strategies") or {}).items():
-        for i, c in enumerate(v["candidates"]):
-            dens = "-" if c.get("density") is None else f"{c['density'] * 100:.1f}%"
-            lines.append(f"| {s} | `{' '.join(c['overrides']) or '(defaults)'}` | {c['dev_wer'] * 100:.1f}% | "
-                         f"{c['test_wer'] * 100:.1f}% | {dens} | {c['steps']:,} | "
-                         f"{'**winner**' if i == v['winner'] else ''} |")
-    return "\n".join(lines)
-
-
-FER_NOTES = {
-    "phones": " FER is the frame error of a phone probe, a linear classifier on the acoustic model's top layer "
-              "trained beside it on a stopped gradient (it does not change the CTC model), against the "
-              "synthesiser's exact phone timings: the same reference for every run and seed. The claims use WER, "
-              "the paper's measure.",
-    "alignment": " FER counts the frames whose most likely label differs from the CTC forced alignment made with "
-                 "the same seed's warm start: it measures agreement with that model, so it favours runs that move "
-                 "little from it and does not rank the strategies; the claims use WER only.",
-}
-
-
-def write(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str,
-          others: Sequence[tuple[str, Mapping]] = (), name: str = "this run") -> Path:
-    """report.md (headline table, claims, search, convergence, speed) and its plots; `others`
-    (name, reproduce.json) of finished reproduce runs go beside this one's claims."""
-    cells = result["cells"]
-    projected = {(p["strategy"], p["nodes"]): p["predicted_speedup"] for p in (projection or {}).get("rows", [])}
-    first = result["first_seed_rows"]  # already relative to their seed's baseline
-    plots = [plot_tradeoff(cells, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
-             *plot_scaling([c for c in cells if c["strategy"] != "single"], out_dir)]
-    errors, median = speedup_errors(first)
-    search = result.get("search") or {}
-    n_seeds = len(result["seeds"])
-    parts = [
-        "# asrbench reproduce", "", setup, "",
-        f"## Accuracy: mean ± sd over {n_seeds} seed{'s' if n_seeds > 1 else ''} (seeds {result['seeds']})", "",
-        "Relative change = (WER - baseline WER) / baseline WER, each seed against its own single-worker "
-        "baseline (same warm start, same data). WER on the first test set (unseen voices); the search "
-        "looked at dev only. The last column is the relative change of dev loss over the last 20% of "
-        "each run's steps (flat is near 0)." + FER_NOTES.get(result.get("fer"), ""), "",
-        accuracy_table(cells, projected), "",
-        "## The paper's claims", "",
-        "Each claim is an ordering of relative WERs. The margin is (higher side) - (lower side) in "
-        "points of relative WER, so a positive margin is the paper's order. It counts only when it is "
-        "larger than the larger seed spread of the two sides (sd over seeds); otherwise *within noise*.", "",
-        claims_table(result["claims"]), "",
-    ]
-    if others:
-        parts += ["## Beside other settings", "",
-                  "Relative WER (mean ± sd over seeds) and each claim's verdict (margin in points) in this run and "
-                  "in the other finished reproduce runs named by `reproduce.compare_with`.", "",
-                  settings_table([(name, result), *others]), ""]
-    if search:
-        cost = (f"{search.get('runs', '?')} runs at {search.get('nodes')} workers, seed {search.get('seed')}, "
-                f"{search['run_s'] / 60:.1f} min of run time" if "run_s" in search else "reused from an earlier run")
-        parts += ["## The knob search", "",
-                  f"One search at one worker count on dev WER ({cost}); each strategy's winner is kept for "
-                  f"every worker count and seed.", "", search_table(search), ""]
-    all_rows = [r for rows in result["rows_by_seed"].values() for r in rows]
-    parts += ["## Every run: steps and convergence", "", runs_table(all_rows), "",
-              f"## Speed (seed {result['seeds'][0]}'s runs on this machine's simulated cluster)", "",
-              comparison_table(first), "",
-              f"Median relative error of our predicted speedups against the paper's: {median * 100:.0f}% "
-              f"over {len(errors)} figures.", ""]
-    if projection and projection["rows"]:
-        proj_errors, proj_median = speedup_errors(projection["rows"])
-        parts += [
-            f"## Projected to the paper's scale ({projection['model']}, {projection['parameters'] / 1e6:.1f}M parameters)",
-            "",
-            f"Each run's measured communication pattern (strategy, N, K, group size, the fraction of elements "
-            f"GTC sent) re-costed for `{projection['model']}` with the compute profile "
-            f"`{projection['profile']}` on the `{network}` network: bytes scale with the parameter count, "
-            f"compute is the profile's seconds per worker step.", "",
-            projection_table(projection["rows"]), "",
-            f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
-            f"over {len(proj_errors)} figures.", ""]
-    parts += [trust.report_section(result["first_seed_rows"], (projection or {}).get("rows", [])), ""]
-    parts += [f"![{p.stem}]({p.name})" for p in plots]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(parts) + "\n")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
-# Convergence, seeds and the paper's claims
+# Dev curves and finished experiments
 # ---------------------------------------------------------------------------------------------
 def dev_curve(history: Sequence[Mapping], key: str = "val/loss") -> list[tuple[int, float]]:
     """(step, value) of every validation in a run's metrics history that logged `key`."""
@@ -282,128 +110,8 @@ def dev_curve(history: Sequence[Mapping], key: str = "val/loss") -> list[tuple[i
             if h.get(key) is not None and math.isfinite(float(h[key]))]
 
 
-def convergence(curve: Sequence[tuple[int, float]], total_steps: int | None = None, tail: float = 0.2) -> dict:
-    """How flat a run's dev curve ends: the relative change over its last `tail` of training.
-
-    ``rel_change = (v_end - v_ref) / v_ref`` where v_ref is the last validation at or before
-    step (1 - tail) x total (the first validation if none is that early) and v_end the last one.
-    A run whose dev loss still falls ends with a clearly negative change; a flat curve near 0.
-    """
-    if not 0 < tail < 1:
-        raise ValueError(f"Arg `tail` must be a fraction in (0, 1), got {tail}")
-    total = int(total_steps or (curve[-1][0] if curve else 0))
-    if len(curve) < 2:
-        return {"rel_change": math.nan, "from_step": None, "to_step": None, "steps": total, "points": len(curve)}
-    cut = (1 - tail) * total
-    early = [(s, v) for s, v in curve[:-1] if s <= cut] or [curve[0]]
-    ref_step, ref = early[-1]
-    end_step, end = curve[-1]
-    return {"rel_change": (end - ref) / abs(ref) if ref else math.nan, "from_step": ref_step, "to_step": end_step,
-            "steps": total, "points": len(curve)}
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); the deviation is NaN for fewer than 2 values."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return math.nan, math.nan
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-
-
-Cell = tuple[str, int]  # (strategy, workers); the baseline is the cell ("single", 1), relative change 0
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One of the paper's accuracy claims as an ordering: `lower` ends with a smaller relative WER
-    than `higher` (with several cells in `higher`, than the best of them, seed by seed)."""
-
-    text: str
-    lower: Cell
-    higher: tuple[Cell, ...]
-    paper: str
-
-
-BASELINE: Cell = ("single", 1)
-CLAIMS: tuple[Claim, ...] = (
-    Claim("32 workers: GTC-BMUF below the baseline", ("gtc_bmuf", 32), (BASELINE,), "below baseline"),
-    Claim("32 workers: GTC-BMUF < GTC", ("gtc_bmuf", 32), (("gtc", 32),), "below baseline vs +1.4%"),
-    Claim("32 workers: GTC < BMUF", ("gtc", 32), (("bmuf", 32),), "+1.4% vs +3.5%"),
-    Claim("64 workers: GTC < GTC-BMUF", ("gtc", 64), (("gtc_bmuf", 64),), "+2.8% vs +3.1%"),
-    Claim("64 workers: GTC-BMUF < BMUF", ("gtc_bmuf", 64), (("bmuf", 64),), "+3.1% vs +8.9%"),
-    Claim("128 workers: GTC-BMUF < BMUF", ("gtc_bmuf", 128), (("bmuf", 128),), "+4.7% vs +9.6%"),
-    Claim("128 workers: BMUF < GTC", ("bmuf", 128), (("gtc", 128),), "+9.6% vs +15.6%"),
-    Claim("trend: BMUF's loss grows from 32 to 64 workers", ("bmuf", 32), (("bmuf", 64),), "+3.5% vs +8.9%"),
-    Claim("trend: BMUF's loss grows from 64 to 128 workers", ("bmuf", 64), (("bmuf", 128),), "+8.9% vs +9.6%"),
-    Claim("trend: GTC collapses at 128 (worse than at 64)", ("gtc", 64), (("gtc", 128),), "+2.8% vs +15.6%"),
-    Claim("trend: the hybrid is the most accurate at 128", ("gtc_bmuf", 128), (("gtc", 128), ("bmuf", 128)),
-          "+4.7% vs +9.6% / +15.6%"),
-)
-
-
-def verdict(lower: Sequence[float], higher: Sequence[float]) -> dict:
-    """Does `lower` end below `higher` (values per seed)? agrees, disagrees, or within noise.
-
-    The margin is mean(higher) - mean(lower); it counts only when it exceeds the larger of the
-    two seed spreads (sample standard deviations). With one seed there is no spread: the verdict
-    is the sign alone, marked as such.
-    """
-    lo, lo_sd = mean_sd(lower)
-    hi, hi_sd = mean_sd(higher)
-    margin = hi - lo
-    noise = max(lo_sd, hi_sd) if not (math.isnan(lo_sd) and math.isnan(hi_sd)) else math.nan
-    if math.isnan(margin):
-        word = "not measured"
-    elif not math.isnan(noise) and abs(margin) <= noise:
-        word = "within noise"
-    else:
-        word = "agrees" if margin > 0 else "disagrees"
-    if word in ("agrees", "disagrees") and math.isnan(noise):
-        word += " (one seed)"
-    return {"verdict": word, "margin": margin, "noise": noise, "lower": lo, "higher": hi}
-
-
-def judge_claims(per_seed: Mapping[Cell, Mapping[int, float]], claims: Sequence[Claim] = CLAIMS) -> list[dict]:
-    """Every claim with our values (relative WER per seed, from `per_seed[cell][seed]`) and a verdict."""
-    out = []
-    for c in claims:
-        if c.lower not in per_seed or any(h not in per_seed and h != BASELINE for h in c.higher):
-            out.append({"claim": c.text, "paper": c.paper, "verdict": "not measured"})
-            continue
-        seeds = sorted(set(per_seed[c.lower]).intersection(*[per_seed[h] for h in c.higher if h != BASELINE]))
-        lower = [per_seed[c.lower][s] for s in seeds]
-        higher = [min(0.0 if h == BASELINE else per_seed[h][s] for h in c.higher) for s in seeds]
-        out.append({"claim": c.text, "paper": c.paper, "seeds": len(seeds)} | verdict(lower, higher))
-    return out
-
-
-def _pct_pm(mean: float, sd: float, signed: bool = True) -> str:
-    if math.isnan(mean):
-        return "-"
-    text = f"{mean * 100:+.1f}" if signed else f"{mean * 100:.1f}"
-    return text + ("" if math.isnan(sd) else f" ± {sd * 100:.1f}") + "%"
-
-
-def claims_table(judged: Sequence[Mapping]) -> str:
-    lines = ["| claim | paper | ours: lower side | ours: higher side | margin | seed spread | verdict |",
-             "|" + "---|" * 7]
-    for j in judged:
-        if j["verdict"] == "not measured":
-            lines.append(f"| {j['claim']} | {j['paper']} | - | - | - | - | not measured |")
-            continue
-        noise = "-" if math.isnan(j["noise"]) else f"{j['noise'] * 100:.1f} pts"
-        lines.append(f"| {j['claim']} | {j['paper']} | {j['lower'] * 100:+.1f}% | {j['higher'] * 100:+.1f}% | "
-                     f"{j['margin'] * 100:+.1f} pts | {noise} | **{j['verdict']}** |")
-    return "\n".join(lines)
-
-
 def load_reproduce(path: str | Path) -> dict:
     """A finished reproduce's reproduce.json (the file, or the directory holding it)."""
-    import json
-
     p = Path(path)
     p = p / "reproduce.json" if p.is_dir() else p
     if not p.is_file():
@@ -412,150 +120,6 @@ def load_reproduce(path: str | Path) -> dict:
         raise ConfigError(f"compare_with: {path} holds no reproduce.json; name the directory of a finished "
                           f"asrbench reproduce")
     return json.loads(p.read_text())
-
-
-def settings_table(settings: Sequence[tuple[str, Mapping]]) -> str:
-    """Relative WER of every cell and the verdict of every claim, one column per finished reproduce.
-
-    `settings` = [(name, reproduce.json content)]; a cell or claim a setting lacks reads "-"."""
-    from asrbench.paper import paper_rel_wer_text
-
-    names = [n for n, _ in settings]
-    cells = {n: {(c["strategy"], int(c["nodes"])): c for c in r["cells"]} for n, r in settings}
-    keys = list(dict.fromkeys(k for n in names for k in cells[n] if k[0] != "single"))
-    lines = ["| strategy | workers | paper | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
-    for st, n in keys:
-        row = [_pct_pm(cells[m][st, n]["rel_wer"], cells[m][st, n].get("rel_wer_sd", math.nan))
-               if (st, n) in cells[m] else "-" for m in names]
-        lines.append(f"| {st} | {n} | {paper_rel_wer_text(st, n)} | " + " | ".join(row) + " |")
-    claims = {n: {j["claim"]: j for j in r.get("claims", [])} for n, r in settings}
-    order = list(dict.fromkeys(c for n in names for c in claims[n]))
-    lines += ["", "| claim | paper | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
-    for c in order:
-        paper = next(claims[n][c]["paper"] for n in names if c in claims[n])
-        row = []
-        for n in names:
-            j = claims[n].get(c)
-            if j is None or j["verdict"] == "not measured":
-                row.append("-")
-            else:
-                row.append(f"**{j['verdict']}** ({j['margin'] * 100:+.1f} pts)")
-        lines.append(f"| {c} | {paper} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def aggregate(rows_by_seed: Mapping[int, Sequence[Mapping]]) -> list[dict]:
-    """Mean and sd over seeds per (strategy, workers): WER, FER, their relative changes, steps,
-    predicted speedup and the convergence statistic. Rows carry `rel_wer`/`rel_fer` against their
-    own seed's baseline."""
-    cells: dict[Cell, list[Mapping]] = {}
-    for rows in rows_by_seed.values():
-        for r in rows:
-            cells.setdefault((r["strategy"], int(r["nodes"])), []).append(r)
-    out = []
-    for (strategy, nodes), rs in cells.items():
-        row: dict[str, Any] = {"strategy": strategy, "nodes": nodes, "seeds": sorted(int(r["seed"]) for r in rs)}
-        for key in ("wer", "fer", "rel_wer", "rel_fer", "predicted_speedup", "steps", "dev_loss_rel_change",
-                    "bytes_sent_per_worker_per_step", "dev_wer"):
-            row[key], row[f"{key}_sd"] = mean_sd([r.get(key) for r in rs])
-        out.append(row)
-    order = {"single": 0, "sync": 1, "gtc": 2, "bmuf": 3, "gtc_bmuf": 4}
-    return sorted(out, key=lambda r: (order.get(r["strategy"], 9), r["nodes"]))
-
-
-def accuracy_table(cells: Sequence[Mapping], projected: Mapping[Cell, float] | None = None) -> str:
-    """The headline table: mean ± sd over seeds, with the paper's figures beside ours."""
-    lines = ["| strategy | workers | seeds | WER | rel. WER (ours) | rel. WER (paper) | FER | rel. FER | "
-             "speedup (projected) | speedup (paper) | steps | dev-loss change, last 20% |", "|" + "---|" * 12]
-    for c in cells:
-        s, n = c["strategy"], c["nodes"]
-        paper_s = paper_value(s, n, "speedup")
-        proj = (projected or {}).get((s, n))
-        lines.append(
-            f"| {s} | {n} | {len(c['seeds'])} | {_pct_pm(c['wer'], c['wer_sd'], False)} | "
-            f"{_pct_pm(c['rel_wer'], c['rel_wer_sd'])} | {paper_rel_wer_text(s, n) if s != 'single' else '-'} | "
-            f"{_pct_pm(c['fer'], c['fer_sd'], False)} | {_pct_pm(c['rel_fer'], c['rel_fer_sd'])} | "
-            f"{'-' if proj is None else f'{proj:.1f}x'} | {_num(paper_s)}{'x' if paper_s else ''} | "
-            f"{c['steps']:,.0f} | {_pct_pm(c['dev_loss_rel_change'], c['dev_loss_rel_change_sd'])} |")
-    return "\n".join(lines)
-
-
-def runs_table(rows: Sequence[Mapping]) -> str:
-    """Every run: seed, steps, WER and the convergence statistic (the last 20% of its dev-loss curve)."""
-    lines = ["| run | seed | steps | dev WER | test WER | FER | dev loss: from (step) | to (step) | change |",
-             "|" + "---|" * 9]
-    for r in rows:
-        cv = r.get("convergence") or {}
-        lines.append(
-            f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | {r.get('dev_wer', math.nan) * 100:.1f}% | "
-            f"{r['wer'] * 100:.1f}% | {_pct_pm(r.get('fer') or math.nan, math.nan, False)} | "
-            f"{_num(cv.get('from_value'))} ({cv.get('from_step')}) | {_num(cv.get('to_value'))} ({cv.get('to_step')}) | "
-            f"{_pct_pm(cv.get('rel_change', math.nan), math.nan)} |")
-    return "\n".join(lines)
-
-
-def plot_tradeoff(cells: Sequence[Mapping], projected: Mapping[Cell, float], out_dir: Path) -> Path:
-    """tradeoff.png: relative WER (mean ± sd over seeds) against speedup, ours and the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, s in enumerate(("gtc", "bmuf", "gtc_bmuf")):
-        ours = sorted((projected.get((c["strategy"], c["nodes"]), c["predicted_speedup"]), c["rel_wer"] * 100,
-                       0 if math.isnan(c["rel_wer_sd"]) else c["rel_wer_sd"] * 100, c["nodes"])
-                      for c in cells if c["strategy"] == s and not math.isnan(c["rel_wer"]))
-        if ours:
-            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] for o in ours], fmt="o-",
-                        color=f"C{i}", capsize=3, label=f"{s} (ours)")
-            for x, y, _, n in ours:
-                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
-        paper = [(v["speedup"], 0.0 if v.get("below_baseline") else v["rel_wer"] * 100, n)
-                 for n, v in sorted(PAPER_TABLE.get(s, {}).items())]
-        ax.plot([p[0] for p in paper], [p[1] for p in paper], "x--", color=f"C{i}", label=f"{s} (paper)")
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.set_xlabel("speedup over one worker (ours: projected to the paper's scale)")
-    ax.set_ylabel("relative WER change vs single worker (%)")
-    ax.set_title("accuracy against speed; paper's GTC-BMUF x32 'below baseline' drawn at 0", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "tradeoff.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_dir: Path) -> Path:
-    """learning_curves.png: dev loss and dev WER of every run against epochs of data seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels: dict[str, int] = {}
-    labelled_seed = min((int(r.get("seed", 0)) for r, _ in runs), default=0)  # one legend entry per cell
-    for res, history in runs:
-        label = f"{res['strategy']} x{res['nodes']}"
-        color = f"C{labels.setdefault(label, len(labels)) % 10}"
-        steps, epochs = max(int(res.get("steps") or 0), 1), float(res.get("epochs") or 1)
-        for ax, key in zip(axes, ("val/loss", "val/wer")):
-            pts = dev_curve(history, key)
-            if pts:
-                ax.plot([s / steps * epochs for s, _ in pts], [v for _, v in pts], color=color, lw=1, alpha=0.8,
-                        label=label if int(res.get("seed", 0)) == labelled_seed else None)
-    for ax, name in zip(axes, ("dev loss", "dev WER")):
-        ax.set_xlabel("epochs of training data (after the shared warm start)")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = out_dir / "learning_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,8 +218,6 @@ def pick_winner(candidates: Sequence[Mapping]) -> int:
 
 def load_search(path: str | Path) -> dict:
     """A finished search (search.json, or the reproduce directory holding search/search.json)."""
-    import json
-
     p = Path(path)
     p = p / "search" / "search.json" if (p / "search" / "search.json").is_file() else p
     if not p.is_file():
@@ -685,13 +247,17 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
     if not 0 <= warm < epochs:
         raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
-    common = [*rc.overrides, f"logger={cfg.run_logger}", "experiment=reproduce", "trainer.enable_progress_bar=false",
+    # one W&B group per invocation (its directory's name): runs of different invocations stay apart
+    common = [*rc.overrides, f"logger={cfg.run_logger}", f"experiment=reproduce-{out.name}",
+              "trainer.enable_progress_bar=false",
               "cluster=simulated", f"cluster.network={cfg.network}"]
+    def job_type(kind: str) -> list[str]:  # W&B's job_type of a run: warm_start, search, baseline, grid
+        return [f"logger.job_type={kind}"] if cfg.run_logger == "wandb" else []
+
     threads = rc.get("threads_per_run")
     runner = Runner(conf_dir, int(rc.get("parallel") or os.cpu_count() or 1), int(threads) if threads else None)
     experiment.load_features(compose("train", overrides=common))  # corpus and features once, before any run
     single = ["strategy=single", "nodes=1"]
-    tail = float(rc.get("convergence_tail", 0.2))
     fer = "alignment" if rc.get("fer") is True else rc.get("fer")  # true: the older name of alignment
     if fer not in (None, False, "phones", "alignment"):
         raise ConfigError(f"reproduce.fer={fer} is unknown; use phones (a phone probe against the synthesiser's "
@@ -703,8 +269,10 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     warm_dir = {s: out / f"seed{s}" / "warm_start" for s in seeds}
     warm_results: dict[str, dict] = {}
     if warm:
-        warm_results = runner.run([Job(f"seed{s} warm start", [*common, *single, f"seed={s}", f"trainer.max_epochs={warm}"],
-                        warm_dir[s]) for s in seeds])
+        warm_over = [str(o) for o in rc.get("warm_start_overrides") or []]
+        warm_results = runner.run([Job(f"seed{s} warm start", [*common, *single, f"seed={s}", f"trainer.max_epochs={warm}",
+                                                            *warm_over, *job_type("warm_start")], warm_dir[s])
+                                   for s in seeds])
     start = {s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}
     rest = [f"trainer.max_epochs={epochs - warm}"]
 
@@ -721,7 +289,8 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             start[s].append(f"data.alignments={align_dir}")
 
     fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
-    baselines = [Job(f"seed{s} single", [*common, *single, f"seed={s}", *rest, *start[s]], out / f"seed{s}" / "single")
+    baselines = [Job(f"seed{s} single", [*common, *single, f"seed={s}", *rest, *start[s], *job_type("baseline")],
+                     out / f"seed{s}" / "single")
                  for s in seeds]
 
     # 3. the knob search at one worker count and seed, on dev; winners kept for every N
@@ -751,7 +320,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                 for i, cand in enumerate(cands[s]):
                     jobs_of.setdefault(s, []).append(Job(f"search {s} x{n_s} #{i}: {' '.join(cand) or 'defaults'}",
                                     [*common, f"strategy={s}", f"nodes={n_s}", f"seed={seed_s}", *rest,
-                                     *start[seed_s], *fixed[s], *cand], out / "search" / f"{s}_{i}"))
+                                     *start[seed_s], *fixed[s], *cand, *job_type("search")], out / "search" / f"{s}_{i}"))
                 jobs += jobs_of[s]
             done = runner.run(jobs + (baselines if k == 0 else []))
             for s in phase:
@@ -777,10 +346,12 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             for n in rc.nodes:
                 path = reused_paths.get((s, int(n), seed), out / f"seed{seed}" / run_name(s, int(n)))
                 jobs.append(Job(f"seed{seed} {s} x{n}", [*common, f"strategy={s}", f"nodes={n}", f"seed={seed}", *rest,
-                                                         *start[seed], *fixed[s], *winners[s]], path))
+                                                         *start[seed], *fixed[s], *winners[s], *job_type("grid")], path))
     done = runner.run(jobs + baselines)
 
-    # 5. relative changes against the same seed's baseline, convergence, aggregation, report
+    # 5. per run: relative changes against its seed's baseline and the plateau test of its dev curve;
+    # then the paired statistics over seeds (asrbench.analysis) on the scored split and the others
+    points, tolerance = int(rc.get("plateau_points", 6)), float(rc.get("plateau_tolerance", 0.02))
     rows_by_seed: dict[int, list[dict]] = {}
     histories = []
     for seed in seeds:
@@ -790,21 +361,18 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
         for job in [base_job, *(j for j in jobs if j.name.startswith(f"seed{seed} "))]:
             res = report.with_relative(done[job.name], base)
             history = report.read_history(job.path)
-            curve = dev_curve(history)
-            conv = convergence(curve, int(res["steps"]), tail)
-            ref = dict(curve).get(conv["from_step"]) if conv["from_step"] is not None else None
-            conv |= {"from_value": ref, "to_value": curve[-1][1] if curve else None}
-            res |= {"convergence": conv, "dev_loss_rel_change": conv["rel_change"],
+            res |= {"plateau": stats.plateau(dev_curve(history), points, tolerance),
                     "dev_wer": res["eval"]["dev"]["wer"], "run_dir": str(job.path)}
             rows.append(res)
             histories.append((res, history))
         rows_by_seed[seed] = rows
-    cells = aggregate(rows_by_seed)
-    per_seed = {(r["strategy"], int(r["nodes"])): {} for rows in rows_by_seed.values() for r in rows}
-    for seed, rows in rows_by_seed.items():
-        for r in rows:
-            per_seed[(r["strategy"], int(r["nodes"]))][seed] = r["rel_wer"]
-    judged = judge_claims(per_seed)
+    split = str(rc.get("score_split") or next(iter(rows_by_seed[seeds[0]][0]["eval"].keys() - {"dev"})))
+    splits = [split, *(s for s in rows_by_seed[seeds[0]][0]["eval"] if s not in (split, "dev"))]
+    nodes = [int(n) for n in rc.nodes]
+    evidence = {sp: analysis.analyse(rows_by_seed, sp, nodes, list(rc.strategies),
+                                     claim_metric=str(rc.get("claim_metric", "wer")),
+                                     resamples=int(rc.get("bootstrap_resamples", 1000)))
+                for sp in splits}
     first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != "single"]
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
     # itself rather than reusing another's) that the grid did not take over
@@ -814,8 +382,11 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *baselines])]
     return {"runs": len(every) + len(searched),
             "run_s": sum(r.get("wall_s") or 0.0 for r in every) + sum(c.get("wall_s") or 0.0 for c in searched),
-            "seeds": seeds, "rows_by_seed": rows_by_seed, "cells": cells, "claims": judged, "search": search,
+            "seeds": seeds, "nodes": nodes, "rows_by_seed": rows_by_seed, "cells": analysis.cell_means(rows_by_seed),
+            "split": split, "evidence": evidence, "claims": evidence[split]["claims"], "search": search,
             "winners": winners, "histories": histories, "first_seed_rows": first,
+            "warm_starts": {s: {k: r.get(k) for k in ("steps", "wer", "eval", "wall_s")} for s, r in
+                            zip(seeds, [warm_results.get(f"seed{s} warm start") or {} for s in seeds])},
             "baseline": rows_by_seed[seeds[0]][0], "wall_s": time.perf_counter() - t0, "fer": fer}
 
 

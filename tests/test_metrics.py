@@ -1,5 +1,7 @@
 import math
 
+import jiwer
+import pytest
 import torch
 
 from asrbench import metrics
@@ -49,3 +51,20 @@ def test_per_speaker_scores_group_by_the_utterance_ids_speaker():
     table = per_speaker_table({"eval": {"test": {"speakers": out}}})
     assert "| test | 300 | 25.0% |" in table and "| test | 302 | 100.0% |" in table
     assert per_speaker_table({"eval": {"test": {"wer": 0.5}}}) == ""
+
+
+def test_utterance_errors_sum_to_jiwers_corpus_rates():
+    refs = ["THE CAT SAT", "ON THE MAT", "A DOG", "HELLO"]
+    hyps = ["THE CAT SAT", "ON A MAT THERE", "", "HELO"]
+    counts = metrics.utterance_errors(refs, hyps)
+    # by hand: 0; 1 substitution + 1 insertion; 2 deletions; 1 substitution
+    assert counts["wer_errors"] == [0, 2, 2, 1] and counts["wer_counts"] == [3, 3, 2, 1]
+    assert sum(counts["wer_errors"]) / sum(counts["wer_counts"]) == pytest.approx(jiwer.wer(refs, hyps))
+    assert counts["cer_errors"][3] == 1 and counts["cer_counts"] == [11, 10, 5, 5]
+    assert sum(counts["cer_errors"]) / sum(counts["cer_counts"]) == pytest.approx(jiwer.cer(refs, hyps))
+
+
+def test_frame_errors_per_row_ignore_padding():
+    logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    labels = torch.tensor([[1, 1, -100], [0, 1, 1]])
+    assert metrics.frame_errors_per_row(logits, labels) == ([1, 2], [2, 3])

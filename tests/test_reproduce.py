@@ -1,5 +1,5 @@
-"""The paper-scale projection of `asrbench reproduce`: hand-computed cases and its consistency
-with a run's own cost-model prediction."""
+"""`asrbench reproduce`: the paper-scale projection (hand-computed cases, consistency with a run's own
+cost-model prediction), the claims restated over an experiment's worker counts, the report's tables."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+from asrbench import report
 from asrbench import reproduce as rep
 from asrbench.cluster import cost
 from asrbench.data import text
 from asrbench.errors import ConfigError
 from asrbench.model.lstm import LSTMAcousticModel
+from asrbench.paper import CLAIMS
 
 NET = {"name": "t", "latency_s": 1e-5, "bandwidth_Bps": 1e9, "gpus_per_machine": 8,
        "intra_latency_s": 1e-6, "intra_bandwidth_Bps": 1e11}
@@ -76,9 +78,9 @@ def test_projection_table_and_errors():
              "comm_parts": {"gtc_messages": 0.4, "gtc_decode": 0.1}},
             {"strategy": "bmuf", "nodes": 128, "predicted_speedup": 120.0, "step_s": 0.2, "comm_s": 0.01,
              "comm_parts": {"block_allreduce": 0.01}}]
-    table = rep.projection_table(rows)
+    table = report.projection_table(rows)
     assert "| gtc | 32 |" in table and "gtc_messages (0.400 s)" in table and "| -50% |" in table
-    errors, median = rep.speedup_errors(rows)
+    errors, median = report.speedup_errors(rows)
     assert [round(e["rel_error"], 3) for e in errors] == [-0.5, 0.5]
     assert math.isclose(median, 0.5)
 
@@ -87,64 +89,27 @@ def test_rows_without_a_cost_model_are_skipped():
     assert rep.project([{"strategy": "single", "nodes": 1}], NET, {"compute_s_per_worker_step": 1.0}, 10) == []
 
 
-# ---------------------------------------------------------------- convergence, seeds, claims
-def test_convergence_is_the_relative_change_over_the_last_fifth():
-    # dev loss 2 / (1 + step / 100), validated every 50 of 1,000 steps: at 800 it is 2/9, at 1,000 2/11
-    curve = [(s, 2 / (1 + s / 100)) for s in range(50, 1001, 50)]
-    c = rep.convergence(curve, 1000)
-    assert c["from_step"] == 800 and c["to_step"] == 1000
-    assert c["rel_change"] == pytest.approx((2 / 11 - 2 / 9) / (2 / 9))
-    flat = rep.convergence([(s, 1.0 + 1e-4 * (s % 2)) for s in range(10, 101, 10)], 100)
-    assert abs(flat["rel_change"]) < 1e-3
-    # no validation before the tail: compared with the first; one point: not measurable
-    assert rep.convergence([(900, 2.0), (1000, 1.0)], 1000)["rel_change"] == pytest.approx(-0.5)
-    assert math.isnan(rep.convergence([(10, 1.0)], 10)["rel_change"])
-    with pytest.raises(ValueError, match="tail"):
-        rep.convergence(curve, 1000, tail=1.5)
+# ---------------------------------------------------------------- claims and the report's tables
+def test_claims_are_restated_at_the_experiments_worker_counts():
+    by_text = {c.text: c for c in CLAIMS}
+    c = by_text["{128}: BMUF < GTC"]
+    assert c.cells([4, 8, 16]) == (("bmuf", 16), (("gtc", 16),))
+    assert c.describe([4, 8, 16]) == "16: BMUF < GTC" and c.paper_text() == "+9.6% vs +15.6%"
+    assert c.margin == pytest.approx(0.156 - 0.096)
+    below = by_text["{32}: GTC-BMUF below the baseline"]
+    assert below.cells([4, 8, 16]) == (("gtc_bmuf", 4), (("single", 1),)) and below.margin is None
+    best = by_text["trend: the hybrid is the most accurate at {128}"]
+    assert best.margin == pytest.approx(min(0.156, 0.096) - 0.047)  # against the better of the two
 
 
-def test_mean_sd_is_the_sample_deviation():
-    assert rep.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    mean, sd = rep.mean_sd([0.5])
-    assert mean == 0.5 and math.isnan(sd)
-    assert rep.mean_sd([None, 4.0, float("nan"), 6.0]) == (5.0, pytest.approx(math.sqrt(2)))
-
-
-@pytest.mark.parametrize("lower,higher,word", [
-    ([0.01, 0.02, 0.03], [0.10, 0.11, 0.12], "agrees"),          # margin 0.09 > spread 0.01
-    ([0.10, 0.11, 0.12], [0.01, 0.02, 0.03], "disagrees"),
-    ([0.01, 0.05, 0.09], [0.03, 0.06, 0.09], "within noise"),   # margin 0.01 < spread 0.04
-    ([0.01], [0.02], "agrees (one seed)"),
-    ([0.05], [0.02], "disagrees (one seed)"),
-])
-def test_verdict_by_hand(lower, higher, word):
-    v = rep.verdict(lower, higher)
-    assert v["verdict"] == word
-    assert v["margin"] == pytest.approx(sum(higher) / len(higher) - sum(lower) / len(lower))
-
-
-def test_claims_use_the_baseline_as_zero_and_the_best_of_several_cells():
-    per_seed = {("gtc_bmuf", 32): {0: -0.02, 1: -0.03, 2: -0.025}, ("gtc", 32): {0: 0.05, 1: 0.06, 2: 0.07},
-                ("bmuf", 32): {0: 0.01, 1: 0.0, 2: 0.02}, ("gtc_bmuf", 128): {0: 0.2, 1: 0.1, 2: 0.15},
-                ("gtc", 128): {0: 0.5, 1: 0.6, 2: 0.55}, ("bmuf", 128): {0: 0.12, 1: 0.13, 2: 0.14}}
-    judged = {j["claim"]: j for j in rep.judge_claims(per_seed)}
-    assert judged["32 workers: GTC-BMUF below the baseline"]["verdict"] == "agrees"
-    assert judged["32 workers: GTC < BMUF"]["verdict"] == "disagrees"
-    best = judged["trend: the hybrid is the most accurate at 128"]  # against bmuf, the better of the two
-    assert best["higher"] == pytest.approx(0.13) and best["verdict"] == "within noise"
-    assert judged["64 workers: GTC < GTC-BMUF"]["verdict"] == "not measured"
-    table = rep.claims_table(list(judged.values()))
-    assert "| 32 workers: GTC < BMUF | +1.4% vs +3.5% | +6.0% | +1.0% | -5.0 pts | 1.0 pts | **disagrees** |" in table
-
-
-def test_aggregate_over_seeds_and_the_headline_table():
-    rows = {s: [{"strategy": "gtc", "nodes": 32, "seed": s, "wer": w, "rel_wer": r, "fer": None, "steps": 100}]
-            for s, w, r in ((0, 0.30, 0.10), (1, 0.32, 0.14), (2, 0.34, 0.12))}
-    (cell,) = rep.aggregate(rows)
-    assert cell["seeds"] == [0, 1, 2] and cell["wer"] == pytest.approx(0.32) and cell["wer_sd"] == pytest.approx(0.02)
-    assert cell["rel_wer"] == pytest.approx(0.12) and math.isnan(cell["fer"])
-    table = rep.accuracy_table([cell], {("gtc", 32): 13.0})
-    assert "| gtc | 32 | 3 | 32.0 ± 2.0% | +12.0 ± 2.0% | +1.4% | - | - | 13.0x | 26x | 100 |" in table
+def test_claims_table_shows_the_interval_the_corrected_p_and_the_mde():
+    j = {"claim": "16: BMUF < GTC", "paper": "+9.6% vs +15.6%", "metric": "wer", "mean": 0.021, "low": 0.004,
+         "high": 0.038, "p_holm": 0.03, "paper_margin": 0.06, "p_ref_holm": 0.0004, "mde": 0.018, "mde_holm": 0.031,
+         "verdict": "agrees; excludes the paper's effect"}
+    table = report.claims_table([j, {"claim": "x", "paper": "y", "verdict": "not measured"}])
+    assert ("| 16: BMUF < GTC | +9.6% vs +15.6% | WER | +2.1 [+0.4, +3.8] pts | 0.030 | +6.0 pts | <0.001 | "
+            "1.8 / 3.1 pts | **agrees; excludes the paper's effect** |") in table
+    assert "| x | y | - | - | - | - | - | - | not measured |" in table
 
 
 def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_path):
@@ -161,19 +126,14 @@ def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_pat
 
 
 def test_settings_side_by_side(tmp_path):
-    def setting(rel, verdict, margin):
-        return {"cells": [{"strategy": "single", "nodes": 1, "rel_wer": 0.0, "rel_wer_sd": 0.0},
-                          {"strategy": "gtc", "nodes": 128, "rel_wer": rel, "rel_wer_sd": 0.02}],
-                "claims": [{"claim": "trend: GTC collapses at 128 (worse than at 64)", "paper": "+2.8% vs +15.6%",
-                            "verdict": verdict, "margin": margin}]}
-    adam, sgd = setting(0.063, "within noise", 0.006), setting(0.5, "agrees", 0.3)
-    (tmp_path / "reproduce.json").write_text(json.dumps(sgd))
-    assert rep.load_reproduce(tmp_path) == sgd
+    new = {"claims": [{"claim": "trend: GTC collapses at 16 (worse than at 8)", "verdict": "inconclusive",
+                       "mean": 0.006, "low": -0.01, "high": 0.022}]}
+    old = {"claims": [{"claim": "trend: GTC collapses at 16 (worse than at 8)", "verdict": "within noise",
+                       "margin": 0.006}]}
+    (tmp_path / "reproduce.json").write_text(json.dumps(new))
+    assert rep.load_reproduce(tmp_path) == new
     with pytest.raises(ConfigError, match="compare_with: .*nowhere holds no reproduce.json"):
         rep.load_reproduce(tmp_path / "nowhere")
-    table = rep.settings_table([("cpu", adam), ("cpu_sgd", sgd)])
-    assert "| strategy | workers | paper | cpu | cpu_sgd |" in table
-    assert "| gtc | 128 | +15.6% | +6.3 ± 2.0% | +50.0 ± 2.0% |" in table
-    assert ("| trend: GTC collapses at 128 (worse than at 64) | +2.8% vs +15.6% | **within noise** (+0.6 pts) | "
-            "**agrees** (+30.0 pts) |") in table
-    assert "single" not in table
+    table = report.settings_table([("cpu", new), ("older", old)])
+    assert ("| trend: GTC collapses at 16 (worse than at 8) | **inconclusive** (+0.6 [-1.0, +2.2] pts) | "
+            "**within noise** (+0.6 pts, older rule) |") in table

@@ -484,6 +484,7 @@ class SimulatedCluster:
             log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g over %d workers", self.averager.block_size,
                      self.averager.block_momentum, self.averager.block_lr, self.averager.num_workers)
         self.steps = 0
+        self.synced = False  # whether the last step closed a block (BMUF, GTC-BMUF)
         self.batch_in_epoch = 0
         self.timings = Timings()
         self._rng = self._worker_rng_states(module.model)
@@ -551,7 +552,8 @@ class SimulatedCluster:
         t2 = time.perf_counter()
         if self.averager is not None:
             assert self.bmuf_stats is not None
-            if self.averager.average_parameters([self.P[0]], self.optimizer):
+            self.synced = self.averager.average_parameters([self.P[0]], self.optimizer)
+            if self.synced:
                 self.averager.broadcast_row0()
             self.bmuf_stats.record_dense(self.numel * FP32_BYTES)  # BMUFLightning._close_step
             self.bmuf_stats.step()
@@ -580,8 +582,23 @@ class SimulatedCluster:
         self.binding.bind(self.P[0])
 
     def bind_worker(self, i: int) -> None:
-        """Point the model at worker i's current parameters (no copy), e.g. to validate."""
+        """Point the model at worker i's current parameters (no copy)."""
         self.binding.bind(self.P[i])
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the run's one model exists only at block ends (BMUF, GTC-BMUF): validate there."""
+        return self.averager is not None
+
+    def bind_global_model(self) -> None:
+        """Point the model at the run's one model, the one a validation should score (no copy):
+        W_g of the last block for BMUF and GTC-BMUF (Chen & Huo's global model, without the
+        Nesterov look-ahead; workers' local parameters drift inside a block), otherwise worker 0
+        (every worker, or every worker of a GTC group, holds the same parameters)."""
+        if self.averager is not None:
+            self.binding.bind(self.averager.global_model)
+        else:
+            self.binding.bind(self.P[0])
 
     # -- what happened ----------------------------------------------------------------------------
     def comm_metrics(self) -> dict[str, float]:
@@ -725,6 +742,7 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
                disable=not loop.enable_progress_bar, dynamic_ncols=True)
     epoch = 0
     stop = total == 0
+    pending = False
     while not stop and (loop.max_epochs is None or epoch < loop.max_epochs):
         for loader in loaders:
             _set_sampler_epoch(loader, epoch)
@@ -743,8 +761,11 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
             if on_step is not None:
                 on_step(cluster, losses, out.steps, epoch)
             check_epoch = loop.check_val_every_n_epoch is None or (epoch + 1) % loop.check_val_every_n_epoch == 0
-            if validate is not None and check_epoch and (batch_idx + 1) % val_every == 0:
+            due = validate is not None and check_epoch and (batch_idx + 1) % val_every == 0
+            pending = pending or due
+            if pending and (not cluster.blockwise or cluster.synced):
                 validate(epoch, out.steps)
+                pending = False
             if 0 <= loop.max_steps <= out.steps:
                 stop, out.stopped_by = True, "max_steps"
             elif loop.max_time_s is not None and time.perf_counter() - t_start >= loop.max_time_s:

@@ -74,6 +74,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 _KEYS = {"sentences", "seed", "sample_rate", "snr_db", "peak_dbfs", "pad_s", "rate_jitter",
          "pitch_jitter", "chapter_size", "utterances", "speakers", "workers"}
 _SPEAKER_KEYS = {"id", "voice", "role", "rate", "pitch", "range"}
-_OPTIONAL_KEYS = {"max_words": None}  # keys a config may leave out; left out or null, they change nothing
+_OPTIONAL_KEYS = {"max_words": None, "vocabulary": None}  # keys a config may leave out; left out or null, they change nothing
 _UNHASHED_KEYS = ("sentences", "workers")  # where the file lives and how many processes: same corpus
 
 
@@ -431,6 +432,8 @@ def _check_config(cfg: Mapping) -> dict[str, Any]:
     _int(cfg, "seed", 0, 2**63 - 1)
     if cfg["max_words"] is not None:
         _int(cfg, "max_words", 1, 10**4)
+    if cfg["vocabulary"] is not None:
+        _int(cfg, "vocabulary", 1, 10**7)
     _int(cfg, "sample_rate", 8000, 48000)
     _pair(cfg, "snr_db", -20, 120)
     _pair(cfg, "peak_dbfs", -60, 0)
@@ -494,15 +497,22 @@ def _sentences_path(path: str | Path) -> Path:
     return p
 
 
-def read_sentences(path: Path, max_words: int | None = None) -> list[str]:
+def read_sentences(path: Path, max_words: int | None = None, vocabulary: int | None = None) -> list[str]:
     """Normalised, non-empty, distinct sentences in file order; with `max_words`, only those of at
-    most that many words (short requests, as a voice assistant hears them)."""
+    most that many words (short requests, as a voice assistant hears them); with `vocabulary`, only
+    those whose every word is among the file's `vocabulary` most frequent words (ties broken by
+    first occurrence): a closed vocabulary, as a command-and-control task has."""
     seen: dict[str, None] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         s = normalize(line)
-        if s and (max_words is None or len(s.split()) <= max_words):
+        if s:
             seen.setdefault(s)
-    return list(seen)
+    sentences = list(seen)
+    if vocabulary is not None:
+        counts = Counter(w for s in sentences for w in s.split())
+        kept = {w for w, _ in counts.most_common(vocabulary)}
+        sentences = [s for s in sentences if all(w in kept for w in s.split())]
+    return [s for s in sentences if max_words is None or len(s.split()) <= max_words]
 
 
 def plan_corpus(cfg: Mapping[str, Any], sentences: Sequence[str]) -> list[ChapterPlan]:
@@ -719,7 +729,7 @@ def generate_corpus(root: str | Path, cfg: Mapping, *, progress: bool = True) ->
             raise SynthConfigError(f"data.synth.speakers[{n}].voice={spk['voice']!r} is not an eSpeak NG voice; "
                                    f"use language[+variant] from {espeak.data_path}/lang and "
                                    f"{espeak.data_path}/voices/!v")
-    sentences = read_sentences(path, cfg["max_words"])
+    sentences = read_sentences(path, cfg["max_words"], cfg["vocabulary"])
     chapters = plan_corpus(cfg, sentences)
     old = _read_manifest(root)
     if old is None or "config_sha256" not in old:

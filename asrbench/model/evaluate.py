@@ -14,7 +14,8 @@ from asrbench.model.module import criterion_loss, targets_to_text
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, torch.Tensor] | None = None,
                    batch_size: int = 32, device: str | torch.device = "cpu", criterion: str = "ctc") -> dict:
-    """Greedy-decode every utterance of `split`; returns metrics and the hypotheses by utterance.
+    """Greedy-decode every utterance of `split`; returns metrics, the hypotheses by utterance and
+    `scores`, the per-utterance error counts (asrbench.stats.Scores) behind WER, CER and FER.
 
     `loss` is the training criterion on the split (the mean over batches, weighted by their
     utterances); None for criterion=ce without frame labels."""
@@ -25,6 +26,8 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
     hyps: list[str] = []
     ids: list[str] = []
     wrong = counted = 0
+    frame_wrong: list[int] = []
+    frame_counted: list[int] = []
     loss_sum, loss_utts = 0.0, 0
     for batch in loader:
         logits = model(batch["feats"].to(device), batch["feat_lens"].to(device))
@@ -36,8 +39,10 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
         refs += targets_to_text(batch["targets"], batch["target_lens"])
         ids += list(batch["utt_ids"])
         if "frame_labels" in batch:  # against the phone probe when the model has one (asrbench.data.phones)
-            w, c = metrics.frame_errors(model.frame_logits(logits).cpu(), batch["frame_labels"])
-            wrong, counted = wrong + w, counted + c
+            w, c = metrics.frame_errors_per_row(model.frame_logits(logits).cpu(), batch["frame_labels"])
+            wrong, counted = wrong + sum(w), counted + sum(c)
+            frame_wrong += w
+            frame_counted += c
     return {
         "wer": metrics.wer(refs, hyps),
         "cer": metrics.cer(refs, hyps),
@@ -46,6 +51,8 @@ def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, tor
         "utterances": len(refs),
         "speakers": by_speaker(ids, refs, hyps),
         "hyps": dict(zip(ids, hyps)),
+        "scores": {"ids": ids, **metrics.utterance_errors(refs, hyps),
+                   **({"fer_errors": frame_wrong, "fer_counts": frame_counted} if frame_counted else {})},
     }
 
 

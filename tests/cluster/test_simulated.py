@@ -334,7 +334,8 @@ def test_train_simulated_writes_the_results_of_the_real_path(tmp_path, make_libr
     assert m["stats"]["group_size"] == 2 and m["stats"]["block_size"] == 3
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))
-    assert sum("val/wer" in r for r in rows) == 3 and "comm/bytes_sent" in rows[0]
+    # validations due at the ends of epochs (steps 2, 4, 6) wait for block ends (K = 3): steps 3 and 6
+    assert [r["step"] for r in rows if "val/wer" in r] == [3, 6] and "comm/bytes_sent" in rows[0]
     assert (run / "csv" / "metrics.csv").is_file() and (run / "hyps" / "test-clean.txt").is_file()
     ckpt = torch.load(results["checkpoint"], weights_only=True)
     restored = AcousticModule(**ckpt["hyper_parameters"])
@@ -381,3 +382,36 @@ def test_a_phone_probe_leaves_the_simulated_training_of_the_acoustic_model_uncha
     plain, probed = paths
     assert probed.shape[-1] > plain.shape[-1]
     assert torch.equal(probed[..., :plain.shape[-1]], plain)
+
+
+@pytest.mark.parametrize("name", ["bmuf", "gtc_bmuf"])
+def test_blockwise_runs_validate_the_global_model_at_block_ends(name):
+    """A due validation of BMUF / GTC-BMUF waits for the next block end and scores W_g, the global
+    model the block filter just made, not worker 0's parameters in the middle of a block."""
+    module = _module(name)
+    cluster = SimulatedCluster(module, build_strategy(STRATEGIES[name], nodes=NODES, timeout_s=30), NODES)
+    seen = []
+
+    def validate(epoch, step):
+        seen.append((step, _flat(cluster.module.model)))
+        cluster.bind_global_model()
+        seen[-1] += (_flat(cluster.module.model), cluster.averager.global_model.clone(), cluster.P[0].clone())
+
+    # validation due every 3 steps of 6 per epoch; blocks of K = 4: due at 3, 6, 9, ... run at 4, 8, 12, ...
+    fit(cluster, SpeechDataset(synthetic_split(NODES * BATCH * 6, 1)), batch_size=BATCH, seed=SEED,
+        loop=LoopConfig(max_steps=STEPS, val_check_interval=3, enable_progress_bar=False), validate=validate)
+    assert [s for s, *_ in seen] == [4, 8, 12, 16, 20, 24]
+    for step, _, scored, global_model, row0 in seen:
+        assert torch.equal(scored, global_model)  # what validation sees is W_g
+        # with Nesterov block momentum the workers restart from W_g + eta Delta, not from W_g
+        assert not torch.equal(scored, row0)
+
+
+def test_sync_runs_validate_when_due():
+    module = _module("sync")
+    cluster = SimulatedCluster(module, build_strategy(STRATEGIES["sync"], nodes=NODES, timeout_s=30), NODES)
+    steps = []
+    fit(cluster, SpeechDataset(synthetic_split(NODES * BATCH * 6, 1)), batch_size=BATCH, seed=SEED,
+        loop=LoopConfig(max_steps=12, val_check_interval=3, enable_progress_bar=False),
+        validate=lambda epoch, step: steps.append(step))
+    assert steps == [3, 6, 9, 12]

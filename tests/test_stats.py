@@ -1,0 +1,118 @@
+"""asrbench.stats on hand cases with known answers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from asrbench import stats
+
+
+def test_paired_without_test_noise_is_the_one_sample_t_test() -> None:
+    d = [0.012, 0.020, 0.005, 0.018, 0.010]
+    res = stats.paired(d)
+    ref = sps.ttest_1samp(d, 0.0)
+    assert res.mean == pytest.approx(np.mean(d))
+    assert res.p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert res.df == pytest.approx(4)
+    half = sps.t.ppf(0.975, 4) * np.std(d, ddof=1) / math.sqrt(5)
+    assert (res.low, res.high) == pytest.approx((np.mean(d) - half, np.mean(d) + half))
+
+
+def test_bootstrap_noise_widens_the_interval_by_satterthwaite() -> None:
+    d = [1.0, 2.0, 3.0]  # s_d^2 / n = 1 / 3
+    boot = np.array([-1.0, 1.0] * 50)  # sd = sqrt(100 / 99)
+    res = stats.paired(d, boot)
+    var_seeds, var_boot = 1 / 3, 100 / 99
+    assert res.se == pytest.approx(math.sqrt(var_seeds + var_boot))
+    assert res.df == pytest.approx(2 * ((var_seeds + var_boot) / var_seeds) ** 2)
+    assert res.high - res.mean == pytest.approx(sps.t.ppf(0.975, res.df) * res.se)
+
+
+def test_reference_p_value_tests_the_papers_margin() -> None:
+    res = stats.paired([0.050, 0.052, 0.048, 0.051], reference=0.05)
+    assert res.p < 1e-4 and res.p_ref > 0.5
+    assert stats.paired([0.0, 0.001, -0.001], reference=0.05).p_ref < 0.01
+
+
+def test_mde_matches_the_normal_approximation_for_many_seeds() -> None:
+    se = 0.01
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert stats.mde(se, 10_000) == pytest.approx(z * se, rel=2e-3)
+    # with 5 seeds the t distribution's tails make it larger: (t_.975,4 + t_.8,4) se is close
+    assert stats.mde(se, 5) == pytest.approx((sps.t.ppf(0.975, 4) + sps.t.ppf(0.8, 4)) * se, rel=0.1)
+    assert stats.mde(se, 5) > z * se
+
+
+def test_holm_on_a_textbook_case() -> None:
+    # p = .01, .04, .03, .005 -> sorted .005 .01 .03 .04, times 4 3 2 1 -> .02 .03 .06 .06 (monotone)
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = stats.holm([0.01, math.nan])
+    assert out[0] == pytest.approx(0.01) and math.isnan(out[1])
+
+
+@pytest.mark.parametrize("mean,p,p_ref,word", [
+    (0.02, 0.001, math.nan, stats.AGREES),
+    (-0.02, 0.001, math.nan, stats.DISAGREES),
+    (0.01, 0.3, 0.001, stats.EXCLUDES),
+    (0.01, 0.3, 0.4, stats.INCONCLUSIVE),
+    (0.01, 0.001, 0.001, "agrees; excludes the paper's effect"),
+])
+def test_each_verdict_on_a_constructed_case(mean, p, p_ref, word) -> None:
+    assert stats.verdict(mean, p, p_ref) == word
+
+
+def test_verdicts_from_constructed_seed_differences() -> None:
+    agree = stats.paired([0.03, 0.031, 0.029, 0.032, 0.028], reference=0.03)
+    assert stats.verdict(agree.mean, agree.p, agree.p_ref) == stats.AGREES
+    against = stats.paired([-0.03, -0.031, -0.029, -0.032, -0.028], reference=0.05)
+    assert stats.verdict(against.mean, against.p, against.p_ref) == stats.DISAGREES
+    small = stats.paired([0.001, -0.002, 0.002, -0.001, 0.0], reference=0.05)
+    assert stats.verdict(small.mean, small.p, small.p_ref) == stats.EXCLUDES
+    noisy = stats.paired([0.05, -0.04, 0.06, -0.05, 0.01], reference=0.02)
+    assert stats.verdict(noisy.mean, noisy.p, noisy.p_ref) == stats.INCONCLUSIVE
+
+
+def test_plateau_on_synthetic_curves() -> None:
+    steps = list(range(100, 1300, 100))
+    flat = [(s, 1.0 + 0.002 * (-1) ** i) for i, s in enumerate(steps)]
+    falling = [(s, 2.0 - 0.0005 * s) for s in steps]
+    noisy = [(s, 1.0 + 0.2 * (-1) ** i) for i, s in enumerate(steps)]
+    assert stats.plateau(flat)["plateau"]
+    res = stats.plateau(falling)
+    assert not res["plateau"] and res["high"] < 0
+    # the change over the last 6 points (steps 700..1200) is -0.25 against a mean of 1.525
+    assert res["rel_change"] == pytest.approx(-0.25 / 1.525)
+    assert not stats.plateau(noisy)["plateau"]  # flat on average, but its CI is too wide to show it
+    assert not stats.plateau(flat[:4])["plateau"] and stats.plateau(flat[:4])["points"] == 4
+
+
+def _scores(errors: list[int], counts: list[int], ids=None) -> stats.Scores:
+    ids = ids or [f"u{i}" for i in range(len(errors))]
+    return stats.Scores.from_table({"ids": ids, "wer_errors": errors, "wer_counts": counts})
+
+
+def test_scores_rate_and_bootstrap_rows() -> None:
+    sc = _scores([1, 0, 3], [4, 5, 6])
+    assert sc.rate("wer") == pytest.approx(4 / 15)
+    idx = np.array([[0, 0, 0], [2, 1, 2]])
+    assert sc.rate("wer", idx) == pytest.approx([3 / 12, 6 / 17])
+    # ids are put in one order, so runs that decoded in different orders pair up
+    swapped = _scores([3, 1, 0], [6, 4, 5], ids=["u2", "u0", "u1"])
+    assert swapped.ids == sc.ids and np.array_equal(swapped.errors["wer"], sc.errors["wer"])
+
+
+def test_effect_pairs_by_seed_against_the_baseline() -> None:
+    base = {0: _scores([10, 10], [50, 50]), 1: _scores([12, 8], [50, 50])}      # WER .2 and .2
+    cell = {0: _scores([11, 11], [50, 50]), 1: _scores([13, 9], [50, 50])}      # WER .22 and .22
+    other = {0: _scores([12, 12], [50, 50]), 1: _scores([15, 9], [50, 50])}     # .24 and .24
+    idx = stats.bootstrap_indices(2, 200, seed=1)
+    vs_base = stats.effect([cell], [None], base, "wer", idx)       # baseline minus cell: -10% both seeds
+    assert vs_base.per_seed == pytest.approx((-0.1, -0.1))
+    pair = stats.effect([cell], [other], base, "wer", idx)         # other - cell = +10 points both seeds
+    assert pair.per_seed == pytest.approx((0.1, 0.1)) and pair.mean == pytest.approx(0.1)
+    best = stats.effect([cell], [other, None], base, "wer", idx)   # the better of the two is the baseline
+    assert best.per_seed == pytest.approx((-0.1, -0.1))
+    assert pair.se_boot > 0  # seed 1's utterances differ, so a resample moves the difference
