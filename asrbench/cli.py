@@ -11,7 +11,7 @@ COMMANDS = {
     "align": "CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali",
     "bench": "measured speed against plain-PyTorch peers: bench=quick|full -> bench.json, bench.md",
     "calibrate": "time this machine's collectives, fit a network preset: -> network.yaml (cluster.network=FILE)",
-    "reproduce": "the paper's table on the simulated cluster: reproduce=cpu|cpu_sgd|gpu|paper|tiny -> report.md + plots",
+    "reproduce": "the paper's table on the simulated cluster: reproduce=cpu|cpu_paper_n|cpu_sgd|gpu|paper|tiny -> report.md + plots",
     "report": "one report over finished runs: runs=[DIR,...] [baseline=DIR] -> report.md + curves, trade-off",
 }
 # Lightning restarts the script for ranks > 0 with the same arguments; the command travels in

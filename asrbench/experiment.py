@@ -399,16 +399,28 @@ class TrainerRunner:
         if stop.stopped:
             raise checkpoint.Interrupted(f"interrupted after step {stop.saved_step}: checkpoint {stop.path}; "
                                          f"continue with resume={stop.path}")
+        frames = all_frames(module.frames_seen, int(cfg.nodes), module.device)
         if not trainer.is_global_zero:
             return None
         comm = getattr(trainer.strategy, "comm_summary", None)
         # All workers' frames over rank 0's time inside training batches (validation excluded).
         return FitResult(steps=int(trainer.global_step), epochs=int(trainer.current_epoch),
-                         train_frames=int(module.frames_seen * int(cfg.nodes)), fit_wall_s=fit_s,
+                         train_frames=frames, fit_wall_s=fit_s,
                          train_time_s=module.train_time_s, model=module.model, comm_summary=comm() if comm else {})
 
     def close(self, logger: Any) -> None:
         finish_wandb(logger)  # the Trainer finalized the logger at the end of fit; the W&B run ends here
+
+
+def all_frames(frames_seen: int, nodes: int, device: torch.device | str = "cpu") -> int:
+    """Training frames of every rank: the sum over the process group (ranks' shards differ in length);
+    called by every rank. Without a process group this process is the only worker."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        assert nodes == 1, "workers train in one process group"
+        return int(frames_seen)
+    total = torch.tensor([int(frames_seen)], dtype=torch.long, device=device)  # NCCL needs it on the GPU
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 @dataclass

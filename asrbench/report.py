@@ -126,15 +126,22 @@ def plot_tradeoff(rows: Sequence[Mapping], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    projected = False
     for i, r in enumerate(pts):
         label = f"{r['strategy']} x{r['nodes']}"
         step_s = r.get("train_time_s", 0.0) / max(int(r["steps"]), 1)
         for ax, x in zip(axes, (max(float(r.get("bytes_sent_per_worker_per_step") or 0), 1.0), step_s)):
             ax.scatter([x], [r["rel_wer"] * 100], color=f"C{i % 10}", label=label, s=40)
             ax.annotate(label, (x, r["rel_wer"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if r.get("predicted_step_s"):  # the cost model's step on the run's network (cluster=simulated)
+            projected = True
+            axes[1].scatter([r["predicted_step_s"]], [r["rel_wer"] * 100], facecolors="none",
+                            edgecolors=f"C{i % 10}", marker="s", s=50)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("bytes sent per worker per step (log; the baseline sends none)")
-    axes[1].set_xlabel("measured wall time per step (s)")
+    axes[1].set_xlabel("wall time per step measured on this machine (s): filled, every worker a process "
+                       "sharing its cores" + ("; hollow squares: the cost model's projection" if projected else ""),
+                       fontsize=7)
     for ax in axes:
         ax.set_ylabel("relative WER change vs the baseline (%)")
         ax.axhline(0, color="0.5", lw=0.8)

@@ -131,3 +131,27 @@ def _split(n: int) -> SplitFeatures:
     return SplitFeatures([], [f"utt{i:03d}" for i in range(n)], ["A"] * n, lengths, torch.zeros(n, dtype=torch.long),
                          torch.cumsum(lengths, 0) - lengths, {"mean": torch.zeros(2), "std": torch.ones(2)},
                          shards=[torch.zeros(2 * n, 2)])
+
+
+@pytest.mark.slow
+def test_train_frames_sum_every_ranks_own_frames(corpus, tmp_path):
+    """Under torch.distributed, results.json counts the frames each rank trained, summed over ranks
+    (ranks' shards differ in length); one epoch with every utterance in a full batch trains the
+    whole training split once."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from asrbench import experiment
+
+    run = tmp_path / "run"
+    args = overrides(corpus, "cluster=processes", "accelerator=cpu", "strategy=sync", "nodes=2", "batch_size=2",
+                     "trainer.max_epochs=1")
+    proc = subprocess.run([sys.executable, "-m", "asrbench.cli", "train", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                          env=os.environ | {"WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        feats = experiment.load_features(compose("train", args), progress=False)
+    lengths = feats["train"].lengths
+    assert len(lengths) == 12 and int(lengths.min()) != int(lengths.max())  # shards differ
+    assert json.loads((run / "results.json").read_text())["train_frames"] == int(lengths.sum())

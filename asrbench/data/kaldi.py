@@ -226,12 +226,17 @@ def scan_dir(ddir: Path, allow_pipes: bool = False) -> list[Utterance]:
                               f"line or remove the utterance")
     speakers = {utt: utt for utt in spans}
     if spk_path.is_file():
-        for utt, (lineno, parts) in _unique(spk_path, _table(spk_path, 2, "<utterance-id> <speaker-id>"),
-                                            "utterance").items():
+        given = _unique(spk_path, _table(spk_path, 2, "<utterance-id> <speaker-id>"), "utterance")
+        for utt, (lineno, parts) in given.items():
             if utt not in spans:
                 raise CorpusError(f"{spk_path}:{lineno}: utterance {utt} is not in {listed_in}; delete the line "
                                   f"or add the utterance there")
             speakers[utt] = parts[1].strip()
+        missing = [utt for utt in spans if utt not in given]
+        if missing:  # Kaldi's validate_data_dir.sh refuses this too: every utterance has a speaker
+            raise CorpusError(f"{spk_path}: no line for utterance {missing[0]}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} of {listed_in}; "
+                              f"add `<utterance-id> <speaker-id>` lines for every utterance or delete {spk_path.name}")
     utts = []
     for utt, (rec, start_s, end_s, where) in spans.items():
         path, command, _ = recordings[rec]

@@ -14,8 +14,11 @@ per machine; where it cannot be built, :func:`load` returns None and GTC runs th
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -93,10 +96,31 @@ std::tuple<torch::Tensor, bool> encode(torch::Tensor residual, torch::Tensor gra
 _STATE: dict[str, Any] = {}
 
 
+def cpu_key(cpuinfo: str | None = None) -> str:
+    """A short digest of this CPU's model and instruction-set flags (/proc/cpuinfo), or of the
+    machine type where there is none: the kernel is built with -march=native, so a build cache
+    shared between machines (a cluster's home directory) keeps one build per kind of CPU."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    wanted = ("model name", "flags", "features", "cpu part", "isa")  # x86 and aarch64 names
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in wanted and key not in fields:
+            fields[key] = " ".join(sorted(value.split())) if key in ("flags", "features") else value.strip()
+    text = repr(sorted(fields.items())) if fields else platform.machine() + platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
 def load() -> Any:
     """The built kernel module (``encode(residual, grad, tau) -> (words, nonfinite)``), or None.
 
-    Built once per process (compiled once per machine into torch's extension cache); set
+    Built once per process (compiled once per kind of CPU into torch's extension cache, under a
+    name keyed by :func:`cpu_key`: -march=native code must not load on another CPU); set
     ``ASRBENCH_GTC_KERNEL=0`` to always run the eager passes.
     """
     if "module" in _STATE:
@@ -106,7 +130,7 @@ def load() -> Any:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            module = load_inline(name="asrbench_gtc_kernel", cpp_sources=SOURCE, functions=["encode"],
+            module = load_inline(name=f"asrbench_gtc_kernel_{cpu_key()}", cpp_sources=SOURCE, functions=["encode"],
                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                  verbose=False)
         except Exception as err:  # noqa: BLE001 - no compiler, no ninja, no headers: run eager

@@ -63,6 +63,11 @@ def test_several_directories_make_one_split_and_speakers_come_from_utt2spk(kaldi
     utts = scan_kaldi(kaldi_root, ["train-clean-100", "dev-clean"])
     assert len(utts) == 16 and [u.utt_id for u in utts] == sorted(u.utt_id for u in utts)
     assert {u.speaker for u in utts if u.transcript_file.parent.name == "dev-clean"} == {"spk-a"}
+    # an utterance without a speaker line is refused in one line naming utt2spk, as validate_data_dir.sh does
+    lines = (kaldi_root / "dev-clean" / "utt2spk").read_text().splitlines()
+    (kaldi_root / "dev-clean" / "utt2spk").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(CorpusError, match=rf"dev-clean/utt2spk: no line for utterance {lines[0].split()[0]} of "):
+        scan_kaldi(kaldi_root, ["dev-clean"])
     (kaldi_root / "dev-clean" / "utt2spk").unlink()  # optional: then each utterance is its own speaker
     assert all(u.speaker == u.utt_id for u in scan_kaldi(kaldi_root, ["dev-clean"]))
 

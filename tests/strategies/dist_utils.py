@@ -20,7 +20,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -65,16 +67,16 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, collective_timeout_s: float,
-            results: Any) -> None:
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, store_file: str, args: tuple,
+            collective_timeout_s: float, results: Any) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        # a file rendezvous: no port to pick, so no race with another process taking it meanwhile
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
         value = fn(rank, world_size, *args)
         results.put((rank, True, _dumps(value)))
@@ -98,8 +100,9 @@ def run_workers_outcomes(fn: Callable[..., Any], world_size: int, *args: Any, ti
 
     ctx = context()
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, collective_timeout_s, results),
+    store_dir = tempfile.mkdtemp(prefix="asrbench-dist-")
+    store_file = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store_file, args, collective_timeout_s, results),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -123,6 +126,7 @@ def run_workers_outcomes(fn: Callable[..., Any], world_size: int, *args: Any, ti
         outcomes.setdefault(rank, WorkerResult(rank, False, error=f"exit code {p.exitcode}"))
         outcomes[rank].exitcode = p.exitcode
     results.close()
+    shutil.rmtree(store_dir, ignore_errors=True)
     return [outcomes[r] for r in range(world_size)]
 
 

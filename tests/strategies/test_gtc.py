@@ -575,3 +575,14 @@ def test_lightning_worker_that_raises_stops_the_run_naming_the_rank(tmp_path: Pa
         _fit(tmp_path, "fail", epochs=1, fail_rank=1)
     assert "Process 1 terminated" in str(info.value)  # the launcher names the rank (one node: local = global)
     assert time.monotonic() - t0 < STRATEGY_TIMEOUT_S + ANSWER_WAIT_S + LAUNCH_ALLOWANCE_S
+
+
+def test_the_kernel_build_is_keyed_by_the_cpu():
+    from asrbench.strategies import gtc_kernel
+
+    intel = "processor : 0\nmodel name : Intel Xeon\nflags : fpu sse avx2 avx512f\n\nprocessor : 1\nmodel name : Intel Xeon\n"
+    amd = "processor : 0\nmodel name : AMD EPYC\nflags : fpu sse avx2\n"
+    assert gtc_kernel.cpu_key(intel) != gtc_kernel.cpu_key(amd)
+    assert gtc_kernel.cpu_key(intel) == gtc_kernel.cpu_key(intel.replace("avx2 avx512f", "avx512f avx2"))
+    assert gtc_kernel.cpu_key(intel) != gtc_kernel.cpu_key(intel.replace(" avx512f", ""))  # fewer instructions
+    assert len(gtc_kernel.cpu_key()) == 10
