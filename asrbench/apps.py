@@ -15,9 +15,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from asrbench import bench as benchmarks
 from asrbench import experiment, report, runinfo
+from asrbench import reproduce as rep
 from asrbench.checkpoint import Interrupted
+from asrbench.cluster import calibrate as cal
+from asrbench.data.corpus import scan_split
+from asrbench.data.features import FeatureConfig
+from asrbench.data.librispeech import load_word_timings
 from asrbench.errors import AsrbenchError, CheckpointError, ConfigError
+from asrbench.model.align import align_split, boundary_accuracy, write_alignments
+from asrbench.model.module import AcousticModule
 
 log = logging.getLogger("asrbench")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -145,8 +153,6 @@ def load_run(run: str) -> tuple[Path, DictConfig, dict]:
 
 
 def load_model(run_path: Path, results: dict) -> torch.nn.Module:
-    from asrbench.model.module import AcousticModule
-
     ckpt_path = Path(results.get("checkpoint") or run_path / "checkpoints" / "last.ckpt")
     if not ckpt_path.is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint missing; re-run training or pass a run dir with checkpoints/")
@@ -215,11 +221,6 @@ def report_runs(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="align", version_base="1.3")
 @user_errors
 def align(cfg: DictConfig) -> None:
-    from asrbench.data.features import FeatureConfig
-    from asrbench.data.corpus import scan_split
-    from asrbench.data.librispeech import load_word_timings
-    from asrbench.model.align import align_split, boundary_accuracy, write_alignments
-
     if not cfg.run:
         raise ConfigError("align needs run=DIR (a finished `asrbench train` run dir with a CTC model)")
     run_path, run_cfg, old = load_run(cfg.run)
@@ -253,8 +254,6 @@ def align(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="reproduce", version_base="1.3")
 @user_errors
 def reproduce(cfg: DictConfig) -> None:
-    from asrbench import reproduce as rep
-
     out = run_dir()
     # the runs to compare with are read first: a wrong path fails now, not after the experiment
     compare = cfg.get("compare_with") or []
@@ -277,7 +276,7 @@ def reproduce(cfg: DictConfig) -> None:
 
 def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
     """The report's tables and figures as one W&B run in the invocation's group."""
-    import wandb
+    import wandb  # heavy: only when the report is logged to W&B
 
     keys = ["strategy", "nodes", "wer", "wer_sd", "rel_wer", "rel_wer_sd", "cer", "rel_cer", "fer", "fer_sd", "rel_fer",
             "rel_fer_sd", "predicted_speedup", "steps", "plateaus"]
@@ -292,35 +291,21 @@ def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
                 | {f"reproduce/{p.stem}": wandb.Image(str(p)) for p in out.glob("*.png")})
 
 
-COMMANDS = {"prepare": prepare, "train": train, "eval": evaluate, "align": align, "reproduce": reproduce,
-            "report": report_runs}
-
-
 # ---------------------------------------------------------------- bench
 @hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
 @user_errors
 def bench(cfg: DictConfig) -> None:
-    from asrbench import bench as benchmarks
-
     out = run_dir()
     results = benchmarks.run(cfg.bench, out)
     print(benchmarks.markdown(results))
     print(f"bench: {out / 'bench.json'}")
 
 
-COMMANDS["bench"] = bench
-
-
 # ---------------------------------------------------------------- calibrate
 @hydra.main(config_path=CONF, config_name="calibrate", version_base="1.3")
 @user_errors
 def calibrate(cfg: DictConfig) -> None:
-    from asrbench.cluster import calibrate as cal
-
     out = run_dir()
     result = cal.run(OmegaConf.to_container(cfg, resolve=True), out, host=runinfo.host().get("node", ""))
     print((out / "calibrate.md").read_text())
     print(f"network: {' and '.join(result['network_files'])} (use cluster.network=FILE)")
-
-
-COMMANDS["calibrate"] = calibrate

@@ -54,14 +54,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.profilers import Profiler
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 from torch import nn
 
 from asrbench import runinfo
+from asrbench.cluster.simulated import LoopConfig, SimulatedCluster, fit
 from asrbench.data import text
+from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.data.features import FeatureConfig, SplitFeatures
 from asrbench.errors import AsrbenchError, ConfigError
+from asrbench.experiment import SpeechDataModule
+from asrbench.model.module import AcousticModule
+from asrbench.strategies import build_strategy, strategy_kwargs
+from asrbench.strategies.gtc import GTCStrategy, benchmark_codec
+from asrbench.strategies.sync import SyncStrategy
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +225,6 @@ class FixedBatches(torch.utils.data.Dataset):
 
 def acoustic_module(model: str, world_size: int = 1, seed: int = 0) -> Any:
     """The training module of `asrbench train` (CTC) for conf/model/<model>.yaml, seeded."""
-    from asrbench.model.module import AcousticModule
 
     torch.manual_seed(seed)
     return AcousticModule(INPUT_DIM, model_config(model), dict(OPTIM), "ctc", world_size=world_size)
@@ -250,7 +258,6 @@ def quiet_lightning(*others: str) -> Iterator[None]:
 
 def _process_main(fn: Callable[..., Any], rank: int, world: int, port: int, backend: str, threads: int,
                   spec: Mapping[str, Any], results: Any) -> None:
-    import torch.distributed as dist
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -317,11 +324,6 @@ def run_processes(fn: Callable[[int, int, Mapping[str, Any]], Any], world: int, 
 # ---------------------------------------------------------------------------------------------
 def _make_strategy(side: str, spec: Mapping[str, Any]) -> Any:
     """`ddp` is Lightning's DDPStrategy as it ships; `sync` and `gtc` the project's, with conf/strategy/ keys."""
-    from lightning.pytorch.strategies import DDPStrategy
-
-    from asrbench.strategies import strategy_kwargs
-    from asrbench.strategies.gtc import GTCStrategy
-    from asrbench.strategies.sync import SyncStrategy
 
     if side in ("ddp", "ddp_again"):
         return DDPStrategy()
@@ -424,7 +426,6 @@ def bench_strategy_steps(name: str, ours: str, peer: str, workers: int, cfg: Map
 # ---------------------------------------------------------------------------------------------
 def bench_codec(cfg: Mapping[str, Any], threads: int) -> list[Figure]:
     """`gtc.benchmark_codec` at each density: encode + decode time over one torch.add pass (<= 4)."""
-    from asrbench.strategies.gtc import benchmark_codec
 
     figures = []
     for density in cfg["densities"]:
@@ -447,7 +448,6 @@ def bench_codec(cfg: Mapping[str, Any], threads: int) -> list[Figure]:
 # ---------------------------------------------------------------------------------------------
 def _single_worker_epoch(dataset: Any, model: str, batch_size: int, seed: int) -> float:
     """Seconds of one epoch of a plain loop: loader, forward, CTC, backward, clip, Adam."""
-    from asrbench.data.dataset import make_loader
 
     module = acoustic_module(model, seed=seed)
     module.train()
@@ -469,8 +469,6 @@ def _simulated_epoch(dataset: Any, model: str, strategy: str, nodes: int, batch_
 
     `overrides` replace keys of conf/strategy/<strategy>.yaml that it has (others are ignored).
     """
-    from asrbench.cluster.simulated import LoopConfig, SimulatedCluster, fit
-    from asrbench.strategies import build_strategy
 
     module = acoustic_module(model, world_size=nodes, seed=seed)
     strategy_cfg = strategy_config(strategy, batch_size)
@@ -503,7 +501,6 @@ def bench_simulated(cfg: Mapping[str, Any], workdir: Path, threads: int) -> list
         for figure in figures:
             figure.skipped = f"asrbench.cluster.simulated unavailable ({err})"
         return figures
-    from asrbench.data.dataset import SpeechDataset
 
     dataset = SpeechDataset(synthetic_features(workdir, utterances, cfg["frames"], seed=seed))
     single = partial(_single_worker_epoch, dataset, cfg["model"], batch, seed)
@@ -550,7 +547,6 @@ def bench_data_pipeline(cfg: Mapping[str, Any], workdir: Path, threads: int) -> 
     The loader is `asrbench train`'s (SpeechDataModule over SpeechDataset, mmap-ed fp16 shards).
     The first epoch warms the page cache and is not counted; every later epoch is one repetition.
     """
-    from asrbench.experiment import SpeechDataModule
 
     figure = Figure("data_wait", f"time in next(loader) vs epoch time, single-worker Lightning fit, {cfg['model']}, "
                                  f"batch {cfg['batch_size']}, {cfg['utterances']} utterances",

@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
+
+# The one command registry: name -> (what it does, the function of asrbench.apps that runs it).
 COMMANDS = {
-    "prepare": "generate (synth) or read (librispeech, kaldi, lhotse) the corpus and cache its features",
-    "train": "train one run (strategy=single|sync|gtc|bmuf|gtc_bmuf|diloco, nodes=N)",
-    "eval": "recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md",
-    "align": "CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali",
-    "bench": "measured speed against plain-PyTorch peers: bench=quick|full -> bench.json, bench.md",
-    "calibrate": "time this machine's collectives, fit a network preset: -> network.yaml (cluster.network=FILE)",
-    "reproduce": "the paper's table on the simulated cluster: reproduce=cpu|cpu_paper_n|cpu_sgd|gpu|paper|tiny -> report.md + plots",
-    "report": "one report over finished runs: runs=[DIR,...] [baseline=DIR] -> report.md + curves, trade-off",
+    "prepare": ("generate (synth) or read (librispeech, kaldi, lhotse) the corpus and cache its features", "prepare"),
+    "train": ("train one run (strategy=single|sync|gtc|bmuf|gtc_bmuf|diloco, nodes=N)", "train"),
+    "eval": ("recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md", "evaluate"),
+    "align": ("CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali", "align"),
+    "bench": ("measured speed against plain-PyTorch peers: bench=quick|full -> bench.json, bench.md", "bench"),
+    "calibrate": ("time this machine's collectives, fit a network preset: -> network.yaml (cluster.network=FILE)",
+                  "calibrate"),
+    "reproduce": ("the paper's table on the simulated cluster: reproduce=cpu|cpu_paper_n|cpu_sgd|gpu|paper|tiny "
+                  "-> report.md + plots", "reproduce"),
+    "report": ("one report over finished runs: runs=[DIR,...] [baseline=DIR] -> report.md + curves, trade-off",
+               "report_runs"),
 }
 # Lightning restarts the script for ranks > 0 with the same arguments; the command travels in
 # the environment because the first argument is removed before Hydra reads the overrides.
@@ -20,7 +27,7 @@ ENV = "ASRBENCH_COMMAND"
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {what}" for name, what in COMMANDS.items())
+    rows = "\n".join(f"  {name:<10} {what}" for name, (what, _) in COMMANDS.items())
     return (f"usage: asrbench <command> [hydra overrides] [--help | --cfg job | -m]\n\ncommands:\n{rows}\n\n"
             f"`asrbench <command> --help` lists that command's config groups and options.")
 
@@ -48,8 +55,6 @@ def output_root(command: str, rest: list[str]) -> str:
 
 def check_output_dir(target: str) -> str | None:
     """Why `target` cannot take a run's output (one line), or None when it can."""
-    import shutil
-    import tempfile
 
     path = os.path.abspath(target)
     existing = path
@@ -90,9 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     os.environ[ENV] = command
     sys.argv = [argv[0], *rest]
-    from asrbench import apps
 
-    apps.COMMANDS[command]()
+    from asrbench import apps  # torch, Lightning and Hydra load only for a real command, not for --help
+
+    getattr(apps, COMMANDS[command][1])()
 
 
 if __name__ == "__main__":

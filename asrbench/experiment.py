@@ -21,17 +21,27 @@ import lightning as L
 import torch
 from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from asrbench import checkpoint, runinfo
 from asrbench.cluster import cost
-from asrbench.cluster.simulated import (LoopConfig, SimulatedCluster, activation_bytes, check_memory, fit,
-                                        resolve_device, stacked_arrays, strategy_kind)
-from asrbench.data import text
+from asrbench.cluster.simulated import (
+    LoopConfig,
+    SimulatedCluster,
+    activation_bytes,
+    check_memory,
+    fit,
+    resolve_device,
+    stacked_arrays,
+    strategy_kind,
+)
+from asrbench.data import phones, text
+from asrbench.data.corpus import scan_splits
 from asrbench.data.dataset import SpeechDataset, make_loader, train_batches_per_epoch
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
-from asrbench.data.corpus import scan_splits
+from asrbench.data.synth import generate_corpus
 from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
@@ -55,7 +65,6 @@ def ensure_corpus(data_cfg: Mapping, progress: bool = True) -> Path:
     """The corpus root; for `kind: synth` generate it first if needed (idempotent)."""
     root = data_root(data_cfg)
     if data_cfg.get("kind") == "synth":
-        from asrbench.data.synth import generate_corpus
 
         cfg = OmegaConf.to_container(data_cfg["synth"], resolve=True) if isinstance(
             data_cfg["synth"], DictConfig) else dict(data_cfg["synth"])
@@ -104,7 +113,6 @@ def phone_set(cfg: DictConfig, progress: bool = True) -> list[str] | None:
     if not cfg.data.get("phone_labels"):
         return None
     _check_phone_labels(cfg)
-    from asrbench.data import phones
 
     root = ensure_corpus(cfg.data, progress)
     return phones.inventory(phones.read_timings(root, split_names(cfg.data)["train"]).values())
@@ -115,7 +123,6 @@ def load_frame_labels(cfg: DictConfig, feats: Mapping[str, SplitFeatures] | None
     """Frame labels of every split: forced-alignment labels (``data.alignments``) or phone labels from the
     synthesiser's timings (``data.phone_labels``, which needs `feats` for the frame counts); None without."""
     if cfg.data.get("phone_labels"):
-        from asrbench.data import phones
 
         _check_phone_labels(cfg)
         if feats is None:  # also generates the corpus if needed
@@ -246,11 +253,9 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
     if name == "none":
         return False
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(out_dir), name="csv", version="")
     if name == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
 
         wandb_logger = WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
                                    group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
@@ -285,7 +290,7 @@ def wandb_mode() -> str:
         return os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
-    import netrc
+    import netrc  # only when no W&B mode or key is set
 
     try:
         hosts = netrc.netrc().hosts

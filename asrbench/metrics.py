@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jiwer
 import torch
+from torchaudio.functional import edit_distance
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
@@ -26,7 +27,6 @@ def utterance_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, list
     """Per utterance: word edits and reference words, character edits and reference characters
     (Levenshtein distance, torchaudio). Their sums give the corpus WER and CER that jiwer gives; per
     utterance they let a bootstrap resample the test set (asrbench.stats)."""
-    from torchaudio.functional import edit_distance
 
     out: dict[str, list[int]] = {"wer_errors": [], "wer_counts": [], "cer_errors": [], "cer_counts": []}
     for ref, hyp in zip(refs, hyps, strict=True):

@@ -6,13 +6,12 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from asrbench.errors import ConfigError
 from asrbench.metrics import relative_change
-from asrbench.paper import PAPER_TABLE, paper_rel_wer_text, paper_value
+from asrbench.paper import PAPER_NODES, PAPER_TABLE, paper_rel_wer_text, paper_value
 
 
 def load_results(run_dir: Path) -> dict:
-    from asrbench.errors import ConfigError
-
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no results.json; point run=/baseline= at a finished `asrbench train` run dir")
@@ -86,7 +85,7 @@ def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
     line per run; returns the PNG path."""
     if not any(histories.values()):
         return None
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,7 +119,7 @@ def plot_tradeoff(rows: Sequence[Mapping], path: Path) -> Path | None:
     pts = [r for r in rows if r.get("rel_wer") is not None and r.get("steps")]
     if not pts:
         return None
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -227,7 +226,7 @@ def _num(v) -> str:
 
 def plot_scaling(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
     """speedup.png, rel_wer.png and bytes.png: ours (solid) and the paper's (dashed) per strategy."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,7 +294,7 @@ def _pct_pm(mean: float, sd: float, signed: bool = True) -> str:
 def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[str, int], float],
                             out_dir: Path) -> Path:
     """tradeoff.png: relative WER (mean ± sd over seeds) against speedup, ours and the paper's."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -328,7 +327,7 @@ def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[s
 
 def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_dir: Path) -> Path:
     """learning_curves.png: dev loss and dev WER of every run against epochs of data seen."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -379,7 +378,6 @@ def _p(p: float | None) -> str:
 def evidence_cells_table(ev: Mapping, nodes: Sequence[int]) -> str:
     """Every cell against the baseline on one split: absolute error rates and relative changes with
     their paired 95% CIs, beside the paper's figure at the same tier of workers."""
-    from asrbench.paper import PAPER_NODES
 
     metrics = ev["metrics"]
     head = ["strategy", "workers", *[f"{m.upper()}" for m in metrics],

@@ -10,12 +10,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asrbench import analysis, report, stats
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
+
+from asrbench import analysis, experiment, report, runinfo, stats
+from asrbench.cluster import cost
+from asrbench.cluster.cost import load_compute_profile, load_network
+from asrbench.data import text
+from asrbench.data.features import FeatureConfig
+from asrbench.errors import ConfigError
+from asrbench.model.lstm import LSTMAcousticModel
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +50,6 @@ FP32_BYTES = 4
 
 def model_parameters(model_cfg: Mapping, input_dim: int) -> int:
     """Parameters of the acoustic model `model_cfg` (a conf/model entry), counted without memory."""
-    import torch
-
-    from asrbench.data import text
-    from asrbench.model.lstm import LSTMAcousticModel
 
     with torch.device("meta"):
         model = LSTMAcousticModel(input_dim, text.vocab_size(), **{k: v for k, v in model_cfg.items() if k != "name"})
@@ -52,7 +66,6 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
     per worker step on the target GPU). The step time is then the same cost model as a run's own
     prediction (asrbench.cluster.cost.step_time).
     """
-    from asrbench.cluster import cost
 
     compute = float(profile["compute_s_per_worker_step"])
     out = []
@@ -80,11 +93,6 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
 
 def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path) -> dict | None:
     """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
-    from omegaconf import OmegaConf
-
-    from asrbench.cluster.cost import load_compute_profile, load_network
-    from asrbench.data.features import FeatureConfig
-    from asrbench.errors import ConfigError
 
     proj = cfg.get("projection")
     if not proj or not results:
@@ -115,7 +123,6 @@ def load_reproduce(path: str | Path) -> dict:
     p = Path(path)
     p = p / "reproduce.json" if p.is_dir() else p
     if not p.is_file():
-        from asrbench.errors import ConfigError
 
         raise ConfigError(f"compare_with: {path} holds no reproduce.json; name the directory of a finished "
                           f"asrbench reproduce")
@@ -127,12 +134,6 @@ def load_reproduce(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 def _train_job(conf_dir: str, overrides: list[str], run_dir: str, threads: int | None) -> dict:
     """One `asrbench train` run in a fresh process, logging to <run_dir>/train.log."""
-    import os
-
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from asrbench import experiment
 
     if threads:
         torch.set_num_threads(threads)
@@ -171,11 +172,6 @@ class Runner:
         self.conf_dir, self.parallel, self.threads = str(conf_dir), parallel, threads
 
     def run(self, jobs: Sequence[Job]) -> dict[str, dict]:
-        import multiprocessing
-        import shutil
-        import time
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         done: dict[str, dict] = {}
         todo = []
         for job in jobs:
@@ -221,7 +217,6 @@ def load_search(path: str | Path) -> dict:
     p = Path(path)
     p = p / "search" / "search.json" if (p / "search" / "search.json").is_file() else p
     if not p.is_file():
-        from asrbench.errors import ConfigError
 
         raise ConfigError(f"reproduce.search.reuse={path}: no search.json there; point it at a finished "
                           f"reproduce directory or its search/search.json")
@@ -230,16 +225,6 @@ def load_search(path: str | Path) -> dict:
 
 def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     """The whole experiment; returns reproduce.json's content and writes report.md with its plots."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from hydra import compose
-
-    from asrbench import experiment, runinfo
-    from asrbench.errors import ConfigError
 
     t0 = time.perf_counter()
     rc = cfg.reproduce
@@ -391,8 +376,6 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
 
 
 def to_absolute(path: Any) -> Path:
-    from hydra.utils import to_absolute_path
-
     return Path(to_absolute_path(str(path)))
 
 

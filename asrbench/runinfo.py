@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+
 PACKAGES = ("torch", "torchaudio", "lightning", "hydra-core", "wandb", "numpy", "asrbench")
 
 
@@ -39,7 +40,8 @@ def versions() -> dict[str, str]:
 def host() -> dict[str, Any]:
     info: dict[str, Any] = {"machine": platform.machine(), "node": platform.node(), "cpus": os.cpu_count()}
     try:
-        import torch
+        import torch  # runinfo is imported by light tools; torch loads only when a host is described
+
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpus"] = torch.cuda.device_count()

@@ -158,3 +158,12 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
         return text.split("## The paper's claims")[1].split("## The knob search")[0]
 
     assert claims_section((out / "report.md").read_text()) == claims_section(md)
+
+
+def test_every_command_of_the_one_registry_runs_a_hydra_app():
+    from asrbench import apps, cli
+
+    for name, (what, function) in cli.COMMANDS.items():
+        app = getattr(apps, function)
+        assert callable(app) and what, name
+        assert app.__module__ == "asrbench.apps"

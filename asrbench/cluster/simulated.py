@@ -812,7 +812,7 @@ def available_memory(device: torch.device) -> tuple[int, str]:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), "GPU memory"
     try:
-        import psutil
+        import psutil  # optional: not a declared dependency
 
         return int(psutil.virtual_memory().available), "RAM"
     except ImportError:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from asrbench.data.librispeech import Utterance, scan_subsets
+from asrbench.data.librispeech import scan_subsets
+from asrbench.data.utterance import Utterance
 from asrbench.errors import ConfigError
 
 KINDS = ("librispeech", "synth", "kaldi", "lhotse")
@@ -21,11 +22,11 @@ def scan_split(data_cfg: Mapping, root: str | Path, subsets: Sequence[str]) -> l
     if kind in ("librispeech", "synth"):
         return scan_subsets(root, subsets)
     if kind == "kaldi":
-        from asrbench.data.kaldi import scan_kaldi
+        from asrbench.data.kaldi import scan_kaldi  # only for data=kaldi (its readers import this module)
 
         return scan_kaldi(root, subsets, allow_pipes=bool(data_cfg.get("allow_pipes", False)))
     if kind == "lhotse":
-        from asrbench.data.lhotse_corpus import scan_lhotse
+        from asrbench.data.lhotse_corpus import scan_lhotse  # optional: needs lhotse installed
 
         return scan_lhotse(root, subsets, prefix=data_cfg.get("prefix") or "",
                            precomputed_features=bool(data_cfg.get("precomputed_features", False)))

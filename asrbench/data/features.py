@@ -45,7 +45,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 from tqdm.auto import tqdm
 
-from asrbench.data.librispeech import Utterance, check_sample_rate, decode_audio
+from asrbench.data.utterance import Utterance, check_sample_rate, decode_audio
 from asrbench.errors import ConfigError, CorpusError
 
 log = logging.getLogger(__name__)

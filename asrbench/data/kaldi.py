@@ -32,7 +32,7 @@ import torch
 
 from asrbench.data import text as textlib
 from asrbench.data.features import file_stamp
-from asrbench.data.librispeech import Utterance, _one_line, _subdirs
+from asrbench.data.utterance import Utterance, one_line, subdirs
 from asrbench.errors import CorpusError
 
 MAX_OVERSHOOT_S = 0.5  # s; Kaldi extract-segments' --max-overshoot default
@@ -46,7 +46,7 @@ def data_dir(root: str | Path, subset: str) -> Path:
                           f"Kaldi data directories (a recipe's data/)")
     path = root / subset
     if not (path / "wav.scp").is_file():
-        found = [d for d in _subdirs(root) if (root / d / "wav.scp").is_file()]
+        found = [d for d in subdirs(root) if (root / d / "wav.scp").is_file()]
         what = "no wav.scp" if path.is_dir() else "directory not found"
         raise CorpusError(f"{path}: {what}; Kaldi data directories under {root}: {', '.join(found) or 'none'}; "
                           f"fix data.root or the *_subsets lists")
@@ -58,7 +58,7 @@ def _table(path: Path, fields: int, what: str) -> list[tuple[int, list[str]]]:
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CorpusError(f"{path}: cannot read ({_one_line(exc)}); restore it") from None
+        raise CorpusError(f"{path}: cannot read ({one_line(exc)}); restore it") from None
     rows = []
     for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
@@ -97,7 +97,7 @@ class SegmentSource:
                 f.seek(start)
                 data = f.read(end - start, dtype="float32", always_2d=True)
         except (RuntimeError, OSError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
-            raise CorpusError(f"{self.path}: unreadable audio ({_one_line(exc)}); re-extract or re-download "
+            raise CorpusError(f"{self.path}: unreadable audio ({one_line(exc)}); re-extract or re-download "
                               f"it") from None
         if len(data) < end - start:
             raise CorpusError(f"{self.path}: truncated audio ({start + len(data)} of {total} samples); "
@@ -157,7 +157,7 @@ def _run_pipe(command: str, wav_scp: Path) -> tuple[np.ndarray, int]:
     try:
         proc = subprocess.run(command, shell=True, capture_output=True, check=False)
     except OSError as exc:
-        raise CorpusError(f"{wav_scp}: unreadable audio (command {command!r}: {_one_line(exc)}); fix the "
+        raise CorpusError(f"{wav_scp}: unreadable audio (command {command!r}: {one_line(exc)}); fix the "
                           f"command") from None
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
@@ -166,7 +166,7 @@ def _run_pipe(command: str, wav_scp: Path) -> tuple[np.ndarray, int]:
     try:
         data, sample_rate = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise CorpusError(f"{wav_scp}: unreadable audio (output of {command!r}: {_one_line(exc)}); make the "
+        raise CorpusError(f"{wav_scp}: unreadable audio (output of {command!r}: {one_line(exc)}); make the "
                           f"command write WAV to its standard output") from None
     return _mono(data).numpy(), sample_rate
 

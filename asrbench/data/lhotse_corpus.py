@@ -34,7 +34,7 @@ import torch
 from asrbench.data import text as textlib
 from asrbench.data.features import FeatureConfig, file_stamp
 from asrbench.data.kaldi import MAX_OVERSHOOT_S
-from asrbench.data.librispeech import Utterance, _one_line
+from asrbench.data.utterance import Utterance, one_line
 from asrbench.errors import ConfigError, CorpusError
 
 SUFFIXES = (".jsonl.gz", ".jsonl")
@@ -44,7 +44,7 @@ def import_lhotse() -> Any:
     try:
         import lhotse
     except ImportError as exc:
-        raise ConfigError(f"data=lhotse reads manifests with lhotse, which cannot be imported ({_one_line(exc)}); "
+        raise ConfigError(f"data=lhotse reads manifests with lhotse, which cannot be imported ({one_line(exc)}); "
                           f"install it with `pip install 'asrbench[lhotse]'`") from None
     return lhotse
 
@@ -90,7 +90,7 @@ def _items(lhotse: Any, path: Path, kind: type) -> Iterator[Any]:
     except CorpusError:
         raise
     except Exception as exc:  # lhotse and its decoders raise anything on a damaged manifest
-        raise CorpusError(f"{path}: not a readable lhotse manifest ({_one_line(exc)}); write it again") from None
+        raise CorpusError(f"{path}: not a readable lhotse manifest ({one_line(exc)}); write it again") from None
 
 
 def _audio_path(recording: Any, manifest: Path) -> Path:
@@ -162,7 +162,7 @@ class CutSource:
         try:
             feats = self.cut.load_features()
         except Exception as exc:  # storage backends raise anything on a damaged file
-            raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} unreadable ({_one_line(exc)}); "
+            raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} unreadable ({one_line(exc)}); "
                               f"restore {f.storage_path} or set data.precomputed_features=false") from None
         return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
 
@@ -170,7 +170,7 @@ class CutSource:
 def _first_cause(exc: BaseException) -> str:
     """The first backend's complaint of lhotse's AudioLoadingError (which lists every backend tried
     and the whole cut), or the message of any other error."""
-    text = _one_line(exc).split(" Exception #1 ")[0].split(" [extra info]")[0]
+    text = one_line(exc).split(" Exception #1 ")[0].split(" [extra info]")[0]
     return text.split("Exception #0 ", 1)[-1][:300]
 
 

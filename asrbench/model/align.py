@@ -17,6 +17,7 @@ import torch
 import torchaudio.functional as AF
 
 from asrbench.data import text
+from asrbench.data.dataset import SpeechDataset, make_loader
 from asrbench.errors import CorpusError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def read_alignments(directory: Path, subsets: Iterable[str]) -> dict[str, torch.
 @torch.no_grad()
 def align_split(model: torch.nn.Module, split, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], int]:
     """Forced alignment of every utterance of a split; returns labels by utterance and the skip count."""
-    from asrbench.data.dataset import SpeechDataset, make_loader
 
     model.eval()
     out: dict[str, torch.Tensor] = {}

@@ -48,13 +48,13 @@ def build_strategy(cfg: Mapping[str, Any], *, nodes: int, timeout_s: float) -> A
         raise ConfigError(f"strategy={name} needs nodes >= 2 (got nodes={nodes}); "
                           f"use strategy=single for one worker")
     importlib.import_module(f"asrbench.strategies.{MODULES[name]}")  # registers the strategy
-    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.strategies import StrategyRegistry  # heavy: only when a strategy is built
 
     registry_name = cfg.get("registry_name") or f"asrbench_{name}"
     kwargs = strategy_kwargs(cfg)
     kwargs["timeout"] = timedelta(seconds=timeout_s)
     if name == "gtc_bmuf":
-        from asrbench.strategies.gtc_bmuf import number_of_groups
+        from asrbench.strategies.gtc_bmuf import number_of_groups  # gtc_bmuf imports this package
 
         number_of_groups(nodes, int(kwargs.get("group_size", 1)))  # fails before any process starts
     entry = StrategyRegistry[registry_name]

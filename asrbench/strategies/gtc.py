@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -567,7 +568,6 @@ def benchmark_codec(numel: int = 10_000_000, density: float = 0.01, repeats: int
     is sent. Returns the best-of-`repeats` seconds of each and ``ratio`` = codec / add (<= 4 is the
     target: at least 25 % of an add's throughput).
     """
-    import time
 
     gen = torch.Generator().manual_seed(seed)
     grad = torch.rand(numel, generator=gen).mul_(2).sub_(1)

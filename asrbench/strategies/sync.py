@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import itertools
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.optim import Optimizer
 
+from asrbench.checkpoint import describe_last_checkpoint
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.comm import (CollectiveError, as_timedelta, collective_error, is_collective_failure,
-                                      naming_launcher, publish_failure)
+from asrbench.strategies.comm import (
+    CollectiveError,
+    as_timedelta,
+    collective_error,
+    is_collective_failure,
+    naming_launcher,
+    publish_failure,
+)
 
 
 class AccountedDDPStrategy(DDPStrategy):
@@ -67,9 +75,6 @@ class AccountedDDPStrategy(DDPStrategy):
         super()._configure_launcher()
         describe = None
         if self.checkpoint_dir:
-            from pathlib import Path
-
-            from asrbench.checkpoint import describe_last_checkpoint
 
             directory = Path(self.checkpoint_dir)
             describe = lambda: describe_last_checkpoint(directory)  # noqa: E731

@@ -6,7 +6,8 @@ import pytest
 
 from asrbench.data.corpus import scan_splits
 from asrbench.data.features import FeatureConfig, compute_fbank, prepare_features
-from asrbench.data.librispeech import read_audio, scan_subsets
+from asrbench.data.librispeech import scan_subsets
+from asrbench.data.utterance import read_audio
 from asrbench.errors import ConfigError, CorpusError
 from tests.data.corpus_forms import rewrite_jsonl_gz, write_lhotse_manifests
 from tests.data.test_kaldi import EXACT, SUBSETS, assert_same_features, librispeech_features

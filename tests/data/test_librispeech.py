@@ -8,7 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from asrbench.data.librispeech import load_word_timings, read_audio, scan_subsets
+from asrbench.data.librispeech import load_word_timings, scan_subsets
+from asrbench.data.utterance import read_audio
 from asrbench.errors import AsrbenchError, CorpusError
 
 
