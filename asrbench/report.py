@@ -428,14 +428,16 @@ def claims_table(claims: Sequence[Mapping]) -> str:
 
 def runs_table(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
     """Every run: seed, steps, WER per split, and the plateau test of its dev-loss curve."""
-    lines = ["| run | seed | steps | dev WER | " + " | ".join(f"{s} WER" for s in splits)
-             + " | dev loss: change over the last points [95% CI] | plateau |", "|" + "---|" * (6 + len(splits))]
+    lines = ["| run | seed | steps | BMUF blocks | dev WER | " + " | ".join(f"{s} WER" for s in splits)
+             + " | dev loss: change over the last points [95% CI] | plateau |", "|" + "---|" * (7 + len(splits))]
     for r in rows:
         pl = r.get("plateau") or {}
         change = ("-" if pl.get("rel_change") is None or math.isnan(pl["rel_change"]) else
                   f"{pl['rel_change'] * 100:+.1f}% [{pl['low'] * 100:+.1f}, {pl['high'] * 100:+.1f}] "
                   f"({pl['points']} points, steps {pl['from_step']:,}-{pl['to_step']:,})")
-        lines.append(f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | {r['dev_wer'] * 100:.1f}% | "
+        blocks = r.get("bmuf_blocks")
+        lines.append(f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | "
+                     f"{'-' if blocks is None else f'{int(blocks):,}'} | {r['dev_wer'] * 100:.1f}% | "
                      + " | ".join(f"{r['eval'][s]['wer'] * 100:.1f}%" if s in r.get("eval", {}) else "-" for s in splits)
                      + f" | {change} | {'yes' if pl.get('plateau') else 'no'} |")
     return "\n".join(lines)

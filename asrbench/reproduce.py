@@ -385,14 +385,27 @@ def _density(res: Mapping) -> float | None:
 
 
 def describe_setup(cfg: Any, result: Mapping) -> str:
-    """The report's first paragraph: what every run trained on, for how long, and the wall time."""
+    """The report's first paragraph: what every run trained on, for how long, the baseline's error
+    rates on every scored split, and the wall time."""
     rc = cfg.reproduce
-    base = result["baseline"]
+    steps = {}
+    for rows in result["rows_by_seed"].values():
+        for r in rows:
+            steps.setdefault(int(r["nodes"]), set()).add(int(r["steps"]))
+    steps_text = ", ".join(f"{min(v):,}" + (f"-{max(v):,}" if max(v) != min(v) else "") + f" at {n}"
+                           for n, v in sorted(steps.items()))
+    base = []
+    for split, ev in result["evidence"].items():
+        per_seed = list(ev["baseline_per_seed"]["wer"].values())
+        mean, sd = analysis.mean_sd(per_seed)
+        base.append(f"{split} WER {mean * 100:.1f} ± {sd * 100:.1f}% ({ev['words']:,} words)")
+    warm = rc.get("warm_start_overrides") or []
     return (f"`reproduce={rc.name}`: baseline and {', '.join(rc.strategies)} at {', '.join(map(str, rc.nodes))} "
             f"workers on the simulated cluster, seeds {result['seeds']}. Every run sees {rc.epochs} epochs of "
-            f"data, the first {rc.get('warm_start_epochs') or 0} as one single-worker warm start per seed from "
-            f"which every run of that seed continues. Overrides for every run: `{' '.join(rc.overrides)}`. "
-            f"Baseline (seed {result['seeds'][0]}): WER {base['wer'] * 100:.1f}%, {base['steps']:,} steps. "
+            f"data, the first {rc.get('warm_start_epochs') or 0} as one single-worker warm start per seed"
+            f"{f' (`{chr(32).join(warm)}`)' if warm else ''} from which every run of that seed continues. "
+            f"Overrides for every run: `{' '.join(rc.overrides)}`. Optimizer steps per run: {steps_text} workers. "
+            f"Baseline, mean ± sd over seeds: {'; '.join(base)}. "
             f"{result['runs']} runs whose own wall times add up to {result['run_s'] / 60:.1f} min "
             f"({rc.get('parallel') or 1} at a time); this invocation took {result['wall_s'] / 60:.1f} min "
             f"(finished runs are reused).")

@@ -43,7 +43,7 @@ def test_a_two_rank_gtc_run_says_its_config_once_and_keeps_third_party_lines_in_
                            "trainer.max_steps=2", "model=lstm_tiny", "logger=none", "data=librispeech",
                            f"data.root={corpus}", "data.train_subsets=[train-clean-100]", "data.dev_subsets=[dev-clean]",
                            "data.test_subsets=[test-clean]", "trainer.enable_progress_bar=false",
-                           f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert console.count("GTC config: tau = ") == 1

@@ -20,7 +20,7 @@ def test_demo_recipe_runs_every_stage_with_step_budgets(tmp_path):
                         "MODEL": "lstm_tiny", "LOGGER": "csv", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("ASRBENCH_COMMAND", None)
     proc = subprocess.run(["bash", "recipes/synth/run.sh", "--exp", str(exp), "--nodes", "2", "--steps", "8",
-                           "--continue-steps", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--continue-steps", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all((exp / f".stage{n}.done").is_file() for n in range(4))
     start = json.loads((exp / "start" / "results.json").read_text())
@@ -43,5 +43,5 @@ def test_demo_recipe_runs_every_stage_with_step_budgets(tmp_path):
     assert sum("val/wer" in h for h in history) >= 2 and all("time_s" in h for h in history)
     # run again: every stage is done and skipped
     again = subprocess.run(["bash", "recipes/synth/run.sh", "--exp", str(exp), "--nodes", "2", "--steps", "8",
-                            "--continue-steps", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                            "--continue-steps", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4

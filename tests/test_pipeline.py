@@ -110,7 +110,7 @@ def test_align_eval_and_ce_training(ctc_run, corpus):
 
 def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     out = tmp_path / "rep"
-    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=900)
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=400)
     md = (out / "report.md").read_text()
     search = json.loads((out / "search" / "search.json").read_text())
     assert [len(search["strategies"][s]["candidates"]) for s in ("gtc", "bmuf", "gtc_bmuf")] == [2, 1, 1]
@@ -151,7 +151,7 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
         "agrees", "disagrees", "inconclusive", "excludes the paper's effect", "agrees; excludes the paper's effect")
     assert all(r["plateau"]["points"] >= 2 for rows in summary["rows_by_seed"].values() for r in rows)
     # started again, every finished run is reused and the table is the same
-    again = asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=300)
+    again = asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=120)
     assert "finished before, reused" in again.stderr + again.stdout
 
     def claims_section(text: str) -> str:
