@@ -65,7 +65,15 @@ def test_bench_md_is_the_table_with_machine_threads_and_commit(smoke_run):
     md = (smoke_run / "bench.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
     assert len(rows) == len(CPU_FIGURES | GPU_FIGURES)
-    assert all(line.rstrip().endswith(("pass |", "FAIL |")) or "skipped:" in line for line in rows)
+    results = json.loads((smoke_run / "bench.json").read_text())
+    for f in results["figures"]:  # each row's verdict is its figure's ratio against its goal, recomputed here
+        (line,) = [row for row in rows if row.startswith(f"| {f['name']} |")]
+        if f["skipped"]:
+            assert "skipped:" in line
+            continue
+        met = f["ratio"] >= f["goal"] if f["higher_is_better"] else f["ratio"] <= f["goal"]
+        assert line.rstrip().endswith("pass |" if met else "FAIL |"), line
+        assert f"| {f['ratio']:.3f} |" in line
     assert "- machine:" in md and "- torch threads: 1" in md and "- git commit:" in md
     assert not list(smoke_run.glob(".bench-data-*"))  # the synthetic shards are removed
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 
 from asrbench.data import text as textlib
 from asrbench.data.features import file_stamp
-from asrbench.data.utterance import Utterance, one_line, subdirs
+from asrbench.data.utterance import AUDIO_SUFFIXES, Utterance, one_line, subdirs
 from asrbench.errors import CorpusError
 
 MAX_OVERSHOOT_S = 0.5  # s; Kaldi extract-segments' --max-overshoot default
@@ -171,6 +172,17 @@ def _run_pipe(command: str, wav_scp: Path) -> tuple[np.ndarray, int]:
     return _mono(data).numpy(), sample_rate
 
 
+def _decoded_file(command: str) -> Path | None:
+    """The one existing FLAC or WAV file a wav.scp command reads, if it names exactly one."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    files = {Path(os.path.abspath(w)) for w in words if w.lower().endswith(AUDIO_SUFFIXES)}
+    files = {f for f in files if f.is_file()}
+    return files.pop() if len(files) == 1 else None
+
+
 def _recordings(ddir: Path, allow_pipes: bool) -> dict[str, tuple[Path, str | None, int]]:
     """Recording id -> (audio path or wav.scp, pipe command or None, wav.scp line)."""
     wav_scp = ddir / "wav.scp"
@@ -180,6 +192,11 @@ def _recordings(ddir: Path, allow_pipes: bool) -> dict[str, tuple[Path, str | No
         where = where.strip()
         if where.endswith("|"):
             if not allow_pipes:
+                readable = _decoded_file(where[:-1])
+                if readable is not None:  # e.g. lhotse's export_to_kaldi: `ffmpeg ... -i x.flac ... - |`
+                    raise CorpusError(f"{wav_scp}:{lineno}: recording {rec} is a command that decodes {readable}, "
+                                      f"a file asrbench reads itself; list the file instead (`{rec} {readable}`), "
+                                      f"or set data.allow_pipes=true to run the command")
                 raise CorpusError(f"{wav_scp}:{lineno}: recording {rec} is a command ({where!r}), not an audio "
                                   f"file; write each recording to a file (e.g. `sph2pipe -f wav {rec}.sph "
                                   f"{rec}.wav`) and list the files in wav.scp, or set data.allow_pipes=true to "

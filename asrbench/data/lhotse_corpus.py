@@ -14,9 +14,14 @@ like LibriSpeech's. A span that ends up to MAX_OVERSHOOT_S past its recording is
 end, one that ends further out is a bad utterance (`data.on_bad_utterance`).
 
 With `precomputed_features`, the fbank frames stored in the cuts are used instead of the audio.
-They must be filterbanks of the size, frame shift and sample rate that `features.*` describes
-(80 bins every 10 ms at 16 kHz by default); how they were computed (lhotse's Fbank, kaldifeat,
-Kaldi) is the recipe's choice, so they are close to, not equal to, the ones asrbench computes.
+They must follow the convention of the features asrbench computes (`features.*`): Kaldi log-mel
+filterbanks of samples scaled to 16-bit integers (`features.waveform_scale`), 80 bins every 10 ms
+at 16 kHz by default, with Kaldi's `snip_edges=true` framing (1 + (samples - window) // shift
+frames). The bins, shift and rate a cut records, and its frame count against its duration, are
+checked; a mismatch (lhotse's own Fbank frames with snip_edges=false, 2 frames more) is refused in
+one line. What cannot be checked is the sample scale: lhotse's extractors read samples in [-1, 1],
+which shifts every log-mel value by log(32768^2) = -20.8; such features train, but not like
+asrbench's own, so compute them with Kaldi's scale or let asrbench compute them from the audio.
 lhotse is an optional dependency: `pip install 'asrbench[lhotse]'`.
 """
 from __future__ import annotations
@@ -159,11 +164,25 @@ class CutSource:
                               f"{want} bins every {cfg.frame_shift_ms:g} ms at {cfg.sample_rate} Hz that "
                               f"features.* describes; set data.precomputed_features=false to compute them from "
                               f"the audio")
+        samples = round(self.cut.duration * cfg.sample_rate)
+        shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+        expected = (1 + (samples - cfg.window_samples) // shift if cfg.snip_edges else (samples + shift // 2) // shift)
+        if f.num_frames != max(expected, 0):
+            raise ConfigError(f"{self.manifest}: cut {self.cut.id} carries {f.num_frames} frames for "
+                              f"{self.cut.duration:g} s, not the {expected} of features.snip_edges="
+                              f"{str(cfg.snip_edges).lower()} framing (lhotse's own Fbank uses snip_edges=false); "
+                              f"store features in asrbench's convention (asrbench/data/lhotse_corpus.py) or set "
+                              f"data.precomputed_features=false")
         try:
             feats = self.cut.load_features()
         except Exception as exc:  # storage backends raise anything on a damaged file
-            raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} unreadable ({one_line(exc)}); "
-                              f"restore {f.storage_path} or set data.precomputed_features=false") from None
+            cause = _first_cause(exc)
+            if "lilcom" in cause.lower():  # lhotse's default storage; lhotse itself does not require it
+                raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} are stored with lilcom, which "
+                                  f"cannot be imported; `pip install lilcom` (in asrbench's lhotse extra) or set "
+                                  f"data.precomputed_features=false") from None
+            raise ConfigError(f"{self.manifest}: features of cut {self.cut.id} unreadable ({cause[:200]}); restore "
+                              f"{f.storage_path} or set data.precomputed_features=false") from None
         return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
 
 
@@ -174,8 +193,9 @@ def _first_cause(exc: BaseException) -> str:
     return text.split("Exception #0 ", 1)[-1][:300]
 
 
-def _cuts(lhotse: Any, files: dict[str, Path]) -> Iterator[tuple[Any, Path]]:
-    """(cut of one supervision, manifest it came from), checking ids and references."""
+def _cuts(lhotse: Any, files: dict[str, Path]) -> Iterator[tuple[Any, Path, Path]]:
+    """(cut of one supervision, manifest it came from, manifest holding its audio's path), checking
+    ids and references."""
     if "cuts" in files:
         path = files["cuts"]
         seen: set[str] = set()
@@ -189,7 +209,7 @@ def _cuts(lhotse: Any, files: dict[str, Path]) -> Iterator[tuple[Any, Path]]:
             else:  # one cut per supervision (a long recording), named by the supervision
                 trimmed = cut.trim_to_supervisions(keep_overlapping=False)
             for one in trimmed:
-                yield one, path
+                yield one, path, path
         return
     rec_path, sup_path = files["recordings"], files["supervisions"]
     recordings = {}
@@ -208,7 +228,7 @@ def _cuts(lhotse: Any, files: dict[str, Path]) -> Iterator[tuple[Any, Path]]:
                               f"{rec_path} does not list; add the recording or delete the supervision")
         cut = lhotse.MonoCut(id=sup.id, start=sup.start, duration=sup.duration, channel=sup.channel,
                              supervisions=[sup.with_offset(-sup.start)], recording=rec)
-        yield cut, sup_path
+        yield cut, sup_path, rec_path
 
 
 def scan_lhotse(root: str | Path, subsets: Sequence[str], prefix: str = "",
@@ -226,11 +246,12 @@ def scan_lhotse(root: str | Path, subsets: Sequence[str], prefix: str = "",
     for subset in subsets:
         files = manifest_files(root, subset, prefix)
         found = 0
-        for cut, manifest in _cuts(lhotse, files):
+        for cut, manifest, audio_manifest in _cuts(lhotse, files):
             if precomputed_features and not cut.has_features:
                 raise CorpusError(f"{manifest}: cut {cut.id} carries no features; compute them (e.g. icefall's "
                                   f"compute_fbank_*.py) or set data.precomputed_features=false")
-            audio = manifest if precomputed_features or cut.recording is None else _audio_path(cut.recording, manifest)
+            audio = (manifest if precomputed_features or cut.recording is None
+                     else _audio_path(cut.recording, audio_manifest))
             sup = cut.supervisions[0]
             if cut.id in utts:
                 raise CorpusError(f"{manifest}: utterance (supervision) id {cut.id} appears twice (also in "

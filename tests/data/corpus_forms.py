@@ -59,9 +59,10 @@ def write_kaldi_dir(tree: Path, subset: str, out: Path, *, segments: bool = Fals
 
 
 def write_lhotse_manifests(tree: Path, subset: str, out: Path, *, form: str = "cuts",
-                           fbank_of=None) -> Path:
+                           fbank_of=None, writer=None) -> Path:
     """lhotse manifests of `subset` in `out`: `form="cuts"` (a CutSet) or `"recordings"`
-    (recordings + supervisions). `fbank_of(utt) -> (T, 80) array` stores precomputed features."""
+    (recordings + supervisions). `fbank_of(utt) -> (T, 80) array` stores precomputed features,
+    with `writer` (a lhotse features writer class; numpy files by default)."""
     from lhotse import (CutSet, Features, MonoCut, NumpyFilesWriter, Recording, RecordingSet,
                         SupervisionSegment, SupervisionSet)
 
@@ -79,7 +80,7 @@ def write_lhotse_manifests(tree: Path, subset: str, out: Path, *, form: str = "c
         SupervisionSet.from_segments(sups).to_file(out / f"corpus_supervisions_{subset}.jsonl.gz")
         return out
     cuts = []
-    writer = NumpyFilesWriter(out / f"feats_{subset}") if fbank_of else None
+    writer = (writer or NumpyFilesWriter)(out / f"feats_{subset}") if fbank_of else None
     for u, rec, sup in zip(utts, recs, sups):
         features = None
         if fbank_of:

@@ -162,9 +162,21 @@ def test_pipe_is_refused_with_how_to_convert(kaldi_root):
     wav = kaldi_root / "train-clean-100" / "wav.scp"
     lines = wav.read_text().splitlines()
     rec, path = lines[0].split(maxsplit=1)
-    wav.write_text("\n".join([f"{rec} sox {path} -t wav - |", *lines[1:]]) + "\n")
+    wav.write_text("\n".join([f"{rec} sph2pipe -f wav {rec}.sph |", *lines[1:]]) + "\n")
     msg = one_line_naming(scan_error(kaldi_root), f"{wav}:1", rec, "data.allow_pipes=true")
     assert "write each recording to a file" in msg
+
+
+def test_a_pipe_that_only_decodes_a_readable_file_names_the_file(kaldi_root):
+    """lhotse's export_to_kaldi writes every FLAC as an ffmpeg command: say which file to list instead."""
+    wav = kaldi_root / "train-clean-100" / "wav.scp"
+    lines = wav.read_text().splitlines()
+    rec, path = lines[0].split(maxsplit=1)
+    command = f"ffmpeg -threads 1 -i {path} -ar 16000 -map_channel 0.0.0 -f wav -acodec pcm_s16le - |"
+    wav.write_text("\n".join([f"{rec} {command}", *lines[1:]]) + "\n")
+    msg = one_line_naming(scan_error(kaldi_root), f"{wav}:1", f"decodes {path}", f"`{rec} {path}`",
+                          "data.allow_pipes=true")
+    assert "sph2pipe" not in msg
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses cat")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 
 from asrbench.data.corpus import scan_splits
@@ -183,3 +184,39 @@ def test_unreadable_audio(manifests, librispeech_tree, tmp_path):
     with pytest.raises(CorpusError) as info:
         prepare_features(splits, EXACT, tmp_path / "c", progress=False, on_bad_utterance="error")
     one_line_naming(info, victim, "unreadable audio", "data.on_bad_utterance=skip")
+
+
+def test_missing_audio_is_blamed_on_the_recordings_manifest_that_holds_its_path(librispeech_tree, tmp_path):
+    root = tmp_path / "m"
+    for subset in SUBSETS.values():
+        write_lhotse_manifests(librispeech_tree, subset, root, form="recordings")
+    first = sorted((librispeech_tree / "LibriSpeech" / "dev-clean").rglob("*.flac"))[0]
+    first.unlink()
+    err = scan_error(root)
+    one_line_naming(err, root / "corpus_recordings_dev-clean.jsonl.gz", first, "does not exist")
+    assert "supervisions" not in str(err.value)
+
+
+def test_precomputed_features_in_lhotses_framing_are_refused(librispeech_tree, tmp_path):
+    """lhotse's own Fbank frames with snip_edges=false: 2 frames more than Kaldi's framing."""
+    root = tmp_path / "manifests"
+    for subset in SUBSETS.values():
+        write_lhotse_manifests(librispeech_tree, subset, root, fbank_of=lambda u: np.concatenate(
+            [compute_fbank(read_audio(u.audio, 16000), EXACT).numpy(), np.zeros((2, 80), np.float32)]))
+    with pytest.raises(ConfigError) as info:
+        prepare_features(lhotse_splits(root, precomputed_features=True), EXACT, tmp_path / "c", progress=False)
+    one_line_naming(info, "frames for", "snip_edges=true", "data.precomputed_features=false")
+
+
+def test_features_in_lilcom_storage_without_lilcom_say_what_to_install(librispeech_tree, tmp_path, monkeypatch):
+    from lhotse import LilcomChunkyWriter
+
+    root = tmp_path / "manifests"
+    for subset in SUBSETS.values():
+        write_lhotse_manifests(librispeech_tree, subset, root, writer=LilcomChunkyWriter,
+                               fbank_of=lambda u: compute_fbank(read_audio(u.audio, 16000), EXACT).numpy())
+    monkeypatch.setitem(sys.modules, "lilcom", None)  # as on a machine without the package
+    with pytest.raises(ConfigError) as info:
+        prepare_features(lhotse_splits(root, precomputed_features=True), EXACT, tmp_path / "c", progress=False)
+    one_line_naming(info, "pip install lilcom", "data.precomputed_features=false")
+    assert len(str(info.value).split(": ", 1)[1]) < 250  # lhotse's own message ran to 1,319 characters
