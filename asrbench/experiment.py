@@ -61,11 +61,14 @@ def data_root(data_cfg: Mapping) -> Path:
     return Path(to_absolute_path(str(data_cfg["root"])))
 
 
+_ENSURED: set[tuple[str, str]] = set()  # synthetic corpora this process has checked or generated
+
+
 def ensure_corpus(data_cfg: Mapping, progress: bool = True) -> Path:
-    """The corpus root; for `kind: synth` generate it first if needed (idempotent)."""
+    """The corpus root; for `kind: synth` generate it first if needed (idempotent, and checked once
+    per process: one `train` asks for the phone classes and then for the features)."""
     root = data_root(data_cfg)
     if data_cfg.get("kind") == "synth":
-
         cfg = OmegaConf.to_container(data_cfg["synth"], resolve=True) if isinstance(
             data_cfg["synth"], DictConfig) else dict(data_cfg["synth"])
         sentences = Path(str(cfg["sentences"]))
@@ -73,7 +76,10 @@ def ensure_corpus(data_cfg: Mapping, progress: bool = True) -> Path:
             cwd_path = Path(to_absolute_path(str(sentences)))
             sentences = cwd_path if cwd_path.exists() else PROJECT_ROOT / sentences
         cfg["sentences"] = str(sentences)
-        generate_corpus(root, cfg, progress=progress)
+        key = (str(root), json.dumps(cfg, sort_keys=True, default=str))
+        if key not in _ENSURED or not (root / ".done").is_file():
+            generate_corpus(root, cfg, progress=progress)
+            _ENSURED.add(key)
     return root
 
 
@@ -123,7 +129,6 @@ def load_frame_labels(cfg: DictConfig, feats: Mapping[str, SplitFeatures] | None
     """Frame labels of every split: forced-alignment labels (``data.alignments``) or phone labels from the
     synthesiser's timings (``data.phone_labels``, which needs `feats` for the frame counts); None without."""
     if cfg.data.get("phone_labels"):
-
         _check_phone_labels(cfg)
         if feats is None:  # also generates the corpus if needed
             feats = load_features(cfg, progress=False)
@@ -253,10 +258,8 @@ def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
     if name == "none":
         return False
     if name == "csv":
-
         return CSVLogger(save_dir=str(out_dir), name="csv", version="")
     if name == "wandb":
-
         wandb_logger = WandbLogger(project=cfg.logger.project, mode=wandb_mode(), entity=cfg.logger.get("entity"),
                                    group=cfg.logger.get("group") or cfg.get("experiment"), name=run_name,
                                    job_type=cfg.logger.get("job_type"),

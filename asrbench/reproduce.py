@@ -123,7 +123,6 @@ def load_reproduce(path: str | Path) -> dict:
     p = Path(path)
     p = p / "reproduce.json" if p.is_dir() else p
     if not p.is_file():
-
         raise ConfigError(f"compare_with: {path} holds no reproduce.json; name the directory of a finished "
                           f"asrbench reproduce")
     return json.loads(p.read_text())
@@ -217,7 +216,6 @@ def load_search(path: str | Path) -> dict:
     p = Path(path)
     p = p / "search" / "search.json" if (p / "search" / "search.json").is_file() else p
     if not p.is_file():
-
         raise ConfigError(f"reproduce.search.reuse={path}: no search.json there; point it at a finished "
                           f"reproduce directory or its search/search.json")
     return json.loads(p.read_text())

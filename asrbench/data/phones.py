@@ -16,6 +16,7 @@ every seed, unlike a forced alignment made with one trained model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,23 +32,30 @@ Timings = Mapping[str, Sequence[Sequence]]  # utt -> [[PHONEME, start_s, end_s],
 
 
 def read_timings(root: Path, subsets: Iterable[str]) -> dict[str, dict[str, list]]:
-    """{subset: {utt: [[PHONEME, start_s, end_s], ...]}} from every ``*.align.json`` under each subset."""
+    """{subset: {utt: [[PHONEME, start_s, end_s], ...]}} from every ``*.align.json`` under each subset
+    (parsed once per process while the files are unchanged: one `train` needs them twice)."""
     out: dict[str, dict[str, list]] = {}
     for subset in subsets:
-        files = sorted((Path(root) / subset).rglob("*.align.json"))
+        files = tuple(sorted((Path(root) / subset).rglob("*.align.json")))
         if not files:
             raise CorpusError(f"{Path(root) / subset}: no *.align.json phoneme timings; data.phone_labels=true "
                               f"needs a corpus written by the synthesiser (data=synth*), or set it false")
-        timings: dict[str, list] = {}
-        for path in files:
-            try:
-                entries = json.loads(path.read_text(encoding="utf-8"))
-                timings.update({utt: list(e["phonemes"]) for utt, e in entries.items()})
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise CorpusError(f"{path}: damaged phoneme timings; delete the corpus directory to have it "
-                                  f"synthesised again") from None
-        out[subset] = timings
+        out[subset] = _parse_timings(files, tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_timings(files: tuple[Path, ...], stamps: tuple[tuple[int, int], ...]) -> dict[str, list]:
+    del stamps  # part of the cache key only: a rewritten file is parsed again
+    timings: dict[str, list] = {}
+    for path in files:
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            timings.update({utt: list(e["phonemes"]) for utt, e in entries.items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CorpusError(f"{path}: damaged phoneme timings; delete the corpus directory to have it "
+                              f"synthesised again") from None
+    return timings
 
 
 def inventory(timings: Iterable[Timings]) -> list[str]:

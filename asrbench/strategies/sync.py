@@ -75,7 +75,6 @@ class AccountedDDPStrategy(DDPStrategy):
         super()._configure_launcher()
         describe = None
         if self.checkpoint_dir:
-
             directory = Path(self.checkpoint_dir)
             describe = lambda: describe_last_checkpoint(directory)  # noqa: E731
         self._launcher = naming_launcher(self._launcher, describe)

@@ -37,7 +37,10 @@ def test_labels_from_a_corpus_tree(tmp_path):
         d = tmp_path / subset / utt.split("-")[0] / "2"
         d.mkdir(parents=True)
         (d / "x.align.json").write_text(json.dumps({utt: {"duration": 0.2, "words": [], "phonemes": seq}}))
+    phones._parse_timings.cache_clear()
     timings = phones.read_timings(tmp_path, ["train", "dev"])
+    assert phones.read_timings(tmp_path, ["train"])["train"] is timings["train"]  # one train parses them once
+    assert phones._parse_timings.cache_info().misses == 2
     classes = phones.inventory([timings["train"]])  # the training subsets define the classes
     labels = phones.phone_frame_labels(timings, {"1-2-0000": 5, "3-4-0000": 5}, classes, frame_shift_ms=10.0,
                                        frame_length_ms=25.0, stack=3, skip=3)
