@@ -182,16 +182,14 @@ def evaluate(cfg: DictConfig) -> None:
     out = run_dir()
     res = old | experiment.evaluate_all(model, feats, frame_labels, run_cfg, out)
     res["evaluated_by"] = {"git_commit": runinfo.git_commit(), "versions": runinfo.versions()}
-    rows, histories = [], {}
-    if cfg.baseline:
-        base_path, _, base = load_run(cfg.baseline)
-        rows.append(report.with_relative(base, base))
-        histories[f"{base['strategy']} x{base['nodes']} (baseline)"] = report.read_history(base_path)
-    res = report.with_relative(res, rows[0] if rows else None)
-    rows.append(res)
-    histories[f"{res['strategy']} x{res['nodes']}"] = report.read_history(run_path)
-    runinfo.write_json_atomic(out / "results.json", res)
-    md = report.write_report(out, rows, histories)
+    baseline = load_run(cfg.baseline)[::2] if cfg.baseline else None  # (dir, results)
+    rows, histories = report.rows_and_histories([(run_path, res)], baseline, show_baseline=True)
+    runinfo.write_json_atomic(out / "results.json", rows[-1])
+    show(report.write_report(out, rows, histories))
+
+
+def show(md: Path) -> None:
+    """Print a written report and where it is."""
     print(md.read_text())
     print(f"report: {md}")
 
@@ -202,19 +200,15 @@ def evaluate(cfg: DictConfig) -> None:
 def report_runs(cfg: DictConfig) -> None:
     if not cfg.runs:
         raise ConfigError("report needs runs=[DIR,...] (finished `asrbench train` run dirs)")
-    base = report.load_results(Path(to_absolute_path(cfg.baseline))) if cfg.baseline else None
-    rows, histories = [], {}
-    for run in cfg.runs:
-        path = Path(to_absolute_path(str(run)))
-        res = report.with_relative(report.load_results(path), base)
-        rows.append(res)
-        histories[f"{res['strategy']} x{res['nodes']}"] = report.read_history(path)
+    paths = [Path(to_absolute_path(str(run))) for run in cfg.runs]
+    base_path = Path(to_absolute_path(cfg.baseline)) if cfg.baseline else None
+    rows, histories = report.rows_and_histories([(p, report.load_results(p)) for p in paths],
+                                                (base_path, report.load_results(base_path)) if base_path else None)
     out = run_dir()
     md = report.write_report(out, rows, histories, title=cfg.title, intro=cfg.get("intro") or "")
     runinfo.write_json_atomic(out / "report.json", {"rows": rows, "baseline": cfg.baseline,
                                                     "git_commit": runinfo.git_commit()})
-    print(md.read_text())
-    print(f"report: {md}")
+    show(md)
 
 
 # ---------------------------------------------------------------- align

@@ -30,6 +30,23 @@ def with_relative(results: dict, baseline: dict | None) -> dict:
     return out
 
 
+def rows_and_histories(runs: Sequence[tuple[Path, Mapping]], baseline: tuple[Path, Mapping] | None = None,
+                       show_baseline: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The rows of a report over finished runs ((run dir, results) each), relative to `baseline`,
+    and their learning curves by label; `show_baseline` puts the baseline's own row first."""
+    rows: list[dict] = []
+    histories: dict[str, list[dict]] = {}
+    base = baseline[1] if baseline else None
+    if baseline and show_baseline:
+        rows.append(with_relative(dict(base), base))
+        histories[f"{base['strategy']} x{base['nodes']} (baseline)"] = read_history(baseline[0])
+    for path, res in runs:
+        row = with_relative(dict(res), base)
+        rows.append(row)
+        histories[f"{row['strategy']} x{row['nodes']}"] = read_history(path)
+    return rows, histories
+
+
 def _fmt(v, pct: bool = False, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
