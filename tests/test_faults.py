@@ -40,7 +40,8 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         if time.monotonic() - t0 > timeout:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # every rank: the run is its own session (start()), rank 1 included
+            proc.wait(10)
             raise AssertionError("timed out waiting for the run")
         time.sleep(0.05)
 
