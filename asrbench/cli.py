@@ -21,6 +21,7 @@ COMMANDS = {
     "report": ("one report over finished runs: runs=[DIR,...] [baseline=DIR] -> report.md + curves, trade-off",
                "report_runs"),
 }
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 # Lightning restarts the script for ranks > 0 with the same arguments; the command travels in
 # the environment because the first argument is removed before Hydra reads the overrides.
 ENV = "ASRBENCH_COMMAND"
@@ -76,6 +77,41 @@ def check_output_dir(target: str) -> str | None:
     return None
 
 
+def check_overrides(command: str, rest: list[str]) -> str | None:
+    """Hydra's own refusal of an override (an unknown key, a config group option that does not exist,
+    a malformed value), as one line; None when the config composes. Sweeps (-m) and flags are left to
+    Hydra, which composes each job itself."""
+    if any(a.startswith("-") for a in rest):
+        return None
+    from hydra import compose, initialize_config_dir  # Hydra only, not torch: --help stays fast
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [a for a in rest if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name=command, overrides=overrides)  # conf/<command>.yaml
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err)
+        if "Could not find" in text and "Available options" in text:  # a config group option that does not exist
+            group = text.split("Could not find '", 1)[1].split("'", 1)[0]
+            options = []
+            for line in text.split("Available options", 1)[1].splitlines()[1:]:
+                if not line.startswith("\t"):  # the option list ends where Hydra's search path starts
+                    break
+                options.append(line.strip())
+            name, _, option = group.rpartition("/")
+            return f"{name}={option} does not exist; use one of {', '.join(options)} (conf/{name}/)"
+        if text.startswith("Could not override '"):
+            key = text.split("'", 2)[1]
+            value = next((a.split("=", 1)[1] for a in overrides if a.split("=", 1)[0] == key), "")
+            return (f"{key}={value}: {command}'s config has no key {key}; `asrbench {command} --help` lists the keys "
+                    f"(+{key}=... adds a new one)")
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("    ")]
+        return "; ".join(lines)[:400]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) > 2 and argv[1] in ("-m", "--multirun") and argv[2] in COMMANDS:
@@ -93,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
+    problem = check_overrides(command, rest)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     os.environ[ENV] = command
     sys.argv = [argv[0], *rest]
 

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from asrbench import checkpoint, runinfo
+from asrbench import checkpoint, config, runinfo
 from asrbench.cluster import cost
 from asrbench.cluster.simulated import (
     LoopConfig,
@@ -589,6 +589,13 @@ def check_steps(cfg: DictConfig, strategy: Any, train_utterances: int) -> None:
     steps, limit = planned_steps(per_epoch, cfg.trainer)
     if steps == 0:
         raise ConfigError(f"{limit} trains 0 steps; raise it")
+    interval = cfg.trainer.get("val_check_interval")
+    if (isinstance(interval, int) and not isinstance(interval, bool) and interval > per_epoch
+            and cfg.trainer.get("check_val_every_n_epoch") is not None):
+        raise ConfigError(f"trainer.val_check_interval={interval} steps exceeds the {per_epoch} steps of an epoch "
+                          f"({train_utterances:,} training utterances / (batch_size={batch_size} x "
+                          f"nodes={nodes})); use at most {per_epoch}, a fraction of an epoch such as 0.5, or set "
+                          f"trainer.check_val_every_n_epoch=null to count steps across epochs")
     if steps is None or not hasattr(strategy, "block_steps"):
         return
     try:
@@ -619,6 +626,7 @@ def make_runner(cfg: DictConfig, out_dir: Path) -> Runner:
 
 def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
+    config.validate(cfg)  # every knob, before any data is read, process started or logger opened
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     runner = make_runner(cfg, out_dir)
