@@ -78,8 +78,8 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-# Every key of `asrbench train` a user sets, by its dotted name. Strategy knobs are checked by the
-# strategy that reads them (asrbench/strategies), data knobs by the corpus readers.
+# Every key of `asrbench train` a user sets, by its dotted name; a key a config lacks (a knob of another
+# strategy) is skipped. The data group's knobs are checked by the corpus readers that read them.
 SCHEMA: dict[str, Knob] = {
     "seed": Knob(int, 0),
     "nodes": Knob(int, 1),
@@ -119,6 +119,22 @@ SCHEMA: dict[str, Knob] = {
     "features.stack": Knob(int, 1),
     "features.skip": Knob(int, 1),
     "features.min_frames": Knob(int, 0),
+    # the strategy's knobs (present for the strategies that have them)
+    "strategy.tau": Knob(float, 0, low_open=True),
+    "strategy.max_density": Knob(float, 0, 1, low_open=True, nullable=True),
+    "strategy.dense_warmup_steps": Knob(int, 0),
+    "strategy.tau_units": Knob(str, choices=("gradient", "rms")),
+    "strategy.pass_through": Knob(bool),
+    "strategy.group_size": Knob(int, 1),
+    "strategy.block_size": Knob(int, 1, nullable=True),
+    "strategy.block_momentum": Knob(float, 0, 1, high_open=True, nullable=True),
+    "strategy.block_lr": Knob(float, 0, low_open=True),
+    "strategy.nesterov": Knob(bool),
+    "strategy.nesterov_form": Knob(str, choices=("paper", "cntk")),
+    # the simulated cluster's
+    "cluster.overlap": Knob(float, 0, 1),
+    "cluster.threads": Knob(int, 1, nullable=True),
+    "cluster.memory_fraction": Knob(float, 0, 1, low_open=True),
 }
 
 
@@ -151,6 +167,10 @@ def _cross_field(cfg: Mapping) -> None:
     nodes, machines = lookup(cfg, "nodes")[1], lookup(cfg, "num_machines")[1]
     if nodes is not None and machines is not None and nodes % machines:
         raise ConfigError(f"nodes={nodes} must be a multiple of num_machines={machines} (workers per machine)")
+    group = lookup(cfg, "strategy.group_size")[1]
+    if group is not None and nodes is not None and lookup(cfg, "strategy.name")[1] == "gtc_bmuf" and nodes % group:
+        raise ConfigError(f"nodes={nodes} is not a multiple of strategy.group_size={group}; pick a group_size that "
+                          f"divides nodes")
     model = cfg.get("model") or {}
     proj, hidden = model.get("proj_size"), model.get("hidden_size")
     if proj and hidden and proj >= hidden:
