@@ -206,19 +206,19 @@ def speedup_errors(rows: Sequence[Mapping]) -> tuple[list[dict], float]:
 
 
 def comparison_table(rows: Sequence[Mapping]) -> str:
-    """Ours (predicted speedup under the network preset, measured relative WER) beside the paper."""
-    head = ("| strategy | workers | speedup (ours) | speedup (paper) | rel. WER (ours) | rel. WER (paper) "
-            "| WER | steps | bytes sent/worker/step | compression |")
-    lines = [head, "|" + "---|" * 10]
+    """Speed and communication of each run: the predicted speedup under the network preset (the paper's
+    beside it at the same worker count), steps, bytes and GTC's density; accuracy has its own tables."""
+    head = ("| strategy | workers | speedup (ours) | speedup (paper) | steps | bytes sent/worker/step "
+            "| compression | GTC density |")
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
         s, n = r["strategy"], r["nodes"]
         paper_s = paper_value(s, n, "speedup")
-        rel = r.get("rel_wer")
+        density = r.get("density")
         lines.append(
             f"| {s} | {n} | {_num(r.get('predicted_speedup'))}x | {_num(paper_s)}{'x' if paper_s else ''} | "
-            f"{'-' if rel is None or math.isnan(rel) else f'{rel * 100:+.1f}%'} | {paper_rel_wer_text(s, n)} | "
-            f"{r['wer'] * 100:.1f}% | {r.get('steps')} | {_num(r.get('bytes_sent_per_worker_per_step'))} | "
-            f"{_num(r.get('compression_ratio'))} |")
+            f"{r.get('steps')} | {_num(r.get('bytes_sent_per_worker_per_step'))} | "
+            f"{_num(r.get('compression_ratio'))} | {'-' if density is None else f'{density * 100:.1f}%'} |")
     return "\n".join(lines)
 
 
@@ -251,7 +251,7 @@ def plot_scaling(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
     strategies = sorted({r["strategy"] for r in rows})
     paths = []
     for key, fname, ylabel in (("predicted_speedup", "speedup.png", "speedup over one worker"),
-                               ("rel_wer", "rel_wer.png", "relative WER change vs single worker (%)"),
+                               ("rel_wer", "rel_wer.png", "relative WER change vs single worker (%), scored split"),
                                ("bytes_sent_per_worker_per_step", "bytes.png", "bytes sent / worker / step")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, s in enumerate(strategies):
@@ -310,7 +310,8 @@ def _pct_pm(mean: float, sd: float, signed: bool = True) -> str:
 
 def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[str, int], float],
                             out_dir: Path) -> Path:
-    """tradeoff.png: relative WER (mean ± sd over seeds) against speedup, ours and the paper's."""
+    """tradeoff.png: relative WER (mean over seeds with its paired 95% CI when the cells carry
+    `rel_wer_low`/`rel_wer_high`, else ± the seed sd) against speedup, ours and the paper's."""
     import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
@@ -318,12 +319,19 @@ def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[s
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, s in enumerate(("gtc", "bmuf", "gtc_bmuf")):
+        def spread(c):
+            if c.get("rel_wer_low") is not None and not math.isnan(c["rel_wer_low"]):
+                return ((c["rel_wer"] - c["rel_wer_low"]) * 100, (c["rel_wer_high"] - c["rel_wer"]) * 100)
+            sd = 0 if math.isnan(c.get("rel_wer_sd", math.nan)) else c["rel_wer_sd"] * 100
+            return (sd, sd)
+
         ours = sorted((projected.get((c["strategy"], c["nodes"]), c["predicted_speedup"]), c["rel_wer"] * 100,
-                       0 if math.isnan(c["rel_wer_sd"]) else c["rel_wer_sd"] * 100, c["nodes"])
+                       spread(c), c["nodes"])
                       for c in cells if c["strategy"] == s and not math.isnan(c["rel_wer"]))
         if ours:
-            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[o[2] for o in ours], fmt="o-",
-                        color=f"C{i}", capsize=3, label=f"{s} (ours)")
+            ax.errorbar([o[0] for o in ours], [o[1] for o in ours], yerr=[[o[2][0] for o in ours],
+                                                                        [o[2][1] for o in ours]],
+                        fmt="o-", color=f"C{i}", capsize=3, label=f"{s} (ours)")
             for x, y, _, n in ours:
                 ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
         paper = [(v["speedup"], 0.0 if v.get("below_baseline") else v["rel_wer"] * 100, n)
@@ -511,8 +519,12 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
     ev = result["evidence"]
     projected = {(p["strategy"], p["nodes"]): p["predicted_speedup"] for p in (projection or {}).get("rows", [])}
     first = result["first_seed_rows"]
-    plots = [plot_reproduce_tradeoff(cells, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
-             *plot_scaling([c for c in cells if c["strategy"] != "single"], out_dir)]
+    # the figures show the split the claims are decided on: its relative WER and paired CI per cell
+    effect = {(c["strategy"], int(c["nodes"])): c["wer"] for c in ev[split]["cells"]}
+    scored = [c | {"rel_wer": effect[k]["mean"], "rel_wer_low": effect[k]["low"], "rel_wer_high": effect[k]["high"]}
+              for c in cells if (k := (c["strategy"], int(c["nodes"]))) in effect]
+    plots = [plot_reproduce_tradeoff(scored, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
+             *plot_scaling(scored, out_dir)]
     errors, median = speedup_errors(first)
     search = result.get("search") or {}
     main = ev[split]
