@@ -133,7 +133,7 @@ def mde(se: float, n: int, df: float | None = None, alpha: float = ALPHA, power:
     if nobs > 1e4:
         return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * se)
     d = TTestPower().solve_power(effect_size=None, nobs=nobs, alpha=alpha, power=power, alternative="two-sided")
-    return float(d * se * math.sqrt(nobs))
+    return float(np.asarray(d, dtype=float).ravel()[0]) * se * math.sqrt(nobs)
 
 
 def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> list[float]:

@@ -116,3 +116,18 @@ def test_effect_pairs_by_seed_against_the_baseline() -> None:
     best = stats.effect([cell], [other, None], base, "wer", idx)   # the better of the two is the baseline
     assert best.per_seed == pytest.approx((-0.1, -0.1))
     assert pair.se_boot > 0  # seed 1's utterances differ, so a resample moves the difference
+
+
+@pytest.mark.parametrize("sd_seeds,sd_test", [(1.0, 0.0), (1.0, 0.5), (0.3, 1.0)])
+def test_the_interval_covers_a_null_difference_95_percent_of_the_time(sd_seeds, sd_test):
+    """Simulated experiments with no true difference: 5 seeds whose differences share one test-set
+    draw (sd_test) and differ by seed (sd_seeds); the bootstrap sees the test-set spread. The 95% CI
+    should contain 0 in about 95% of them (Welch-Satterthwaite is approximate: 93-97.5%)."""
+    rng = np.random.default_rng(7)
+    reps, covered = 1000, 0
+    for _ in range(reps):
+        d = rng.normal(0, sd_test) + rng.normal(0, sd_seeds, size=5)
+        boot = rng.normal(0, sd_test, size=200) if sd_test else None
+        res = stats.paired(d, boot)
+        covered += res.low <= 0 <= res.high
+    assert 0.93 <= covered / reps <= 0.975
