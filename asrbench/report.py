@@ -464,7 +464,7 @@ def runs_table(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
         lines.append(f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | "
                      f"{'-' if blocks is None else f'{int(blocks):,}'} | {r['dev_wer'] * 100:.1f}% | "
                      + " | ".join(f"{r['eval'][s]['wer'] * 100:.1f}%" if s in r.get("eval", {}) else "-" for s in splits)
-                     + f" | {change} | {'yes' if pl.get('plateau') else 'no'} |")
+                     + f" | {change} | {'yes' if pl.get('plateau') else 'no'} ({pl.get('trend', '-')}) |")
     return "\n".join(lines)
 
 
@@ -563,8 +563,10 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
     plateaus = sum(bool((r.get("plateau") or {}).get("plateau")) for r in all_rows)
     parts += ["## Every run: steps and plateau", "",
               f"{plateaus} of {len(all_rows)} runs end on a plateau: a least-squares line through the last dev-loss "
-              f"points predicts a change over them whose 95% CI lies within the tolerance (asrbench.stats.plateau). "
-              f"BMUF and GTC-BMUF are validated on the global model W_g at block ends.", "",
+              f"points predicts a change over them whose 95% CI excludes a fall of the tolerance or more, so the run "
+              f"is shown not to be still improving (asrbench.stats.plateau; trend: flat, rising = past its best, "
+              f"falling = still improving or too noisy to tell). BMUF and GTC-BMUF are validated on the global "
+              f"model W_g at block ends.", "",
               runs_table(all_rows, splits), "",
               f"## Speed (seed {result['seeds'][0]}'s runs on this machine's simulated cluster)", "",
               comparison_table(first), "",

@@ -170,16 +170,19 @@ def verdict(mean: float, p_adj: float, p_ref_adj: float = math.nan, alpha: float
 # ------------------------------------------------------------------------------------------------
 def plateau(curve: Sequence[tuple[int, float]], points: int = 6, tolerance: float = 0.02,
             alpha: float = ALPHA) -> dict:
-    """Does a dev curve end on a plateau? A least-squares line through its last `points` points
-    (scipy.stats.linregress); the change it predicts over that window, relative to the window's
-    mean, with its (1 - alpha) CI. Plateau: the whole CI lies within ±`tolerance` (an equivalence
-    test: a flat end is shown, not merely not rejected). A curve with fewer points is not judged."""
+    """Has a dev curve stopped improving? A least-squares line through its last `points` points
+    (scipy.stats.linregress) predicts a change over that window, relative to the window's mean,
+    with a (1 - alpha) CI. The run ends on a plateau when the CI excludes a fall of `tolerance` or
+    more (low >= -tolerance: it is shown not to be still falling; a rising curve is past its best,
+    which counts). `trend` says which: flat (the CI within ±tolerance), rising (not flat, but not
+    falling) or falling (the CI reaches below -tolerance: still improving, or too noisy to tell).
+    A curve with fewer points is not judged."""
     pts = list(curve)[-points:]
     if points < 3:
         raise ValueError(f"Arg `points` must be at least 3, got {points}")
     if len(pts) < points:
         return {"plateau": False, "points": len(pts), "rel_change": math.nan, "low": math.nan, "high": math.nan,
-                "reason": f"{len(pts)} dev points, {points} needed"}
+                "trend": "too few points", "reason": f"{len(pts)} dev points, {points} needed"}
     x = np.array([p[0] for p in pts], dtype=float)
     y = np.array([p[1] for p in pts], dtype=float)
     fit = sps.linregress(x, y)
@@ -187,10 +190,12 @@ def plateau(curve: Sequence[tuple[int, float]], points: int = 6, tolerance: floa
     t = float(sps.t(len(pts) - 2).ppf(1 - alpha / 2))
     change = fit.slope * span / level
     half = t * fit.stderr * span / level
-    ok = bool(-tolerance <= change - half and change + half <= tolerance)
+    low, high = change - half, change + half
+    ok = bool(low >= -tolerance)
+    trend = "falling" if not ok else "flat" if high <= tolerance else "rising"
     return {"plateau": ok, "points": len(pts), "from_step": int(x[0]), "to_step": int(x[-1]),
-            "rel_change": float(change), "low": float(change - half), "high": float(change + half),
-            "tolerance": tolerance, "reason": "" if ok else "the change's CI leaves ±tolerance"}
+            "rel_change": float(change), "low": float(low), "high": float(high), "tolerance": tolerance,
+            "trend": trend}
 
 
 # ------------------------------------------------------------------------------------------------

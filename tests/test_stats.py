@@ -87,6 +87,9 @@ def test_plateau_on_synthetic_curves() -> None:
     assert res["rel_change"] == pytest.approx(-0.25 / 1.525)
     assert not stats.plateau(noisy)["plateau"]  # flat on average, but its CI is too wide to show it
     assert not stats.plateau(flat[:4])["plateau"] and stats.plateau(flat[:4])["points"] == 4
+    rising = [(s, 1.0 + 0.0001 * s) for s in steps]  # past its best: not still improving, so converged
+    assert stats.plateau(rising)["plateau"] and stats.plateau(rising)["trend"] == "rising"
+    assert stats.plateau(flat)["trend"] == "flat" and stats.plateau(falling)["trend"] == "falling"
 
 
 def _scores(errors: list[int], counts: list[int], ids=None) -> stats.Scores:
