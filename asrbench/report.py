@@ -584,8 +584,9 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
             f"`{projection['profile']}` on the `{network}` network: bytes scale with the parameter count, "
             f"compute is the profile's seconds per worker step.", "",
             projection_table(projection["rows"]), "",
-            f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
-            f"over {len(proj_errors)} figures.", ""]
+            (f"Median relative error of the projected speedups against the paper's: {proj_median * 100:.0f}% "
+             f"over {len(proj_errors)} figures." if proj_errors else
+             "These worker counts are not the paper's, so no projected speedup has a paper figure beside it."), ""]
     parts += [trust.report_section(first, (projection or {}).get("rows", [])), ""]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
