@@ -49,15 +49,17 @@ def test_overhead_fitted_at_two_workers_predicts_the_held_out_checks():
 
 
 def test_overhead_term_enters_step_time_and_speedup():
-    net = dict(cost.load_network("loopback_gloo_idle16"))
+    assert cost.load_network("loopback_gloo_idle16")["step_overhead_s"]["sync"] > 0  # the measured file has one
+    net = {"name": "box", "latency_s": 1e-4, "bandwidth_Bps": 1e9, "gpus_per_machine": 1, "intra_latency_s": 1e-4,
+           "intra_bandwidth_Bps": 1e9, "step_overhead_s": {"single": 0.005, "sync": 0.01}}
     stats = {"dense_bytes_per_worker_per_step": 4e6}
     plain = cost.step_time("sync", 0.01, stats, 4, net | {"step_overhead_s": None})
     timed = cost.step_time("sync", 0.01, stats, 4, net)
-    assert timed["overhead_s"] == net["step_overhead_s"]["sync"] > 0
-    assert timed["total_s"] == pytest.approx(plain["total_s"] + timed["overhead_s"])
+    # by hand: a ring of 4, 2 x 3 x (1e-4 + 4e6 / (4 x 1e9)) = 6.6 ms; sync's overhead 10 ms on top
+    assert plain["total_s"] == pytest.approx(0.01 + 0.0066)
+    assert timed["overhead_s"] == 0.01 and timed["total_s"] == pytest.approx(0.0266)
     rows = cost.scaling("sync", 0.01, stats, [4], net)
-    t_1 = 0.01 + net["step_overhead_s"]["single"]
-    assert rows[0]["speedup"] == pytest.approx(4 * t_1 / timed["total_s"])
+    assert rows[0]["speedup"] == pytest.approx(4 * (0.01 + 0.005) / 0.0266)  # T_1 pays single's 5 ms: 2.26
     assert cost.step_overhead(cost.load_network("paper"), "gtc") == 0.0  # nothing measured at the paper's scale
 
 
@@ -86,13 +88,16 @@ def test_report_section_reads_the_measured_files():
     assert "idle 16-core" in md and "2-core VM" in md and "predicted vs measured" in md
 
 
-def test_with_stragglers_equals_the_cost_model():
+def test_with_stragglers_recosts_a_paper_bmuf_speedup_by_hand():
     net = cost.load_network("paper")
     stats = {"model_bytes": 88e6, "block_size": 4.0}
-    even = cost.step_time("bmuf", 0.22, stats, 128, net)["total_s"]
-    slow = cost.step_time("bmuf", 0.22, stats | {"straggler_factor": 1.2}, 128, net)["total_s"]
-    before = cost.speedup(128, even, 0.22)
-    assert stragglers.with_stragglers(before, 128, 1.2) == pytest.approx(cost.speedup(128, slow, 0.22))
+    # by hand: 128 workers span 16 machines, so the 25 Gb/s Ethernet (50 us, 3.125e9 B/s) each K = 4 steps:
+    # 2 x 127 x (5e-5 + 88e6 / (128 x 3.125e9)) / 4 = 0.017145 s; T_1 = 0.22 s of compute
+    comm = 2 * 127 * (50e-6 + 88e6 / (128 * 3.125e9)) / 4
+    before = cost.speedup(128, cost.step_time("bmuf", 0.22, stats, 128, net)["total_s"], 0.22)
+    assert before == pytest.approx(128 * 0.22 / (0.22 + comm))  # 118.7
+    # the slowest worker computes 1.2 x as long; the communication is unchanged
+    assert stragglers.with_stragglers(before, 128, 1.2) == pytest.approx(128 * 0.22 / (1.2 * 0.22 + comm))  # 100.2
 
 
 def test_sampler_frames_deal_the_corpus_as_the_loaders_do():

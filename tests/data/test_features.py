@@ -106,7 +106,11 @@ def test_cmvn_uses_train_statistics_only(splits, tmp_path):
     expected = (dev_raw.mean(0) - train_raw.mean(0)) / train_raw.std(0, unbiased=False)
     torch.testing.assert_close(dev.double().mean(0), expected, rtol=0, atol=1e-3)
     assert dev.mean(0).abs().max() > 0.05  # dev is not normalised with its own statistics
-    assert (tmp_path / next(p.name for p in tmp_path.glob("train-*")) / "cmvn.pt").is_file()
+    # the cached statistics, which later runs load instead of recomputing: those of the reference frames
+    saved = torch.load(next(tmp_path.glob("train-*")) / "cmvn.pt", weights_only=True)
+    assert int(saved["frames"]) == len(train_raw)
+    torch.testing.assert_close(saved["mean"].double(), train_raw.mean(0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(saved["std"].double(), train_raw.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
 
 
 def test_second_run_reuses_the_cache(splits, tmp_path, count_fbank):

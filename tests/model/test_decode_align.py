@@ -51,8 +51,12 @@ def test_boundary_accuracy_counts_words_within_tolerance():
     assert n == 0 and math.isnan(acc)
 
 
-def test_alignment_files_round_trip(tmp_path):
+def test_alignment_files_are_text_lines_by_utterance_and_round_trip(tmp_path):
     ali = {"1-2-0001": torch.tensor([0, 3, 3, 0]), "1-2-0000": torch.tensor([5])}
     write_alignments(tmp_path / "train.ali", ali)
+    # one line per utterance, sorted by id: the id, then its frame labels
+    assert (tmp_path / "train.ali").read_text() == "1-2-0000 5\n1-2-0001 0 3 3 0\n"
     back = read_alignments(tmp_path, ["train"])
     assert set(back) == set(ali) and all(torch.equal(back[k], ali[k]) for k in ali)
+    (tmp_path / "dev.ali").write_text("3-4-0000 1 1 2\n")  # written by hand, not by write_alignments
+    assert read_alignments(tmp_path, ["dev"])["3-4-0000"].tolist() == [1, 1, 2]

@@ -275,9 +275,11 @@ def test_step_means_are_sums_over_steps_and_survive_a_checkpoint(steps, world):
         stats.step()
     s = stats.per_step()
     n = len(steps)
-    expected_sent = sum(all_reduce_bytes(r, world)[0] + all_gather_bytes(g, world)[0] for r, g, _ in steps) / n
+    # the ring formulas written out: an all-reduce sends 2 (N-1)/N of its bytes, an all-gather (N-1) times them
+    expected_sent = sum(2 * (world - 1) / world * r + (world - 1) * g for r, g, _ in steps) / n
     assert math.isclose(s["bytes_sent_per_worker_per_step"], expected_sent, rel_tol=1e-12, abs_tol=1e-9)
     assert s["steps"] == n and 0.0 <= s["density"] <= 1.0
+    assert math.isclose(s["density"], sum(e for _, _, e in steps) / (1000 * n))  # elements sent of those held
     restored = CommStats(world_size=world)
     restored.load_state_dict(stats.state_dict())
     assert restored.per_step() == s
