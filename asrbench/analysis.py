@@ -91,9 +91,8 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
     # 3. the paper's claims on `claim_metric`
     judged = []
     for c in claims:
-        tiers = [t for _, t in (c.lower, *c.higher) if t is not None]
         text = c.describe(nodes)
-        lower, higher = c.cells(nodes) if max(tiers, default=0) < len(nodes) else (None, ())
+        lower, higher = c.cells(nodes) or (None, ())
         need = [x for x in (lower, *higher) if x != BASELINE]
         if lower is None or any(x not in cells for x in need):
             judged.append({"claim": text, "paper": c.paper_text(), "metric": claim_metric, "verdict": "not measured"})
@@ -112,18 +111,6 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
         j["verdict"] = stats.verdict(j["mean"], j["p_holm"], j["p_ref_holm"], alpha)
         j["mde_holm"] = stats.mde(j["se"], j["n"], j["df"], alpha / max(len(measured), 1))
     out["claims"] = judged
-    return out
-
-
-def plateaus(rows: Sequence[Mapping], histories: Mapping[str, Sequence[Mapping]], points: int = 6,
-             tolerance: float = 0.02) -> dict[str, dict]:
-    """stats.plateau of each run's dev-loss curve, by run directory."""
-    out = {}
-    for r in rows:
-        hist = histories.get(str(r["run_dir"])) or []
-        curve = [(int(h["step"]), float(h["val/loss"])) for h in hist
-                 if h.get("val/loss") is not None and math.isfinite(float(h["val/loss"]))]
-        out[str(r["run_dir"])] = stats.plateau(curve, points, tolerance)
     return out
 
 

@@ -54,8 +54,12 @@ class Claim:
     higher: tuple[tuple[str, int | None], ...]
     margin: float | None
 
-    def cells(self, nodes: Sequence[int]) -> tuple[tuple[str, int], tuple[tuple[str, int], ...]]:
-        """The claim's cells at an experiment's worker counts `nodes` (three, smallest first)."""
+    def cells(self, nodes: Sequence[int]) -> tuple[tuple[str, int], tuple[tuple[str, int], ...]] | None:
+        """The claim's cells at an experiment's worker counts `nodes` (smallest first); None when a
+        tier it needs was not run."""
+        if any(t is not None and t >= len(nodes) for _, t in (self.lower, *self.higher)):
+            return None
+
         def at(cell: tuple[str, int | None]) -> tuple[str, int]:
             return (cell[0], 1) if cell[1] is None else (cell[0], int(nodes[cell[1]]))
         return at(self.lower), tuple(at(h) for h in self.higher)

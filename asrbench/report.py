@@ -97,6 +97,12 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def dev_curve(history: Sequence[Mapping], key: str = "val/loss") -> list[tuple[int, float]]:
+    """(step, value) of every validation in a run's metrics history that logged `key`."""
+    return [(int(h["step"]), float(h[key])) for h in history
+            if h.get(key) is not None and math.isfinite(float(h[key]))]
+
+
 def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
     """Training loss against step and against wall time, and dev WER at every validation, one
     line per run; returns the PNG path."""
@@ -365,8 +371,7 @@ def plot_learning_curves(runs: Sequence[tuple[Mapping, Sequence[Mapping]]], out_
         color = f"C{labels.setdefault(label, len(labels)) % 10}"
         steps, epochs = max(int(res.get("steps") or 0), 1), float(res.get("epochs") or 1)
         for ax, key in zip(axes, ("val/loss", "val/wer")):
-            pts = [(int(h["step"]), float(h[key])) for h in history
-                   if h.get(key) is not None and math.isfinite(float(h[key]))]
+            pts = dev_curve(history, key)
             if pts:
                 ax.plot([s / steps * epochs for s, _ in pts], [v for _, v in pts], color=color, lw=1, alpha=0.8,
                         label=label if int(res.get("seed", 0)) == labelled_seed else None)

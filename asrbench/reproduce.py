@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -110,14 +109,8 @@ def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Dev curves and finished experiments
+# Finished experiments
 # ---------------------------------------------------------------------------------------------
-def dev_curve(history: Sequence[Mapping], key: str = "val/loss") -> list[tuple[int, float]]:
-    """(step, value) of every validation in a run's metrics history that logged `key`."""
-    return [(int(h["step"]), float(h[key])) for h in history
-            if h.get(key) is not None and math.isfinite(float(h[key]))]
-
-
 def load_reproduce(path: str | Path) -> dict:
     """A finished reproduce's reproduce.json (the file, or the directory holding it)."""
     p = Path(path)
@@ -344,7 +337,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
         for job in [base_job, *(j for j in jobs if j.name.startswith(f"seed{seed} "))]:
             res = report.with_relative(done[job.name], base)
             history = report.read_history(job.path)
-            res |= {"plateau": stats.plateau(dev_curve(history), points, tolerance),
+            res |= {"plateau": stats.plateau(report.dev_curve(history), points, tolerance),
                     "dev_wer": res["eval"]["dev"]["wer"], "run_dir": str(job.path)}
             rows.append(res)
             histories.append((res, history))
