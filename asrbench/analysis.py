@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from asrbench import stats
+from asrbench import stats, strategies
 from asrbench.paper import CLAIMS, Claim
 
 Cell = tuple[str, int]
-BASELINE: Cell = ("single", 1)
+BASELINE: Cell = (strategies.BASELINE, 1)
 METRICS = ("wer", "cer", "fer")
 
 
@@ -137,5 +137,6 @@ def cell_means(rows_by_seed: Mapping[int, Sequence[Mapping]]) -> list[dict]:
                     "bytes_sent_per_worker_per_step", "dev_wer"):
             row[key], row[f"{key}_sd"] = mean_sd([r.get(key) for r in rs])
         out.append(row)
-    order = {"single": 0, "sync": 1, "gtc": 2, "bmuf": 3, "gtc_bmuf": 4}
-    return sorted(out, key=lambda r: (order.get(r["strategy"], 9), r["nodes"]))
+    order = strategies.names()
+    return sorted(out, key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else len(order),
+                                      r["nodes"]))

@@ -14,7 +14,8 @@ and the git commit.
                       2 gloo workers
     gtc_step          GTCStrategy, 4 gloo workers                SyncStrategy, 4 gloo workers        <= 1.3
     gtc_step_gpu      the same on NCCL (needs >= 2 GPUs)         SyncStrategy on NCCL                <= 1.3
-    codec_<density>   GTC encode + decode of 10M fp32 elements   one torch.add pass over them        <= 4
+    codec_<strategy>  a strategy's per-step codec (GTC's encode  one torch.add pass over them        <= 4
+    _<setting>        + decode, ...) on 10M fp32 elements
     simulated_epoch_  an epoch of 128 simulated workers of one   one worker's epoch, same data and   <= 1.3
     <strategy>        strategy                                   per-worker batch
     data_wait         time waiting for batches (warm cache)      the epoch's time                    <= 0.05
@@ -60,7 +61,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 from torch import nn
 
-from asrbench import runinfo
+from asrbench import runinfo, strategies
 from asrbench.cluster.simulated import LoopConfig, SimulatedCluster, fit
 from asrbench.data import text
 from asrbench.data.dataset import SpeechDataset, make_loader
@@ -69,8 +70,6 @@ from asrbench.errors import AsrbenchError, ConfigError
 from asrbench.experiment import SpeechDataModule
 from asrbench.model.module import AcousticModule
 from asrbench.strategies import build_strategy, strategy_kwargs
-from asrbench.strategies.gtc import GTCStrategy, benchmark_codec
-from asrbench.strategies.sync import SyncStrategy
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ INPUT_DIM = FeatureConfig().dim  # 240: 80 mel bins x 3 stacked frames
 GRADIENT_CLIP_VAL = 5.0  # conf/trainer/default.yaml, on both sides of every training figure
 OPTIM = {"name": "adam", "lr": 0.0015}  # conf/train.yaml's optimizer
 PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "asrbench.model.module",
-           "asrbench.strategies.sync", "asrbench.strategies.gtc"]
+           "asrbench.strategies.base"]
 
 
 class BenchError(AsrbenchError):
@@ -323,12 +322,12 @@ def run_processes(fn: Callable[[int, int, Mapping[str, Any]], Any], world: int, 
 # Figures 1-2: strategy step time, ours vs peer, in real processes
 # ---------------------------------------------------------------------------------------------
 def _make_strategy(side: str, spec: Mapping[str, Any]) -> Any:
-    """`ddp` is Lightning's DDPStrategy as it ships; `sync` and `gtc` the project's, with conf/strategy/ keys."""
+    """`ddp` is Lightning's DDPStrategy as it ships; any other side a registered strategy's class,
+    with its conf/strategy/ keys."""
 
     if side in ("ddp", "ddp_again"):
         return DDPStrategy()
-    cls, conf = {"sync": (SyncStrategy, "sync"), "gtc": (GTCStrategy, "gtc")}[side]
-    return cls(**strategy_kwargs(spec["strategies"][conf]))
+    return strategies.spec(side).strategy_class(**strategy_kwargs(spec["strategies"][side]))
 
 
 def _fit_steps(side: str, spec: Mapping[str, Any], rank: int, world: int) -> tuple[float, dict[str, float]]:
@@ -378,9 +377,11 @@ def bench_strategy_steps(name: str, ours: str, peer: str, workers: int, cfg: Map
     `diagnostic`, a third side alternated with the two, goes into the figure's detail as its own
     ratio to `peer`. ``ddp_again`` is the peer itself timed a second time: that ratio, which should
     be 1, shows how far this machine's noise alone moves a figure (an A/A test).
-    GTC runs with ``cfg["gtc_tau"]`` when set (else conf/strategy/gtc.yaml's τ) and no density warnings.
+    A strategy runs with its conf/strategy/ keys updated by ``cfg["strategy_overrides"][name]`` (e.g. GTC's
+    τ for these random batches, and no density warnings).
     """
-    labels = {"ddp": "Lightning DDPStrategy", "sync": "SyncStrategy", "gtc": "GTCStrategy"}
+    labels = {side: "Lightning DDPStrategy" if side.startswith("ddp") else strategies.spec(side).strategy_class.__name__
+              for side in (ours, peer)}
     backend = "nccl" if accelerator == "gpu" else "gloo"
     figure = Figure(name, f"{labels[ours]} vs {labels[peer]}: time per optimizer step, {workers} {backend} workers, "
                           f"{cfg['model']}, batch {cfg['batch_size']} x {cfg['frames']} frames",
@@ -391,14 +392,11 @@ def bench_strategy_steps(name: str, ours: str, peer: str, workers: int, cfg: Map
         return figure
     spec = {key: cfg[key] for key in ("model", "batch_size", "frames", "warmup_steps", "steps", "seed")}
     sides = [ours, peer] + ([diagnostic] if diagnostic else [])
-    strategies = {s: strategy_config(s, int(cfg["batch_size"])) for s in ("sync", "gtc") if s in (ours, peer)}
-    if "gtc" in strategies:
-        strategies["gtc"]["max_density"] = None
-        if cfg.get("gtc_tau") is not None:
-            strategies["gtc"]["tau"] = float(cfg["gtc_tau"])
-        figure.detail["gtc_tau"] = strategies["gtc"]["tau"]
+    configs = {s: strategy_config(s, int(cfg["batch_size"])) | dict((cfg.get("strategy_overrides") or {}).get(s) or {})
+               for s in (ours, peer) if not s.startswith("ddp")}
+    figure.detail["strategies"] = configs
     spec |= {"sides": sides, "repetitions": int(cfg["repetitions"]), "accelerator": accelerator,
-             "strategies": strategies}
+             "strategies": configs}
     if spec["warmup_steps"] < 1 or spec["steps"] < 1:
         raise ConfigError("bench warmup_steps and steps must be at least 1")
     try:
@@ -414,32 +412,35 @@ def bench_strategy_steps(name: str, ours: str, peer: str, workers: int, cfg: Map
         figure.samples[diagnostic] = samples[diagnostic]
         figure.detail[f"ratio_{diagnostic}"] = statistics.median(a / b for a, b in zip(samples[diagnostic],
                                                                                          samples[peer]))
-    gtc = out["summaries"].get("gtc")
-    if gtc:  # rank 0's last GTC fit: the density the step time was measured at
-        figure.detail |= {"gtc_density": gtc["density"], "gtc_compression_ratio": gtc["compression_ratio"]}
+    summary = out["summaries"].get(ours)
+    if summary and strategies.spec(ours).compresses:  # rank 0's last fit: the density the step time was measured at
+        figure.detail |= {"density": summary["density"], "compression_ratio": summary["compression_ratio"]}
     figure.detail["sides"] = {"ours": ours, "peer": peer}
     return figure
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure 3: the GTC codec against one add pass
+# Figure 3: each strategy's codec against one add pass
 # ---------------------------------------------------------------------------------------------
 def bench_codec(cfg: Mapping[str, Any], threads: int) -> list[Figure]:
-    """`gtc.benchmark_codec` at each density: encode + decode time over one torch.add pass (<= 4)."""
-
+    """Every registered strategy with a per-step codec (its spec's ``benchmark_codec``), at each of its
+    settings (the spec's ``codec_settings``, or ``codec.settings.<name>`` of the preset): the codec's
+    time over one torch.add pass over the same fp32 vector (<= 4)."""
+    numel = int(cfg["numel"])
+    chosen = cfg.get("settings") or {}
     figures = []
-    for density in cfg["densities"]:
-        numel = int(cfg["numel"])
-        figure = Figure(f"codec_{100 * density:g}%", f"GTC encode + decode vs one torch.add, {numel:,} fp32 "
-                                                       f"elements, {100 * density:g}% sent",
-                        unit="s", goal=4.0, higher_is_better=False, threads=threads)
-        runs = [benchmark_codec(numel=numel, density=float(density), repeats=int(cfg["repeats"]), seed=rep)
-                for rep in range(int(cfg["repetitions"]))]
-        summarize(figure, [r["codec_s"] for r in runs], [r["add_s"] for r in runs])
-        figure.detail["density_measured"] = statistics.median(r["density"] for r in runs)
-        figure.detail["encoder"] = "one-pass C++ kernel" if runs[0]["kernel"] else "eager torch passes"
-        figure.detail["codec_gb_per_s"] = numel * 4 / figure.ours / 1e9
-        figures.append(figure)
+    for name, entry in strategies.registry().items():
+        for setting in chosen.get(name, entry.codec_settings):
+            setting = dict(setting)
+            label = entry.codec_label(setting)
+            figure = Figure(f"codec_{name}_{label}", f"{name} codec vs one torch.add, {numel:,} fp32 elements, {label}",
+                            unit="s", goal=4.0, higher_is_better=False, threads=threads)
+            runs = [entry.benchmark_codec(numel, int(cfg["repeats"]), rep, **setting)
+                    for rep in range(int(cfg["repetitions"]))]
+            summarize(figure, [r["codec_s"] for r in runs], [r["add_s"] for r in runs])
+            figure.detail |= {k: v for k, v in runs[0].items() if k not in ("codec_s", "add_s", "ratio")}
+            figure.detail["codec_gb_per_s"] = numel * 4 / figure.ours / 1e9
+            figures.append(figure)
     return figures
 
 
@@ -682,16 +683,16 @@ def run(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
             log.info("bench: %s", name)
             t_fig = time.perf_counter()
             if name == "sync_step":
-                new = [bench_strategy_steps("sync_step", "sync", "ddp", int(cfg["strategy_step"]["sync_workers"]),
-                                            _section(cfg, "strategy_step"), goal=1.02,
-                                            diagnostic="ddp_again")]
+                section = _section(cfg, "strategy_step")
+                new = [bench_strategy_steps("sync_step", section["dense"], "ddp", int(section["sync_workers"]),
+                                            section, goal=1.02, diagnostic="ddp_again")]
             elif name in ("gtc_step", "gtc_step_gpu"):
                 gpu = name == "gtc_step_gpu"
                 section = _section(cfg, "strategy_step_gpu" if gpu and "strategy_step_gpu" in cfg else "strategy_step")
                 workers = int(section["gtc_workers"])
                 if gpu and torch.cuda.is_available():
                     workers = max(2, min(workers, torch.cuda.device_count()))
-                new = [bench_strategy_steps(name, "gtc", "sync", workers, section, goal=1.3,
+                new = [bench_strategy_steps(name, section["compressed"], section["dense"], workers, section, goal=1.3,
                                             accelerator="gpu" if gpu else "cpu")]
             elif name == "codec":
                 new = bench_codec(_section(cfg, "codec"), threads)

@@ -10,7 +10,7 @@ import tempfile
 # The one command registry: name -> (what it does, the function of asrbench.apps that runs it).
 COMMANDS = {
     "prepare": ("generate (synth) or read (librispeech, kaldi, lhotse) the corpus and cache its features", "prepare"),
-    "train": ("train one run (strategy=single|sync|gtc|bmuf|gtc_bmuf|diloco, nodes=N)", "train"),
+    "train": ("train one run (strategy=NAME nodes=N; `asrbench strategies` lists the names)", "train"),
     "eval": ("recompute metrics of a run: run=DIR [baseline=DIR] -> results.json, report.md", "evaluate"),
     "align": ("CTC forced alignment of a corpus with a trained run: run=DIR -> <subset>.ali", "align"),
     "bench": ("measured speed against plain-PyTorch peers: bench=quick|full -> bench.json, bench.md", "bench"),
@@ -27,8 +27,21 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 ENV = "ASRBENCH_COMMAND"
 
 
+def strategies_table() -> str:
+    """`asrbench strategies`: every registered strategy, what it is and what it accepts."""
+    from asrbench import strategies  # the registry imports each strategy module (torch, Lightning)
+
+    lines = ["| strategy | what it is | module | knobs (strategy.KEY=...) |", "|---|---|---|---|"]
+    for name, entry in strategies.registry().items():
+        module = type(entry).__module__.rsplit(".", 1)[-1]
+        lines.append(f"| {name} | {entry.summary} | asrbench/strategies/{module}.py | "
+                     f"{', '.join(entry.knobs) or '-'} |")
+    return "\n".join(lines) + "\n\nDefaults and units: conf/strategy/<name>.yaml."
+
+
 def usage() -> str:
     rows = "\n".join(f"  {name:<10} {what}" for name, (what, _) in COMMANDS.items())
+    rows += f"\n  {'strategies':<10} list the registered strategies, their modules and knobs"
     return (f"usage: asrbench <command> [hydra overrides] [--help | --cfg job | -m]\n\ncommands:\n{rows}\n\n"
             f"`asrbench <command> --help` lists that command's config groups and options.")
 
@@ -114,6 +127,9 @@ def check_overrides(command: str, rest: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["strategies"]:
+        print(strategies_table())
+        sys.exit(0)
     if len(argv) > 2 and argv[1] in ("-m", "--multirun") and argv[2] in COMMANDS:
         argv = [argv[0], argv[2], argv[1], *argv[3:]]  # `asrbench -m train ...` == `asrbench train -m ...`
     if len(argv) > 1 and argv[1] in COMMANDS:

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from asrbench import strategies
 from asrbench.errors import ConfigError
 
 
@@ -78,8 +79,9 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-# Every key of `asrbench train` a user sets, by its dotted name; a key a config lacks (a knob of another
-# strategy) is skipped. The data group's knobs are checked by the corpus readers that read them.
+# Every key of `asrbench train` a user sets, by its dotted name; a key a config lacks is skipped. The
+# strategy's knobs are its spec's (asrbench/strategies/<module>.py, `knobs`); the data group's are
+# checked by the corpus readers that read them.
 SCHEMA: dict[str, Knob] = {
     "seed": Knob(int, 0),
     "nodes": Knob(int, 1),
@@ -119,18 +121,6 @@ SCHEMA: dict[str, Knob] = {
     "features.stack": Knob(int, 1),
     "features.skip": Knob(int, 1),
     "features.min_frames": Knob(int, 0),
-    # the strategy's knobs (present for the strategies that have them)
-    "strategy.tau": Knob(float, 0, low_open=True),
-    "strategy.max_density": Knob(float, 0, 1, low_open=True, nullable=True),
-    "strategy.dense_warmup_steps": Knob(int, 0),
-    "strategy.tau_units": Knob(str, choices=("gradient", "rms")),
-    "strategy.pass_through": Knob(bool),
-    "strategy.group_size": Knob(int, 1),
-    "strategy.block_size": Knob(int, 1, nullable=True),
-    "strategy.block_momentum": Knob(float, 0, 1, high_open=True, nullable=True),
-    "strategy.block_lr": Knob(float, 0, low_open=True),
-    "strategy.nesterov": Knob(bool),
-    "strategy.nesterov_form": Knob(str, choices=("paper", "cntk")),
     # the simulated cluster's
     "cluster.overlap": Knob(float, 0, 1),
     "cluster.threads": Knob(int, 1, nullable=True),
@@ -152,11 +142,19 @@ def validate(cfg: DictConfig | Mapping) -> None:
     """Check every knob of :data:`SCHEMA` present in `cfg` and the rules between knobs; the first
     problem is raised as one ConfigError naming the key, the value and what is allowed."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    for key, knob in SCHEMA.items():
+    for key, knob in schema(plain).items():
         present, value = lookup(plain, key)
         if present and knob.problem(value):
             raise ConfigError(f"{key}={_show(value)} is not allowed; use {knob.allowed()}")
     _cross_field(plain)
+
+
+def schema(cfg: Mapping) -> dict[str, Knob]:
+    """:data:`SCHEMA` plus the knobs of the config's strategy (its spec's ``knobs``, as strategy.<key>)."""
+    name = lookup(cfg, "strategy.name")[1]
+    if name is None:
+        return SCHEMA
+    return SCHEMA | {f"strategy.{k}": v for k, v in strategies.spec(name).knobs.items()}
 
 
 def _show(value: Any) -> str:
@@ -167,10 +165,9 @@ def _cross_field(cfg: Mapping) -> None:
     nodes, machines = lookup(cfg, "nodes")[1], lookup(cfg, "num_machines")[1]
     if nodes is not None and machines is not None and nodes % machines:
         raise ConfigError(f"nodes={nodes} must be a multiple of num_machines={machines} (workers per machine)")
-    group = lookup(cfg, "strategy.group_size")[1]
-    if group is not None and nodes is not None and lookup(cfg, "strategy.name")[1] == "gtc_bmuf" and nodes % group:
-        raise ConfigError(f"nodes={nodes} is not a multiple of strategy.group_size={group}; pick a group_size that "
-                          f"divides nodes")
+    name = lookup(cfg, "strategy.name")[1]
+    if name is not None and nodes is not None and nodes > 1:
+        strategies.spec(name).check(cfg["strategy"], nodes)
     model = cfg.get("model") or {}
     proj, hidden = model.get("proj_size"), model.get("hidden_size")
     if proj and hidden and proj >= hidden:

@@ -35,7 +35,6 @@ from asrbench.cluster.simulated import (
     fit,
     resolve_device,
     stacked_arrays,
-    strategy_kind,
 )
 from asrbench.data import phones, text
 from asrbench.data.corpus import scan_splits
@@ -46,7 +45,7 @@ from asrbench.errors import ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule, scaled_lr
-from asrbench.strategies import build_strategy, exchange_group
+from asrbench.strategies import build_strategy, spec
 from asrbench.strategies.comm import is_collective_failure
 from asrbench.strategies.gtc import NonFiniteGradientError
 
@@ -235,7 +234,7 @@ def inner_optim(cfg: DictConfig) -> dict:
     rms = strategy.get("tau_units", "gradient") == "rms"
     rule = str(optim.get("lr_scaling", "none"))
     if rule.endswith("_group"):  # by the workers whose gradients one exchange combines
-        group = exchange_group(strategy.name, int(cfg.nodes), int(strategy.get("group_size") or 1))
+        group = spec(strategy.name).exchange_group(strategy, int(cfg.nodes))
         optim["lr"] = scaled_lr(float(optim["lr"]), rule.removesuffix("_group"), group)
         optim["lr_scaling"] = "none"
     if adam and rms and warmup > 0 and optim.get("freeze_variance_after") is None:
@@ -465,10 +464,8 @@ class SimulatedRunner:
 
     def before_data(self, module: AcousticModule, strategy: Any) -> None:
         """Refuse, before any data is read, workers whose stacked arrays cannot fit in memory."""
-        gtc_state = getattr(strategy, "gtc_state", None)
-        pass_through = bool(gtc_state and gtc_state.pass_through)
-        self.arrays = stacked_arrays(strategy_kind(strategy), module.optim_cfg, pass_through,
-                                     int(getattr(strategy, "group_size", 1)))
+        self.arrays = stacked_arrays(OmegaConf.to_container(self.cfg.strategy, resolve=True), module.optim_cfg,
+                                     int(self.cfg.nodes))
         check_memory(int(self.cfg.nodes), _numel(module), self.arrays, self.device, fraction=self.fraction,
                      report=False)
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from asrbench import strategies
 from asrbench.errors import ConfigError
 from asrbench.metrics import relative_change
 from asrbench.paper import PAPER_NODES, PAPER_TABLE, paper_rel_wer_text, paper_value
@@ -220,7 +221,8 @@ def comparison_table(rows: Sequence[Mapping]) -> str:
     for r in rows:
         s, n = r["strategy"], r["nodes"]
         paper_s = paper_value(s, n, "speedup")
-        density = r.get("density") if s in ("gtc", "gtc_bmuf") else None  # BMUF sends the model dense
+        entry = strategies.registry().get(s)
+        density = r.get("density") if entry is not None and entry.compresses else None  # BMUF sends the model dense
         lines.append(
             f"| {s} | {n} | {_num(r.get('predicted_speedup'))}x | {_num(paper_s)}{'x' if paper_s else ''} | "
             f"{r.get('steps')} | {_num(r.get('bytes_sent_per_worker_per_step'))} | "
@@ -324,7 +326,10 @@ def plot_reproduce_tradeoff(cells: Sequence[Mapping], projected: Mapping[tuple[s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, s in enumerate(("gtc", "bmuf", "gtc_bmuf")):
+    order = strategies.names()
+    present = sorted({c["strategy"] for c in cells} - {strategies.BASELINE},
+                     key=lambda s: order.index(s) if s in order else len(order))
+    for i, s in enumerate(present):
         def spread(c):
             if c.get("rel_wer_low") is not None and not math.isnan(c["rel_wer_low"]):
                 return ((c["rel_wer"] - c["rel_wer_low"]) * 100, (c["rel_wer_high"] - c["rel_wer"]) * 100)

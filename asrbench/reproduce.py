@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
-from asrbench import analysis, experiment, report, runinfo, stats
+from asrbench import analysis, experiment, report, runinfo, stats, strategies
 from asrbench.cluster import cost
 from asrbench.cluster.cost import load_compute_profile, load_network
 from asrbench.data import text
@@ -41,10 +41,16 @@ def run_name(strategy: str, nodes: int) -> str:
     return f"{strategy}_n{nodes}"
 
 
-# Cost-model statistics that grow with the number of parameters (GTC densities are kept).
-SIZE_KEYS = ("dense_bytes_per_worker_per_step", "gtc_msg_bytes_mean", "gtc_msg_bytes_max",
-             "elements_sent_per_step", "model_bytes")
 FP32_BYTES = 4
+
+
+def size_keys() -> tuple[str, ...]:
+    """Cost-model statistics that grow with the number of parameters (every strategy's ``size_keys``;
+    densities are kept)."""
+    keys = ["dense_bytes_per_worker_per_step"]
+    for entry in strategies.registry().values():
+        keys += [k for k in entry.size_keys if k not in keys]
+    return tuple(keys)
 
 
 def model_parameters(model_cfg: Mapping, input_dim: int) -> int:
@@ -74,7 +80,7 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
             continue
         stats = dict(model["stats"])
         scale = parameters / (stats["dense_bytes_per_worker_per_step"] / FP32_BYTES)
-        for key in SIZE_KEYS:
+        for key in size_keys():
             if key in stats:
                 stats[key] *= scale
         gtc = "gtc_msg_bytes_mean" in stats
@@ -86,7 +92,7 @@ def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, paramet
                     "compute_s": compute, "comm_s": step["comm_s"], "step_s": step["total_s"],
                     "comm_parts": cost.comm_parts(r["strategy"], stats, r["nodes"], network),
                     "predicted_speedup": cost.speedup(r["nodes"], step["total_s"],
-                                                      compute + cost.step_overhead(network, "single"))})
+                                                      compute + cost.step_overhead(network, strategies.BASELINE))})
     return out
 
 
@@ -233,7 +239,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     threads = rc.get("threads_per_run")
     runner = Runner(conf_dir, int(rc.get("parallel") or os.cpu_count() or 1), int(threads) if threads else None)
     experiment.load_features(compose("train", overrides=common))  # corpus and features once, before any run
-    single = ["strategy=single", "nodes=1"]
+    single = [f"strategy={strategies.BASELINE}", "nodes=1"]
     fer = "alignment" if rc.get("fer") is True else rc.get("fer")  # true: the older name of alignment
     if fer not in (None, False, "phones", "alignment"):
         raise ConfigError(f"reproduce.fer={fer} is unknown; use phones (a phone probe against the synthesiser's "
@@ -266,7 +272,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
 
     fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
     baselines = [Job(f"seed{s} single", [*common, *single, f"seed={s}", *rest, *start[s], *job_type("baseline")],
-                     out / f"seed{s}" / "single")
+                     out / f"seed{s}" / strategies.BASELINE)
                  for s in seeds]
 
     # 3. the knob search at one worker count and seed, on dev; winners kept for every N
@@ -349,7 +355,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                                      claim_metric=str(rc.get("claim_metric", "wer")),
                                      resamples=int(rc.get("bootstrap_resamples", 1000)))
                 for sp in splits}
-    first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != "single"]
+    first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != strategies.BASELINE]
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
     # itself rather than reusing another's) that the grid did not take over
     grid_paths = {j.path for j in jobs}

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from asrbench import bench
+from asrbench import bench, strategies
 from asrbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_FIGURES = {"sync_step", "gtc_step", "codec_0.1%", "codec_1%", "simulated_epoch_gtc_bmuf", "data_wait",
-               "model_cpu"}
+# one codec figure per registered strategy's codec setting (the smoke preset sets GTC's densities)
+CODEC_FIGURES = {"codec_gtc_0.1%", "codec_gtc_1%"} | {
+    f"codec_{name}_{entry.codec_label(setting)}" for name, entry in strategies.registry().items() if name != "gtc"
+    for setting in entry.codec_settings}
+CPU_FIGURES = {"sync_step", "gtc_step", *CODEC_FIGURES, "simulated_epoch_gtc_bmuf", "data_wait", "model_cpu"}
 GPU_FIGURES = {"gtc_step_gpu", "model_gpu"}
 
 
@@ -54,7 +57,7 @@ def test_bench_json_has_every_figure_with_numeric_ratios(smoke_run):
         assert "CUDA" in figures["gtc_step_gpu"]["skipped"]
     assert figures["sync_step"]["processes"] == 2
     assert "ratio_ddp_again" in figures["sync_step"]["detail"]
-    assert 0 < figures["gtc_step"]["detail"]["gtc_density"] <= 1
+    assert 0 < figures["gtc_step"]["detail"]["density"] <= 1
     assert {"host", "versions", "git_commit", "threads"} <= set(results)
     assert results["host"]["cpus"] >= 1 and results["versions"]["torch"] and results["git_commit"]
     assert results["threads"] == {"in_process": 1, "per_worker_process": 1}

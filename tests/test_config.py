@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from asrbench import config
+from asrbench import config, strategies
 from asrbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +25,9 @@ def composed(*overrides: str):
 
 def test_the_default_configs_are_valid():
     config.validate(composed())
-    for strategy in ("single", "sync", "gtc", "bmuf", "gtc_bmuf", "diloco"):
-        config.validate(composed(f"strategy={strategy}", "nodes=4" if strategy != "single" else "nodes=1"))
+    assert set(strategies.names()) == {p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")}
+    for strategy in strategies.names():
+        config.validate(composed(f"strategy={strategy}", "nodes=4" if strategy != strategies.BASELINE else "nodes=1"))
 
 
 def wrong_type(knob: config.Knob):
@@ -45,12 +46,18 @@ def out_of_range(knob: config.Knob):
     return knob.high + 1 if not knob.high_open else knob.high
 
 
-@pytest.mark.parametrize("key", sorted(config.SCHEMA))
-def test_every_knob_refuses_a_wrong_type_and_an_out_of_range_value(key):
-    knob = config.SCHEMA[key]
-    base = composed("strategy=gtc_bmuf", "nodes=4", "cluster=simulated")  # every knob of the schema is set
+# every knob of the schema, and every strategy's own knobs with that strategy
+KNOBS = [("sync", key, knob) for key, knob in sorted(config.SCHEMA.items())] + [
+    (name, f"strategy.{key}", knob) for name, entry in strategies.registry().items()
+    for key, knob in sorted(entry.knobs.items())]
+
+
+@pytest.mark.parametrize("strategy,key,knob", KNOBS, ids=[f"{s}:{k}" for s, k, _ in KNOBS])
+def test_every_knob_refuses_a_wrong_type_and_an_out_of_range_value(strategy, key, knob):
+    base = composed(f"strategy={strategy}", "nodes=4", "cluster=simulated")
     present, _ = config.lookup(OmegaConf.to_container(base, resolve=True), key)
-    assert present, f"{key} is in the schema but not in conf/"
+    assert present or key.startswith("strategy."), f"{key} is in the schema but not in conf/"  # a strategy's
+    # knob may be left out of its yaml (the strategy's default), and is still checked when set
     for bad in (wrong_type(knob), out_of_range(knob)):
         cfg = OmegaConf.to_container(base, resolve=True)
         node = cfg
@@ -62,6 +69,14 @@ def test_every_knob_refuses_a_wrong_type_and_an_out_of_range_value(key):
             config.validate(cfg)
         message = str(err.value)
         assert message.startswith(f"{key}=") and "\n" not in message and "use " in message, message
+
+
+def test_every_key_of_a_strategy_yaml_is_one_of_its_knobs():
+    passed_on = {"name", "registry_name", "inner_optimizer", "batch_size", "outer_optimizer_kwargs"}
+    for name, entry in strategies.registry().items():
+        keys = OmegaConf.to_container(composed(f"strategy={name}", "nodes=4"), resolve=True)["strategy"]
+        missing = sorted(k for k in keys if k not in entry.knobs and k not in passed_on)
+        assert missing == [], f"conf/strategy/{name}.yaml: keys without a knob in its spec: {missing}"
 
 
 def test_every_user_knob_of_the_defaults_is_in_the_schema():

@@ -42,19 +42,13 @@ steps; the flat ring therefore over-estimates the latency term of a collective t
 machines and is exact in its bandwidth term. Reduction arithmetic (Thakur's gamma) and
 contention from several collectives sharing a link are left out.
 
-Strategies, per optimizer step (``comm_parts``):
-
-    ========  ==========================================================================
-    single    0
-    sync      ring all-reduce of the dense gradient among n
-    gtc       all-gather of message lengths + all-gather of messages padded to the
-              largest (what our GTC sends) among n + decode of the n messages,
-              n e / r for e elements per message (padding is not decoded)
-    bmuf      ring all-reduce of the model among n once per block, / K
-    gtc_bmuf  gtc among the g workers of each group, every step; once per block, / K:
-              all-reduce of the model among the n/g group representatives + pipelined
-              broadcast of the result within each group
-    ========  ==========================================================================
+Strategies. Each strategy's module states its communication schedule (its spec's ``schedule``,
+:mod:`asrbench.strategies.contract`): which collectives, of how many bytes, among which workers
+(all n, the g of each group, or the n/g group representatives) and how often (every step, or
+once per block of K steps, then divided by K); :func:`comm_parts` prices each entry with the
+formulas below. For example sync is one ring all-reduce of the dense gradient among n; GTC an
+all-gather of message lengths, an all-gather of messages padded to the largest and the decode of
+the n messages (e / r for e elements received); BMUF one all-reduce of the model per block.
 
 Stragglers. A worker's compute grows with the frames of its batch (the LSTM runs over every
 padded frame), so workers of one synchronous step finish at different times and the step waits
@@ -86,41 +80,17 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
+from asrbench import strategies
 from asrbench.errors import ConfigError
+from asrbench.strategies.contract import Collective
 
 if TYPE_CHECKING:  # annotations only: the cost model itself needs nothing of the cluster
     from asrbench.cluster.simulated import SimulatedCluster
 
 NETWORK_DIR = Path(__file__).resolve().parents[2] / "conf" / "network"
 
-STRATEGIES = ("single", "sync", "gtc", "bmuf", "gtc_bmuf")
 NETWORK_KEYS = ("latency_s", "bandwidth_Bps", "gpus_per_machine", "intra_latency_s", "intra_bandwidth_Bps")
-LENGTH_BYTES = 8  # one int64 message length per worker in GTC's first all-gather
-
-# Keys of `stats` each strategy reads (all per worker, per optimizer step unless noted):
-#   dense_bytes_per_worker_per_step  bytes of the dense gradient all-reduced by sync
-#   gtc_msg_bytes_mean               mean bytes of one worker's GTC message (unpadded)
-#   gtc_msg_bytes_max                largest worker's GTC message bytes (the padded size)
-#   elements_sent_per_step           mean gradient elements in one worker's GTC message
-#   decode_rate                      GTC decode rate r, elements per second (measured)
-#   model_bytes                      bytes all-reduced at a block end (flat parameters,
-#                                    plus optimizer state when BMUF averages it)
-#   block_size                       K, optimizer steps per BMUF block
-#   group_size                       g, workers per GTC group (divides n)
-#   gtc_dense_step_fraction          optional (0 if absent): fraction of GTC's steps all-reduced dense
-#                                    (strategy.dense_warmup_steps); these then read
-#                                    dense_bytes_per_worker_per_step, the GTC_KEYS the other steps
-#   straggler_factor                 optional (1 if absent): compute of the slowest worker (group,
-#                                    block) over the mean worker's, >= 1 (:func:`straggler_factor`)
-_GTC_KEYS = ("gtc_msg_bytes_mean", "gtc_msg_bytes_max", "elements_sent_per_step", "decode_rate")
-_BMUF_KEYS = ("model_bytes", "block_size")
-STATS_KEYS: dict[str, tuple[str, ...]] = {
-    "single": (),
-    "sync": ("dense_bytes_per_worker_per_step",),
-    "gtc": _GTC_KEYS,
-    "bmuf": _BMUF_KEYS,
-    "gtc_bmuf": (*_GTC_KEYS, *_BMUF_KEYS, "group_size"),
-}
+LENGTH_BYTES = 8  # one int64 message length per worker in an all-gatherv's first all-gather
 
 
 # --- network presets and placement -------------------------------------------------------------
@@ -159,13 +129,13 @@ def _check_overhead(name: str, overhead: Any) -> dict[str, float]:
     """``step_overhead_s`` as {strategy: seconds}: one number for every strategy, or a mapping."""
     where = f"network={name}: `step_overhead_s`"
     if isinstance(overhead, Mapping):
-        unknown = sorted(set(overhead) - set(STRATEGIES))
+        unknown = sorted(set(overhead) - set(strategies.names()))
         if unknown:
             raise ConfigError(f"{where} names {', '.join(map(str, unknown))}, not a strategy; use keys of "
-                              f"{', '.join(STRATEGIES)}")
+                              f"{', '.join(strategies.names())}")
         items = dict(overhead)
     else:
-        items = {st: overhead for st in STRATEGIES}
+        items = {st: overhead for st in strategies.names()}
     out = {}
     for st, value in items.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
@@ -285,83 +255,48 @@ def decode_time(elements_received: float, decode_rate_elems_per_s: float) -> flo
 
 # --- strategies --------------------------------------------------------------------------------
 
-def _stats(strategy: str, stats: Mapping[str, Any], n: int) -> dict[str, float]:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
-    if n < 1 or n != int(n):
-        raise ValueError(f"Arg `n` (workers) must be a positive whole number (got {n})")
-    out: dict[str, float] = {}
-    for key in STATS_KEYS[strategy]:
-        if stats.get(key) is None:
-            raise ValueError(f"stats[{key!r}] is missing; strategy={strategy} needs "
-                             f"{', '.join(STATS_KEYS[strategy])}")
-        out[key] = float(stats[key])
-        if out[key] < 0:
-            raise ValueError(f"stats[{key!r}] must be >= 0 (got {out[key]})")
-    for key in ("block_size", "group_size"):
-        if key in out and (out[key] < 1 or out[key] != int(out[key])):
-            raise ValueError(f"stats[{key!r}] must be a positive whole number (got {out[key]})")
-    if "gtc_msg_bytes_max" in out and out["gtc_msg_bytes_max"] < out["gtc_msg_bytes_mean"]:
-        raise ValueError(f"stats['gtc_msg_bytes_max'] ({out['gtc_msg_bytes_max']}) must be >= "
-                         f"stats['gtc_msg_bytes_mean'] ({out['gtc_msg_bytes_mean']})")
-    if strategy in ("gtc", "gtc_bmuf") and stats.get("gtc_dense_step_fraction"):
-        out["gtc_dense_step_fraction"] = float(stats["gtc_dense_step_fraction"])
-        if not 0 <= out["gtc_dense_step_fraction"] <= 1:
-            raise ValueError(f"stats['gtc_dense_step_fraction'] must be in [0, 1] (got {out['gtc_dense_step_fraction']})")
-        if stats.get("dense_bytes_per_worker_per_step") is None:
-            raise ValueError("stats['dense_bytes_per_worker_per_step'] is missing; GTC's dense steps "
-                             "(gtc_dense_step_fraction > 0) need it")
-        out["dense_bytes_per_worker_per_step"] = float(stats["dense_bytes_per_worker_per_step"])
-    if "group_size" in out and n % int(out["group_size"]):
-        raise ValueError(f"stats['group_size']={int(out['group_size'])} must divide the {n} workers")
-    return out
+def _spec(strategy: str) -> Any:
+    if strategy not in strategies.names():
+        raise ValueError(f"strategy={strategy!r} is unknown; use one of {', '.join(strategies.names())}")
+    return strategies.spec(strategy)
 
 
-def _gtc_parts(s: Mapping[str, float], workers: int, alpha: float, bandwidth: float) -> dict[str, float]:
-    """GTC among `workers`: lengths all-gather, padded message all-gather, decode of the messages;
-    on the fraction f of steps sent dense (a warm-up), a ring all-reduce of the gradient instead.
+def price(c: Collective, n: int, net: Mapping[str, Any]) -> float:
+    """Seconds per optimizer step of one entry of a strategy's schedule among `n` workers.
 
-    A lone worker applies its own update: no exchange and no decode.
+    The link: intra-machine when every instance of the collective sits on one machine (consecutive
+    groups aligned to machines; the representatives 0, s, 2s, ... on the first), else inter-machine.
     """
-    if workers == 1:
-        return {"gtc_lengths": 0.0, "gtc_messages": 0.0, "gtc_decode": 0.0}
-    f = s.get("gtc_dense_step_fraction", 0.0)
-    parts = {
-        "gtc_lengths": (1 - f) * allgather_time(LENGTH_BYTES, workers, alpha, bandwidth),
-        "gtc_messages": (1 - f) * allgather_time(s["gtc_msg_bytes_max"], workers, alpha, bandwidth),
-        "gtc_decode": (1 - f) * decode_time(workers * s["elements_sent_per_step"], s["decode_rate"]),
-    }
-    if f > 0:
-        parts["gtc_dense_allreduce"] = f * ring_allreduce_time(s["dense_bytes_per_worker_per_step"], workers, alpha,
-                                                               bandwidth)
-    return parts
+    G = net["gpus_per_machine"]
+    if c.stride == 1:
+        within = groups_within_machines(n, c.workers, G) if n % c.workers == 0 else within_one_machine(0, n - 1, G)
+    else:
+        within = within_one_machine(0, (c.workers - 1) * c.stride, G)
+    alpha, bandwidth = link(net, within_machine=within)
+    if c.op == "all_reduce":
+        t = ring_allreduce_time(c.nbytes, c.workers, alpha, bandwidth)
+    elif c.op == "all_gather":
+        t = allgather_time(c.nbytes, c.workers, alpha, bandwidth)
+    elif c.op == "broadcast":
+        t = broadcast_time(c.nbytes, c.workers, alpha, bandwidth)
+    else:
+        t = c.seconds
+    return c.share * t / c.every
 
 
 def comm_parts(strategy: str, stats: Mapping[str, Any], n: int, network: Mapping[str, Any]) -> dict[str, float]:
     """Communication seconds per optimizer step, by part, amortised over a block where periodic.
 
-    See the module docstring for what each strategy exchanges and `STATS_KEYS` for the keys of
-    `stats` it reads. BMUF parts are the cost of one block-end exchange divided by K.
+    The parts are the strategy's schedule (its spec's ``schedule``: which collectives, of which
+    sizes, among whom, how often), each priced by :func:`price`; `stats` holds the keys of its
+    spec's ``stats_keys``.
     """
-    s = _stats(strategy, stats, n)
+    entry = _spec(strategy)
+    s = entry.read_stats(stats, n)
     net = check_network(network)
-    G = net["gpus_per_machine"]
-    alpha, bandwidth = link(net, within_machine=within_one_machine(0, n - 1, G))
-    if strategy == "single":
-        return {}
-    if strategy == "sync":
-        return {"allreduce": ring_allreduce_time(s["dense_bytes_per_worker_per_step"], n, alpha, bandwidth)}
-    if strategy == "gtc":
-        return _gtc_parts(s, n, alpha, bandwidth)
-    K = s["block_size"]
-    if strategy == "bmuf":
-        return {"block_allreduce": ring_allreduce_time(s["model_bytes"], n, alpha, bandwidth) / K}
-    g = int(s["group_size"])
-    group_alpha, group_bandwidth = link(net, within_machine=groups_within_machines(n, g, G))
-    rep_alpha, rep_bandwidth = link(net, within_machine=within_one_machine(0, n - g, G))
-    parts = _gtc_parts(s, g, group_alpha, group_bandwidth)
-    parts["block_allreduce"] = ring_allreduce_time(s["model_bytes"], n // g, rep_alpha, rep_bandwidth) / K
-    parts["block_broadcast"] = broadcast_time(s["model_bytes"], g, group_alpha, group_bandwidth) / K
+    parts: dict[str, float] = {}
+    for c in entry.schedule(s, n):
+        parts[c.part] = parts.get(c.part, 0.0) + price(c, n, net)
     return parts
 
 
@@ -392,13 +327,7 @@ def straggler_factor(frames: Sequence[Sequence[float]], group_size: int, block_s
 
 def schedule(strategy: str, n: int, stats: Mapping[str, Any]) -> tuple[int, int]:
     """(g, K) of a strategy's waiting: who waits for whom every step, and every how many steps all do."""
-    if strategy in ("sync", "gtc"):
-        return n, 1
-    if strategy == "bmuf":
-        return 1, int(stats["block_size"])
-    if strategy == "gtc_bmuf":
-        return int(stats["group_size"]), int(stats["block_size"])
-    return 1, 1
+    return _spec(strategy).waiting(stats, n)
 
 
 def step_time(strategy: str, compute_s: float, stats: Mapping[str, Any], n: int, network: Mapping[str, Any],
@@ -452,7 +381,7 @@ def scaling(strategy: str, compute_s: float, stats: Mapping[str, Any], ns: Seque
     scale stand for all of them.
     """
     rows = []
-    t_1 = compute_s + step_overhead(network, "single")
+    t_1 = compute_s + step_overhead(network, strategies.BASELINE)
     for n in ns:
         row = step_time(strategy, compute_s, stats, n, network, overlap=overlap)
         rows.append({"n": n, **row, "speedup": speedup(n, row["total_s"], t_1)})
@@ -514,7 +443,7 @@ def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: M
         stats["decode_rate"] = float(profile["decode_rate"])
     if compute <= 0:
         raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
-    t_1 = compute + step_overhead(network, "single")  # one worker: its own loop's overhead, no communication
+    t_1 = compute + step_overhead(network, strategies.BASELINE)  # one worker: its own loop's overhead, no communication
     step = step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
     even = step_time(kind, compute + encode_s, stats | {"straggler_factor": 1.0}, cluster.nodes, network,
                      overlap=overlap)

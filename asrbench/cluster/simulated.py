@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,17 +62,11 @@ from asrbench.cluster import cost
 from asrbench.data.dataset import make_loader, train_batches_per_epoch
 from asrbench.errors import ConfigError
 from asrbench.model.module import AcousticModule
-from asrbench.strategies import exchange_group
-from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig, BMUFLightning
-from asrbench.strategies.gtc import GTCState, GTCStrategy, NonFiniteGradientError, decode, encode, pack
-from asrbench.strategies.gtc_bmuf import GTCBMUFStrategy
-from asrbench.strategies.sync import SyncStrategy
+from asrbench.strategies import spec, spec_of
+from asrbench.strategies.contract import FP32_BYTES, SimContext
 
 log = logging.getLogger(__name__)
 
-FP32_BYTES = 4
-GTC_HEADER_BYTES = 8  # the hook's header: (message length, non-finite flag) as two int32
 # Trainer keys (conf/trainer/) the simulated loop follows, and those with no meaning for it.
 TRAINER_KEYS = frozenset({"max_epochs", "max_steps", "max_time", "val_check_interval", "check_val_every_n_epoch",
                           "log_every_n_steps", "gradient_clip_val", "gradient_clip_algorithm",
@@ -190,229 +183,14 @@ def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: i
         block.view(-1, group_size, hi - lo).mul_(coef.view(-1, 1, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The exchanges: sync's all-reduce and GTC over rows
-# ---------------------------------------------------------------------------------------------
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class DenseMean:
-    """Sync SGD's all-reduce: every worker gets the mean of all N gradients.
-
-    `stats` is worker 0's, filled as :class:`SyncStrategy` fills it: one ring all-reduce of the
-    n fp32 gradient elements per step.
-    """
-
-    def __init__(self, stats: CommStats, nodes: int, numel: int) -> None:
-        self.stats, self.nodes, self.numel = stats, nodes, numel
-        stats.world_size, stats.rank = nodes, 0
-
-    @torch.no_grad()
-    def exchange(self, grads: Tensor, step: int) -> None:
-        grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))
-        nbytes = self.numel * FP32_BYTES
-        self.stats.record_all_reduce(nbytes)
-        self.stats.record_dense(nbytes)
-        self.stats.record_elements(self.numel, self.numel)
-        self.stats.step()
-
-
-class GroupGTC:
-    """GTC (Strom 2015) within groups of g consecutive workers, on the rows of G.
-
-    Per group: :func:`encode` each member's row into its message (updating its residual row
-    R[i]), then :func:`decode` the members' messages in rank order (the mean, ±τ/g at each sent
-    index) into every row of the group, which is what the hook leaves in each member's bucket.
-    GTC is elementwise, so DDP's split of the gradient into buckets changes no value; this
-    treats the whole gradient as one bucket. `state` is worker 0's :class:`GTCState` (its
-    statistics, density warnings and step counter); ``pass_through`` and the steps of
-    ``dense_warmup_steps`` exchange the group mean dense, as the hook does.
-
-    Besides worker 0's statistics it keeps what the cost model reads over all workers: message
-    sizes (mean, and the largest per step: the padded size), and encode and decode times.
-    """
-
-    def __init__(self, state: GTCState, nodes: int, group_size: int, numel: int, device: torch.device) -> None:
-        assert nodes % group_size == 0
-        self.state, self.nodes, self.group_size, self.numel = state, nodes, group_size, numel
-        self.device = device
-        state.comm_stats.world_size, state.comm_stats.rank = group_size, 0
-        self.residual = None if state.pass_through else torch.zeros(nodes, numel, device=device)  # R
-        self.mask = None if state.pass_through else torch.empty(numel, dtype=torch.bool, device=device)
-        self.steps = 0
-        self.dense_steps = 0  # steps exchanged dense (pass_through, dense_warmup_steps): no messages
-        self.elements_sent = 0  # over all workers and compressed steps
-        self.largest_sum = 0  # sum over steps of the largest message of any worker (elements)
-        self.encode_s = 0.0
-        self.decode_s = 0.0
-        self.decoded_elements = 0
-        self.rows: Sequence[Tensor] = ()  # the workers' parameter rows, for tau_units=rms
-
-    @torch.no_grad()
-    def exchange(self, grads: Tensor, step: int) -> None:
-        if self.state.sends_dense():
-            self._exchange_dense(grads)
-            return
-        tau, g = self.state.tau, self.group_size
-        rms = self.state.tau_units == "rms"  # GTC on g / d, decoded back times d (see gtc_hook)
-        lengths = []
-        for first in range(0, self.nodes, g):
-            scales = [self.state.element_scale([self.rows[i]]) for i in range(first, first + g)] if rms else []
-            for i, scale in enumerate(scales, start=first):
-                grads[i].div_(scale)
-            _synchronize(self.device)
-            t0 = time.perf_counter()
-            words = [self._encode(grads, i, step) for i in range(first, first + g)]
-            _synchronize(self.device)
-            t1 = time.perf_counter()
-            decode(words, None, self.numel, tau, out=grads[first])
-            grads[first + 1:first + g].copy_(grads[first].expand(g - 1, -1))
-            for i, scale in enumerate(scales, start=first):
-                grads[i].mul_(scale)
-            _synchronize(self.device)
-            self.encode_s += t1 - t0
-            self.decode_s += time.perf_counter() - t1
-            sizes = [w.numel() for w in words]
-            self.decoded_elements += sum(sizes)
-            lengths += sizes
-        self.steps += 1
-        self.elements_sent += sum(lengths)
-        self.largest_sum += max(lengths)
-        self._record_worker0(lengths[0], max(lengths[:g]))
-
-    def _encode(self, grads: Tensor, i: int, step: int) -> Tensor:
-        assert self.residual is not None
-        try:
-            return encode(self.residual[i], grads[i], self.state.tau, scratch=grads[i], mask=self.mask)
-        except NonFiniteGradientError:
-            raise NonFiniteGradientError(f"GTC step {step}: NaN/inf in the gradient of worker {i}; lower the "
-                                         f"learning rate or clip gradients") from None
-
-    def _record_worker0(self, sent: int, largest_in_group: int) -> None:
-        """Worker 0's bytes, as :func:`gtc_hook` records them for one bucket."""
-        stats, g = self.state.comm_stats, self.group_size
-        stats.record_all_gather(GTC_HEADER_BYTES, g)
-        if largest_in_group > 0:
-            stats.record_all_gather(largest_in_group * FP32_BYTES, g)
-        stats.record_dense(self.numel * FP32_BYTES, g)
-        self.state.record_bucket(sent, self.numel, True)
-
-    def _exchange_dense(self, grads: Tensor) -> None:
-        g = self.group_size
-        rows = grads.view(-1, g, self.numel)
-        rows.copy_(rows.mean(1, keepdim=True).expand_as(rows))
-        stats = self.state.comm_stats
-        stats.record_all_reduce(self.numel * FP32_BYTES, g)
-        stats.record_dense(self.numel * FP32_BYTES, g)
-        self.state.record_bucket(self.numel, self.numel, True)
-        self.steps += 1
-        self.dense_steps += 1
-
-    def cost_stats(self) -> dict[str, float]:
-        """Per worker per compressed step: mean and largest (padded) message bytes, elements sent,
-        decode rate; and the fraction of steps exchanged dense instead."""
-        steps = max(self.steps - self.dense_steps, 1)
-        per_worker = self.elements_sent / (steps * self.nodes)
-        rate = (self.decoded_elements / self.decode_s if self.decoded_elements and self.decode_s > 0
-                else measure_decode_rate(self.numel, self.device))
-        return {"gtc_msg_bytes_mean": per_worker * FP32_BYTES,
-                "gtc_msg_bytes_max": self.largest_sum / steps * FP32_BYTES,
-                "elements_sent_per_step": per_worker, "decode_rate": rate,
-                "gtc_dense_step_fraction": self.dense_steps / max(self.steps, 1)}
-
-
-def measure_decode_rate(numel: int, device: torch.device, density: float = 0.01, repeats: int = 5) -> float:
-    """GTC decode rate (elements per second) of one message sending `density` of `numel` elements."""
-    k = max(1, int(numel * density))
-    gen = torch.Generator().manual_seed(0)
-    index = torch.randperm(numel, generator=gen)[:k].sort().values
-    words = pack(index, torch.rand(k, generator=gen) < 0.5).to(device)
-    out = torch.empty(numel, device=device)
-    best = math.inf
-    for _ in range(repeats + 1):
-        _synchronize(device)
-        t0 = time.perf_counter()
-        decode([words], None, numel, 1.0, out=out)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return k / max(best, 1e-9)
-
-
-class _NoProcessGroup:
-    """Stands for the process group of an averager whose workers are rows of one tensor."""
-
-
-class SimulatedBMUFAverager(BMUFAverager):
-    """:class:`BMUFAverager` over the rows of P: its schedule, filter and optimizer-state sync, unchanged.
-
-    The workers it averages are the group representatives, rows 0, g, 2g, ... of `stacked`
-    (every row of a group is equal). Call :meth:`average_parameters` with ``[stacked[0]]`` (it
-    writes the next block start into row 0) and then copy row 0 into every row, as the
-    broadcast inside each group does; :meth:`broadcast_row0` does that copy.
-    `comm_stats` receives worker 0's collectives, as :class:`GroupBMUFAverager` records them.
-    """
-
-    def __init__(self, stacked: Tensor, config: BMUFConfig, *, group_size: int = 1,
-                 comm_stats: CommStats | None = None) -> None:
-        nodes, numel = stacked.shape
-        assert nodes % group_size == 0
-        self.stacked, self.group_size, self.num_groups = stacked, group_size, nodes // group_size
-        super().__init__([stacked[0]], config, process_group=_NoProcessGroup(),  # type: ignore[arg-type]
-                         comm_stats=comm_stats)
-        assert self.numel == numel
-
-    def _num_workers(self) -> int:
-        return self.num_groups
-
-    def _broadcast_start(self, flat: Tensor) -> None:
-        assert torch.equal(self.stacked, flat.expand_as(self.stacked)), "workers must start from one model"
-
-    def _mean_over_workers(self, flat: Tensor) -> Tensor:
-        """W̄ over the representatives' rows; or, for ``average_sync``, the mean of their optimizer state.
-
-        `flat` is ``flatten`` of what the averager hands over: row 0 (n elements: parameters) or
-        the optimizer's state tensors of the N rows, row by row (N x T x n elements), written back.
-        """
-        nodes, g = self.stacked.shape[0], self.group_size
-        if flat.numel() == self.stacked.shape[1]:
-            torch.mean(self.stacked[::g], 0, out=flat)
-            nbytes = flat.numel() * FP32_BYTES
-        else:
-            per_worker = flat.view(nodes, -1, self.stacked.shape[1])
-            per_worker.copy_(per_worker[::g].mean(0, keepdim=True).expand_as(per_worker))
-            nbytes = flat.numel() // nodes * FP32_BYTES
-        if self.comm_stats is not None:
-            self.comm_stats.record_all_reduce(nbytes, self.num_groups)
-            if g > 1:
-                self.comm_stats.record_broadcast(nbytes, src=0, rank=0, world_size=g)
-        return flat
-
-    @torch.no_grad()
-    def broadcast_row0(self) -> None:
-        self.stacked[1:].copy_(self.stacked[0].expand(self.stacked.shape[0] - 1, -1))
-
-
 # ---------------------------------------------------------------------------------------------
 # The cluster
 # ---------------------------------------------------------------------------------------------
-def strategy_kind(strategy: Any) -> str:
-    """single | sync | gtc | bmuf | gtc_bmuf for a strategy built by `asrbench.strategies.build_strategy`."""
-    if isinstance(strategy, str):
-        return "single"
-    if isinstance(strategy, GTCBMUFStrategy):
-        return "gtc_bmuf"
-    if isinstance(strategy, BMUFLightning):
-        return "bmuf"
-    if isinstance(strategy, GTCStrategy):
-        return "gtc"
-    if isinstance(strategy, SyncStrategy):
-        return "sync"
-    raise ConfigError(f"cluster=simulated has no simulation of {type(strategy).__name__}; "
-                      f"use strategy=single|sync|gtc|bmuf|diloco|gtc_bmuf")
-
-
 @dataclass
 class Timings:
     """Seconds spent in each part of the cluster's steps (all workers together)."""
@@ -444,7 +222,8 @@ class SimulatedCluster:
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ConfigError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is unknown; "
                               f"use norm or value")
-        self.kind = strategy_kind(strategy)
+        self.spec = spec_of(strategy)
+        self.kind = self.spec.name
         self.strategy, self.nodes = strategy, nodes
         self.device = torch.device(device)
         self.module = module.to(self.device)
@@ -461,28 +240,10 @@ class SimulatedCluster:
         for row, grad in zip(self.rows, self.G.unbind(0)):
             row.grad = grad
         self.optimizer, self.schedulers = build_worker_optimizer(module, self.rows)
-        self.group_size = exchange_group(self.kind, nodes, int(getattr(strategy, "group_size", 1)))
-        self.exchange: DenseMean | GroupGTC | None = None
-        self.averager: SimulatedBMUFAverager | None = None
-        self.bmuf_stats: CommStats | None = None
-        if self.kind == "sync":
-            self.exchange = DenseMean(strategy.comm_stats, nodes, n)
-        elif self.kind in ("gtc", "gtc_bmuf") and self.group_size > 1:
-            self.exchange = GroupGTC(strategy.gtc_state, nodes, self.group_size, n, self.device)
-            if strategy.gtc_state.tau_units == "rms":
-                if not hasattr(self.optimizer, "denominator"):
-                    raise ConfigError("strategy.tau_units=rms needs Adam with a frozen second moment: set "
-                                      "optim.name=adam and strategy.dense_warmup_steps")
-                strategy.gtc_state.scale_of = self.optimizer.denominator
-                self.exchange.rows = self.rows
-        if self.kind in ("bmuf", "gtc_bmuf"):
-            self.bmuf_stats = strategy.bmuf_comm_stats
-            self.bmuf_stats.world_size, self.bmuf_stats.rank = nodes, 0
-            self.averager = SimulatedBMUFAverager(self.P, strategy.bmuf_config, group_size=self.group_size,
-                                                  comm_stats=self.bmuf_stats)
-            strategy.averager = self.averager  # BMUFLightning.comm_summary reads the schedule from it
-            log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g over %d workers", self.averager.block_size,
-                     self.averager.block_momentum, self.averager.block_lr, self.averager.num_workers)
+        self.simulation = self.spec.simulate(strategy, SimContext(nodes, self.P, self.rows, self.optimizer,
+                                                                  self.binding.shapes, self.device))
+        self.exchange, self.averager = self.simulation.exchange, self.simulation.averager
+        self.group_size = self.simulation.group_size
         self.steps = 0
         self.synced = False  # whether the last step closed a block (BMUF, GTC-BMUF)
         self.batch_in_epoch = 0
@@ -551,12 +312,7 @@ class SimulatedCluster:
         _synchronize(self.device)
         t2 = time.perf_counter()
         if self.averager is not None:
-            assert self.bmuf_stats is not None
-            self.synced = self.averager.average_parameters([self.P[0]], self.optimizer)
-            if self.synced:
-                self.averager.broadcast_row0()
-            self.bmuf_stats.record_dense(self.numel * FP32_BYTES)  # BMUFLightning._close_step
-            self.bmuf_stats.step()
+            self.synced = self.averager.after_step(self.optimizer)
         step_schedulers(self.schedulers, "step", self.batch_in_epoch)
         self.batch_in_epoch += 1
         _synchronize(self.device)
@@ -573,11 +329,10 @@ class SimulatedCluster:
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """End of training: BMUF closes a partial block and writes W_g into every row (as
-        BMUFLightning.on_train_end does); the model is then bound to the one model of the run."""
+        """End of training: an averager (BMUF) closes a partial block and writes W_g into every row
+        (as BMUFLightning.on_train_end does); the model is then bound to the one model of the run."""
         if self.averager is not None:
-            self.averager.finalize([self.P[0]])
-            self.averager.broadcast_row0()
+            self.averager.finalize()
         assert torch.equal(self.P, self.P[:1].expand_as(self.P)), "the workers must end with one model"
         self.binding.bind(self.P[0])
 
@@ -603,35 +358,23 @@ class SimulatedCluster:
     # -- what happened ----------------------------------------------------------------------------
     def comm_metrics(self) -> dict[str, float]:
         """Worker 0's last step, the keys the real strategy logs under comm/."""
-        return dict(self.strategy.comm_metrics()) if self.kind != "single" else {}
+        return dict(self.strategy.comm_metrics()) if hasattr(self.strategy, "comm_metrics") else {}
 
     def comm_summary(self) -> dict[str, float]:
         """Worker 0's means per step, the keys the real strategy's comm_summary() gives results.json."""
-        return dict(self.strategy.comm_summary()) if self.kind != "single" else {}
+        return dict(self.strategy.comm_summary()) if hasattr(self.strategy, "comm_summary") else {}
 
     def cost_stats(self) -> dict[str, float]:
         """The per-worker, per-step inputs of :func:`asrbench.cluster.cost.step_time` for this run."""
-        grad_bytes = float(self.numel * FP32_BYTES)
-        stats: dict[str, float] = {"dense_bytes_per_worker_per_step": grad_bytes}
-        if self.kind in ("gtc", "gtc_bmuf"):
-            if isinstance(self.exchange, GroupGTC):
-                stats |= self.exchange.cost_stats()
-            else:  # groups of one send nothing
-                stats |= {"gtc_msg_bytes_mean": 0.0, "gtc_msg_bytes_max": 0.0, "elements_sent_per_step": 0.0,
-                          "decode_rate": measure_decode_rate(self.numel, self.device)}
-        if self.averager is not None:
-            state = sum(v.numel() for per_row in self.optimizer.state.values() for k, v in per_row.items()
-                        if k != "step" and torch.is_tensor(v) and v.is_floating_point()) // self.nodes
-            synced_state = state if self.averager.config.average_sync else 0
-            stats |= {"model_bytes": float((self.numel + synced_state) * FP32_BYTES),
-                      "block_size": float(self.averager.block_size), "group_size": float(self.group_size)}
+        stats: dict[str, float] = {"dense_bytes_per_worker_per_step": float(self.numel * FP32_BYTES)}
+        stats |= self.simulation.cost_stats(self.optimizer)
         stats["straggler_factor"] = self.straggler_factor(stats)
         return stats
 
     def straggler_factor(self, stats: Mapping[str, float] | None = None) -> float:
         """The slowest worker's compute over the mean worker's, from every worker's padded frames per
         step and this strategy's waiting (:func:`asrbench.cluster.cost.straggler_factor`)."""
-        g, k = cost.schedule(self.kind, self.nodes, stats if stats is not None else self.cost_stats())
+        g, k = self.spec.waiting(stats if stats is not None else self.cost_stats(), self.nodes)
         return cost.straggler_factor(self.timings.worker_frames, g, k)
 
     def compute_s_per_worker_step(self) -> float:
@@ -643,8 +386,8 @@ class SimulatedCluster:
         return t.compute_s / t.worker_steps + t.optimizer_s / t.worker_steps
 
     def encode_s_per_worker_step(self) -> float:
-        """Measured seconds of one worker's GTC encode (steps 1-4 of the hook), 0 without GTC."""
-        if not isinstance(self.exchange, GroupGTC) or not self.timings.worker_steps:
+        """Measured seconds of one worker's compression (e.g. GTC's encode, steps 1-4 of the hook), 0 without."""
+        if self.exchange is None or not self.timings.worker_steps:
             return 0.0
         return self.exchange.encode_s / self.timings.worker_steps
 
@@ -782,18 +525,15 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
 # ---------------------------------------------------------------------------------------------
 # Memory: refuse what cannot fit before starting
 # ---------------------------------------------------------------------------------------------
-def stacked_arrays(kind: str, optim: Mapping[str, Any], pass_through: bool = False,
-                   group_size: int = 1) -> dict[str, int]:
-    """How many (N, n) fp32 arrays a run holds: name -> count."""
+def stacked_arrays(strategy_cfg: Mapping[str, Any], optim: Mapping[str, Any], nodes: int) -> dict[str, int]:
+    """How many (N, n) fp32 arrays a run holds: name -> count (the strategy's own from its spec)."""
     name = optim.get("name", "adam")
     arrays = {"parameters": 1, "gradients": 1}
     if name in ("adam", "adamw"):
         arrays["optimizer state"] = 2  # exp_avg, exp_avg_sq
     elif name == "sgd" and float(optim.get("momentum", 0.0) or 0.0) > 0:
         arrays["optimizer state"] = 1  # momentum buffer
-    if kind in ("gtc", "gtc_bmuf") and not pass_through and (kind == "gtc" or group_size > 1):
-        arrays["residuals"] = 1
-    return arrays
+    return arrays | spec(strategy_cfg["name"]).stacked_arrays(strategy_cfg, nodes)
 
 
 def activation_bytes(model_cfg: Mapping[str, Any], input_dim: int, num_classes: int, batch_size: int,

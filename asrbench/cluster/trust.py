@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from asrbench import strategies
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 CALIBRATED_NETWORKS = (CONF / "network" / "loopback_gloo_idle16.yaml", CONF / "network" / "loopback_gloo_idle2.yaml",
                        CONF / "network" / "loopback_gloo.yaml")
@@ -69,7 +71,7 @@ def fit_step_overhead(checks: Sequence[Mapping[str, Any]], *, fit_nodes: int = 2
     with strategy, nodes, model, where, predicted_s, overhead_s, measured_s, error).
     """
     def fits(c: Mapping[str, Any]) -> bool:
-        return (int(c["nodes"]) == (1 if c["strategy"] == "single" else fit_nodes)
+        return (int(c["nodes"]) == (1 if c["strategy"] == strategies.BASELINE else fit_nodes)
                 and c.get("model", FIT_MODEL) == fit_model)
 
     fitted: dict[str, dict[str, float]] = {}

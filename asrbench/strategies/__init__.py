@@ -1,64 +1,65 @@
-"""Training strategies by config name; each is a Lightning Strategy registered as `asrbench_<name>`.
+"""Training strategies by config name: the registry every other part of asrbench asks.
 
-| name      | what it is                                                    | module   |
-|-----------|---------------------------------------------------------------|----------|
-| single    | one worker, no communication (the baseline)                   | -        |
-| sync      | synchronous SGD: Lightning's DDPStrategy, dense all-reduce    | sync     |
-| gtc       | gradient threshold compression (Strom 2015) as a DDP hook     | gtc      |
-| bmuf      | blockwise model-update filtering (Chen & Huo 2016)            | bmuf     |
-| diloco    | bmuf preset with DiLoCo's outer Nesterov SGD                  | bmuf     |
-| gtc_bmuf  | GTC inside groups, BMUF across group representatives (2019)   | gtc_bmuf |
+Each module of this package that exports ``SPECS`` (a list of
+:class:`~asrbench.strategies.contract.StrategySpec`) is a strategy; :func:`registry` finds them by
+scanning the package, so a new strategy is its module, ``conf/strategy/<name>.yaml`` and its
+tests, and nothing else. The simulated cluster, the cost model, reproduce, report, bench and the
+command line look strategies up here (:func:`spec`, :func:`spec_of`, :func:`names`) and never
+spell a strategy's name; an unknown name or Strategy class is an error, never dense sync.
+``asrbench strategies`` lists what is registered.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 from asrbench.errors import ConfigError
+from asrbench.strategies.contract import StrategySpec, strategy_kwargs
 
-MODULES = {"sync": "sync", "gtc": "gtc", "bmuf": "bmuf", "diloco": "bmuf", "gtc_bmuf": "gtc_bmuf"}
-NAMES = ("single", *MODULES)
-# Keys of conf/strategy/*.yaml read by the harness itself rather than passed to the strategy.
-HARNESS_KEYS = frozenset({"name", "registry_name", "inner_optimizer"})
+__all__ = ["BASELINE", "StrategySpec", "build_strategy", "names", "registry", "spec", "spec_of", "strategy_kwargs"]
 
-
-def strategy_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in HARNESS_KEYS}
+BASELINE = "single"  # the one-worker run every other is compared with (asrbench/strategies/single.py)
 
 
-def exchange_group(name: str, nodes: int, group_size: int = 1) -> int:
-    """Workers whose gradients one exchange combines: N for sync and GTC, the group size g for
-    GTC-BMUF, 1 for BMUF and its presets (whose workers step alone) and a single worker."""
-    return {"sync": nodes, "gtc": nodes, "gtc_bmuf": group_size}.get(name, 1)
+@functools.cache
+def registry() -> dict[str, StrategySpec]:
+    """{name: spec} of every strategy module in this package, in table order."""
+    found: dict[str, StrategySpec] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for entry in getattr(module, "SPECS", ()):
+            assert entry.name not in found, f"strategy {entry.name!r} is registered twice"
+            found[entry.name] = entry
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def names() -> tuple[str, ...]:
+    return tuple(registry())
+
+
+def spec(name: str) -> StrategySpec:
+    """The spec of `strategy=<name>`; a ConfigError naming the registered ones otherwise."""
+    found = registry().get(str(name))
+    if found is None:
+        raise ConfigError(f"strategy={name!r} is unknown; use one of {', '.join(names())}")
+    return found
+
+
+def spec_of(strategy: Any) -> StrategySpec:
+    """The spec of a strategy built by :func:`build_strategy` (the string of one worker, or an
+    instance of exactly a registered class: a subclass of one is not silently simulated as it)."""
+    if isinstance(strategy, str):
+        return spec(BASELINE)
+    for entry in registry().values():
+        if entry.strategy_class is not None and type(strategy) is entry.strategy_class:
+            return entry
+    raise ConfigError(f"{type(strategy).__name__} is not a registered strategy; register its module's SPECS "
+                      f"(asrbench/strategies/contract.py) or use one of {', '.join(names())}")
 
 
 def build_strategy(cfg: Mapping[str, Any], *, nodes: int, timeout_s: float) -> Any:
     """The Lightning Strategy for `strategy=<name>`, or the string Lightning takes for one worker."""
-    name = cfg["name"]
-    if name not in NAMES:
-        raise ConfigError(f"strategy={name!r} is unknown; use one of {', '.join(NAMES)}")
-    if name == "single":
-        if nodes != 1:
-            raise ConfigError(f"strategy=single runs one worker but nodes={nodes}; set nodes=1 "
-                              f"or pick strategy=sync|gtc|bmuf|gtc_bmuf")
-        return "auto"
-    if nodes < 2:
-        raise ConfigError(f"strategy={name} needs nodes >= 2 (got nodes={nodes}); "
-                          f"use strategy=single for one worker")
-    importlib.import_module(f"asrbench.strategies.{MODULES[name]}")  # registers the strategy
-    from lightning.pytorch.strategies import StrategyRegistry  # heavy: only when a strategy is built
-
-    registry_name = cfg.get("registry_name") or f"asrbench_{name}"
-    kwargs = strategy_kwargs(cfg)
-    kwargs["timeout"] = timedelta(seconds=timeout_s)
-    if name == "gtc_bmuf":
-        from asrbench.strategies.gtc_bmuf import number_of_groups  # gtc_bmuf imports this package
-
-        number_of_groups(nodes, int(kwargs.get("group_size", 1)))  # fails before any process starts
-    entry = StrategyRegistry[registry_name]
-    try:
-        return entry["strategy"](**entry["init_params"], **kwargs)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"strategy={name}: {err}") from None
+    return spec(cfg["name"]).build(cfg, nodes=nodes, timeout_s=timeout_s)

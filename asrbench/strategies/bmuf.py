@@ -65,8 +65,10 @@ from torch._utils import _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from torch.optim import Optimizer
 
+from asrbench.config import Knob
 from asrbench.errors import CheckpointError
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import is_rank_zero
@@ -444,7 +446,8 @@ class BMUFAverager(ModelAverager):
 # ---------------------------------------------------------------------------------------------
 # Lightning edge
 # ---------------------------------------------------------------------------------------------
-from asrbench.strategies.sync import AccountedDDPStrategy  # noqa: E402  (Lightning lives at the edge)
+from asrbench.strategies.base import AccountedDDPStrategy  # noqa: E402  (Lightning lives at the edge)
+from asrbench.strategies.contract import Collective, Simulation, StrategySpec  # noqa: E402
 
 CHECKPOINT_KEY = "asrbench_bmuf"  # checkpoint entry: replicated BMUF state + every rank's local model
 
@@ -629,3 +632,165 @@ def _register() -> None:
 
 
 _register()
+
+
+# ---------------------------------------------------------------------------------------------
+# On the simulated cluster, and in the cost model
+# ---------------------------------------------------------------------------------------------
+FP32_BYTES = STATE_DTYPE.itemsize
+
+
+class _NoProcessGroup:
+    """Stands for the process group of an averager whose workers are rows of one tensor."""
+
+
+class SimulatedBMUFAverager(BMUFAverager):
+    """:class:`BMUFAverager` over the rows of P: its schedule, filter and optimizer-state sync, unchanged.
+
+    The workers it averages are the group representatives, rows 0, g, 2g, ... of `stacked`
+    (every row of a group is equal). Call :meth:`average_parameters` with ``[stacked[0]]`` (it
+    writes the next block start into row 0) and then copy row 0 into every row, as the
+    broadcast inside each group does; :meth:`broadcast_row0` does that copy.
+    `comm_stats` receives worker 0's collectives, as :class:`GroupBMUFAverager` records them.
+    """
+
+    def __init__(self, stacked: Tensor, config: BMUFConfig, *, group_size: int = 1,
+                 comm_stats: CommStats | None = None) -> None:
+        nodes, numel = stacked.shape
+        assert nodes % group_size == 0
+        self.stacked, self.group_size, self.num_groups = stacked, group_size, nodes // group_size
+        super().__init__([stacked[0]], config, process_group=_NoProcessGroup(),  # type: ignore[arg-type]
+                         comm_stats=comm_stats)
+        assert self.numel == numel
+
+    def _num_workers(self) -> int:
+        return self.num_groups
+
+    def _broadcast_start(self, flat: Tensor) -> None:
+        assert torch.equal(self.stacked, flat.expand_as(self.stacked)), "workers must start from one model"
+
+    def _mean_over_workers(self, flat: Tensor) -> Tensor:
+        """W̄ over the representatives' rows; or, for ``average_sync``, the mean of their optimizer state.
+
+        `flat` is ``flatten`` of what the averager hands over: row 0 (n elements: parameters) or
+        the optimizer's state tensors of the N rows, row by row (N x T x n elements), written back.
+        """
+        nodes, g = self.stacked.shape[0], self.group_size
+        if flat.numel() == self.stacked.shape[1]:
+            torch.mean(self.stacked[::g], 0, out=flat)
+            nbytes = flat.numel() * FP32_BYTES
+        else:
+            per_worker = flat.view(nodes, -1, self.stacked.shape[1])
+            per_worker.copy_(per_worker[::g].mean(0, keepdim=True).expand_as(per_worker))
+            nbytes = flat.numel() // nodes * FP32_BYTES
+        if self.comm_stats is not None:
+            self.comm_stats.record_all_reduce(nbytes, self.num_groups)
+            if g > 1:
+                self.comm_stats.record_broadcast(nbytes, src=0, rank=0, world_size=g)
+        return flat
+
+    @torch.no_grad()
+    def broadcast_row0(self) -> None:
+        self.stacked[1:].copy_(self.stacked[0].expand(self.stacked.shape[0] - 1, -1))
+
+    # -- what the simulated cluster calls (contract.SimulatedAverager) --------------------------
+    @torch.no_grad()
+    def after_step(self, optimizer: Optimizer) -> bool:
+        """After the optimizer step of every row: count it, and at a block end filter the mean of the
+        representatives and write the next start into every row. True when it synced."""
+        synced = self.average_parameters([self.stacked[0]], optimizer)
+        if synced:
+            self.broadcast_row0()
+        if self.comm_stats is not None:
+            self.comm_stats.record_dense(self.numel * FP32_BYTES)  # BMUFLightning._close_step
+            self.comm_stats.step()
+        return synced
+
+    @torch.no_grad()
+    def finalize(self) -> None:  # type: ignore[override]
+        """End of training: close a partial block and write W_g into every row."""
+        super().finalize([self.stacked[0]])
+        self.broadcast_row0()
+
+    def cost_stats(self, optimizer: Optimizer) -> dict[str, float]:
+        """Bytes all-reduced at a block end (parameters, plus the optimizer state with average_sync), K, g."""
+        nodes = self.stacked.shape[0]
+        state = sum(v.numel() for per_row in optimizer.state.values() for k, v in per_row.items()
+                    if k != "step" and torch.is_tensor(v) and v.is_floating_point()) // nodes
+        synced_state = state if self.config.average_sync else 0
+        return {"model_bytes": float((self.numel + synced_state) * FP32_BYTES),
+                "block_size": float(self.block_size), "group_size": float(self.group_size)}
+
+
+
+BMUF_STATS_KEYS = ("model_bytes", "block_size")
+BMUF_KNOBS = {
+    "block_size": Knob(int, 1, nullable=True),
+    "block_size_samples": Knob(int, 1, nullable=True),
+    "block_momentum": Knob(float, 0, 1, high_open=True, nullable=True),
+    "block_momentum_time_constant": Knob(float, 0, low_open=True, nullable=True),
+    "block_lr": Knob(float, 0, low_open=True),
+    "nesterov": Knob(bool),
+    "nesterov_form": Knob(str, choices=("paper", "cntk")),
+    "outer_optimizer": Knob(str, choices=("filter", *sorted(_optimizer_classes()))),
+    "reset_momentum": Knob(bool),
+    "warmup_steps": Knob(int, 0),
+    "average_sync": Knob(bool),
+}
+
+
+def simulate_bmuf(strategy: Any, ctx: Any, group_size: int) -> SimulatedBMUFAverager:
+    """BMUF over the representatives of groups of `group_size` rows, filling the strategy's BMUF stats."""
+    stats = strategy.bmuf_comm_stats
+    stats.world_size, stats.rank = ctx.nodes, 0
+    averager = SimulatedBMUFAverager(ctx.P, strategy.bmuf_config, group_size=group_size, comm_stats=stats)
+    strategy.averager = averager  # BMUFLightning.comm_summary reads the schedule from it
+    log.info("BMUF: K = %d steps, eta = %.4f, zeta = %g over %d workers", averager.block_size,
+             averager.block_momentum, averager.block_lr, averager.num_workers)
+    return averager
+
+
+def bmuf_schedule(s: Mapping[str, float], n: int, group_size: int = 1) -> list[Collective]:
+    """Once per block of K steps: a ring all-reduce of the model among the n / g group
+    representatives (every worker for plain BMUF) and, in groups, the pipelined broadcast of the
+    result within each group."""
+    K = s["block_size"]
+    out = [Collective("block_allreduce", "all_reduce", n // group_size, nbytes=s["model_bytes"], stride=group_size,
+                      every=K)]
+    if group_size > 1:
+        out.append(Collective("block_broadcast", "broadcast", group_size, nbytes=s["model_bytes"], every=K))
+    return out
+
+
+class BMUFSpec(StrategySpec):
+    name = "bmuf"
+    summary = "blockwise model-update filtering (Chen & Huo 2016)"
+    order = 3
+    strategy_class = BMUFStrategy
+    stats_keys = BMUF_STATS_KEYS
+    size_keys = ("model_bytes",)
+    knobs = BMUF_KNOBS
+
+    def exchange_group(self, cfg: Mapping[str, Any], nodes: int) -> int:
+        return 1  # workers step alone
+
+    def simulate(self, strategy: Any, ctx: Any) -> Simulation:
+        return Simulation(averager=simulate_bmuf(strategy, ctx, 1))
+
+    def schedule(self, stats: Mapping[str, float], n: int) -> list[Collective]:
+        return bmuf_schedule(stats, n)
+
+    def waiting(self, stats: Mapping[str, Any], n: int) -> tuple[int, int]:
+        return 1, int(stats["block_size"])
+
+
+class DiLoCoSpec(BMUFSpec):
+    """DiLoCo (Douillard et al. 2023) is BMUF's class with its own preset (conf/strategy/diloco.yaml)."""
+
+    name = "diloco"
+    summary = "bmuf preset with DiLoCo's outer Nesterov SGD"
+    order = 5
+    strategy_class = None  # built as asrbench_bmuf (the yaml's registry_name): simulated and priced as bmuf
+
+
+SPECS = [BMUFSpec(), DiLoCoSpec()]

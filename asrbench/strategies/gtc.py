@@ -44,11 +44,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from asrbench.errors import CheckpointError
+from asrbench.config import Knob
+from asrbench.errors import CheckpointError, ConfigError
 from asrbench.strategies import gtc_kernel
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error, is_rank_zero
-from asrbench.strategies.sync import AccountedDDPStrategy
+from asrbench.strategies.contract import FP32_BYTES, Collective, Simulation, StrategySpec, read_stats
+from asrbench.strategies.base import AccountedDDPStrategy
 
 log = logging.getLogger(__name__)
 
@@ -708,4 +710,256 @@ class GTCStrategy(AccountedDDPStrategy):
         return checkpoint
 
 
+
+
 GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_gtc")
+
+
+# ---------------------------------------------------------------------------------------------
+# On the simulated cluster, and in the cost model
+# ---------------------------------------------------------------------------------------------
+GTC_HEADER_BYTES = 8  # the hook's header: (message length, non-finite flag) as two int32
+LENGTH_BYTES = 8  # one message length per worker in the cost model's first all-gather
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GroupGTC:
+    """GTC (Strom 2015) within groups of g consecutive workers, on the rows of G.
+
+    Per group: :func:`encode` each member's row into its message (updating its residual row
+    R[i]), then :func:`decode` the members' messages in rank order (the mean, ±τ/g at each sent
+    index) into every row of the group, which is what the hook leaves in each member's bucket.
+    GTC is elementwise, so DDP's split of the gradient into buckets changes no value; this
+    treats the whole gradient as one bucket. `state` is worker 0's :class:`GTCState` (its
+    statistics, density warnings and step counter); ``pass_through`` and the steps of
+    ``dense_warmup_steps`` exchange the group mean dense, as the hook does.
+
+    Besides worker 0's statistics it keeps what the cost model reads over all workers: message
+    sizes (mean, and the largest per step: the padded size), and encode and decode times.
+    """
+
+    def __init__(self, state: GTCState, nodes: int, group_size: int, numel: int, device: torch.device) -> None:
+        assert nodes % group_size == 0
+        self.state, self.nodes, self.group_size, self.numel = state, nodes, group_size, numel
+        self.device = device
+        state.comm_stats.world_size, state.comm_stats.rank = group_size, 0
+        self.residual = None if state.pass_through else torch.zeros(nodes, numel, device=device)  # R
+        self.mask = None if state.pass_through else torch.empty(numel, dtype=torch.bool, device=device)
+        self.steps = 0
+        self.dense_steps = 0  # steps exchanged dense (pass_through, dense_warmup_steps): no messages
+        self.elements_sent = 0  # over all workers and compressed steps
+        self.largest_sum = 0  # sum over steps of the largest message of any worker (elements)
+        self.encode_s = 0.0
+        self.decode_s = 0.0
+        self.decoded_elements = 0
+        self.rows: Sequence[Tensor] = ()  # the workers' parameter rows, for tau_units=rms
+
+    @torch.no_grad()
+    def exchange(self, grads: Tensor, step: int) -> None:
+        if self.state.sends_dense():
+            self._exchange_dense(grads)
+            return
+        tau, g = self.state.tau, self.group_size
+        rms = self.state.tau_units == "rms"  # GTC on g / d, decoded back times d (see gtc_hook)
+        lengths = []
+        for first in range(0, self.nodes, g):
+            scales = [self.state.element_scale([self.rows[i]]) for i in range(first, first + g)] if rms else []
+            for i, scale in enumerate(scales, start=first):
+                grads[i].div_(scale)
+            _synchronize(self.device)
+            t0 = time.perf_counter()
+            words = [self._encode(grads, i, step) for i in range(first, first + g)]
+            _synchronize(self.device)
+            t1 = time.perf_counter()
+            decode(words, None, self.numel, tau, out=grads[first])
+            grads[first + 1:first + g].copy_(grads[first].expand(g - 1, -1))
+            for i, scale in enumerate(scales, start=first):
+                grads[i].mul_(scale)
+            _synchronize(self.device)
+            self.encode_s += t1 - t0
+            self.decode_s += time.perf_counter() - t1
+            sizes = [w.numel() for w in words]
+            self.decoded_elements += sum(sizes)
+            lengths += sizes
+        self.steps += 1
+        self.elements_sent += sum(lengths)
+        self.largest_sum += max(lengths)
+        self._record_worker0(lengths[0], max(lengths[:g]))
+
+    def _encode(self, grads: Tensor, i: int, step: int) -> Tensor:
+        assert self.residual is not None
+        try:
+            return encode(self.residual[i], grads[i], self.state.tau, scratch=grads[i], mask=self.mask)
+        except NonFiniteGradientError:
+            raise NonFiniteGradientError(f"GTC step {step}: NaN/inf in the gradient of worker {i}; lower the "
+                                         f"learning rate or clip gradients") from None
+
+    def _record_worker0(self, sent: int, largest_in_group: int) -> None:
+        """Worker 0's bytes, as :func:`gtc_hook` records them for one bucket."""
+        stats, g = self.state.comm_stats, self.group_size
+        stats.record_all_gather(GTC_HEADER_BYTES, g)
+        if largest_in_group > 0:
+            stats.record_all_gather(largest_in_group * FP32_BYTES, g)
+        stats.record_dense(self.numel * FP32_BYTES, g)
+        self.state.record_bucket(sent, self.numel, True)
+
+    def _exchange_dense(self, grads: Tensor) -> None:
+        g = self.group_size
+        rows = grads.view(-1, g, self.numel)
+        rows.copy_(rows.mean(1, keepdim=True).expand_as(rows))
+        stats = self.state.comm_stats
+        stats.record_all_reduce(self.numel * FP32_BYTES, g)
+        stats.record_dense(self.numel * FP32_BYTES, g)
+        self.state.record_bucket(self.numel, self.numel, True)
+        self.steps += 1
+        self.dense_steps += 1
+
+    def cost_stats(self) -> dict[str, float]:
+        """Per worker per compressed step: mean and largest (padded) message bytes, elements sent,
+        decode rate; and the fraction of steps exchanged dense instead."""
+        steps = max(self.steps - self.dense_steps, 1)
+        per_worker = self.elements_sent / (steps * self.nodes)
+        rate = (self.decoded_elements / self.decode_s if self.decoded_elements and self.decode_s > 0
+                else measure_decode_rate(self.numel, self.device))
+        return {"gtc_msg_bytes_mean": per_worker * FP32_BYTES,
+                "gtc_msg_bytes_max": self.largest_sum / steps * FP32_BYTES,
+                "elements_sent_per_step": per_worker, "decode_rate": rate,
+                "gtc_dense_step_fraction": self.dense_steps / max(self.steps, 1)}
+
+
+def measure_decode_rate(numel: int, device: torch.device, density: float = 0.01, repeats: int = 5) -> float:
+    """GTC decode rate (elements per second) of one message sending `density` of `numel` elements."""
+    k = max(1, int(numel * density))
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randperm(numel, generator=gen)[:k].sort().values
+    words = pack(index, torch.rand(k, generator=gen) < 0.5).to(device)
+    out = torch.empty(numel, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        t0 = time.perf_counter()
+        decode([words], None, numel, 1.0, out=out)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return k / max(best, 1e-9)
+
+
+
+GTC_KNOBS = {
+    "tau": Knob(float, 0, low_open=True),
+    "max_density": Knob(float, 0, 1, low_open=True, nullable=True),
+    "density_warn_interval": Knob(int, 1),
+    "dense_warmup_steps": Knob(int, 0),
+    "tau_units": Knob(str, choices=TAU_UNITS),
+    "pass_through": Knob(bool),
+    "bucket_cap_mb": Knob(float, 0, low_open=True),
+    "gradient_as_bucket_view": Knob(bool),
+}
+GTC_STATS_KEYS = ("gtc_msg_bytes_mean", "gtc_msg_bytes_max", "elements_sent_per_step", "decode_rate")
+GTC_SIZE_KEYS = ("gtc_msg_bytes_mean", "gtc_msg_bytes_max", "elements_sent_per_step")
+
+
+def simulate_gtc(strategy: Any, ctx: Any, group_size: int) -> GroupGTC | None:
+    """GTC among groups of `group_size` rows (None for groups of one: a lone worker sends nothing)."""
+    if group_size < 2:
+        return None
+    exchange = GroupGTC(strategy.gtc_state, ctx.nodes, group_size, ctx.numel, ctx.device)
+    if strategy.gtc_state.tau_units == "rms":
+        if not hasattr(ctx.optimizer, "denominator"):
+            raise ConfigError("strategy.tau_units=rms needs Adam with a frozen second moment: set "
+                              "optim.name=adam and strategy.dense_warmup_steps")
+        strategy.gtc_state.scale_of = ctx.optimizer.denominator
+        exchange.rows = ctx.rows
+    return exchange
+
+
+def gtc_cost_stats(exchange: GroupGTC | None, numel: int, device: torch.device) -> dict[str, float]:
+    if exchange is not None:
+        return exchange.cost_stats()
+    return {"gtc_msg_bytes_mean": 0.0, "gtc_msg_bytes_max": 0.0, "elements_sent_per_step": 0.0,
+            "decode_rate": measure_decode_rate(numel, device)}
+
+
+def read_gtc_stats(name: str, stats: Mapping[str, Any], n: int, keys: Sequence[str]) -> dict[str, float]:
+    """GTC's stats checked: max >= mean message, and the dense steps' fraction with their bytes."""
+    out = read_stats(name, keys, stats, n)
+    if out["gtc_msg_bytes_max"] < out["gtc_msg_bytes_mean"]:
+        raise ValueError(f"stats['gtc_msg_bytes_max'] ({out['gtc_msg_bytes_max']}) must be >= "
+                         f"stats['gtc_msg_bytes_mean'] ({out['gtc_msg_bytes_mean']})")
+    if stats.get("gtc_dense_step_fraction"):
+        f = out["gtc_dense_step_fraction"] = float(stats["gtc_dense_step_fraction"])
+        if not 0 <= f <= 1:
+            raise ValueError(f"stats['gtc_dense_step_fraction'] must be in [0, 1] (got {f})")
+        if stats.get("dense_bytes_per_worker_per_step") is None:
+            raise ValueError("stats['dense_bytes_per_worker_per_step'] is missing; GTC's dense steps "
+                             "(gtc_dense_step_fraction > 0) need it")
+        out["dense_bytes_per_worker_per_step"] = float(stats["dense_bytes_per_worker_per_step"])
+    return out
+
+
+def gtc_schedule(s: Mapping[str, float], workers: int) -> list[Collective]:
+    """GTC among groups of `workers` consecutive ranks, every step: an all-gather of the message
+    lengths, an all-gather of the messages padded to the largest (``gtc_msg_bytes_max``), the decode
+    of the `workers` messages (e / r, r the measured decode rate: padding is not decoded); on the
+    fraction f of steps sent dense (``dense_warmup_steps``), a ring all-reduce of the gradient instead.
+    A lone worker applies its own update: nothing."""
+    if workers == 1:
+        return []
+    f = s.get("gtc_dense_step_fraction", 0.0)
+    elements = workers * s["elements_sent_per_step"]
+    if not s["decode_rate"] > 0:
+        raise ValueError(f"stats['decode_rate'] must be positive (got {s['decode_rate']}); measure it with the GTC "
+                         f"decoder on the target device")
+    out = [Collective("gtc_lengths", "all_gather", workers, nbytes=LENGTH_BYTES, share=1 - f),
+           Collective("gtc_messages", "all_gather", workers, nbytes=s["gtc_msg_bytes_max"], share=1 - f),
+           Collective("gtc_decode", "local", workers, seconds=elements / s["decode_rate"] if elements else 0.0,
+                      share=1 - f)]
+    if f > 0:
+        out.append(Collective("gtc_dense_allreduce", "all_reduce", workers,
+                              nbytes=s["dense_bytes_per_worker_per_step"], share=f))
+    return out
+
+
+def gtc_stacked_arrays(cfg: Mapping[str, Any]) -> dict[str, int]:
+    return {} if cfg.get("pass_through") else {"residuals": 1}
+
+
+class GTCSpec(StrategySpec):
+    name = "gtc"
+    summary = "gradient threshold compression (Strom 2015) as a DDP hook"
+    order = 2
+    strategy_class = GTCStrategy
+    stats_keys = GTC_STATS_KEYS
+    size_keys = GTC_SIZE_KEYS
+    compresses = True
+    knobs = GTC_KNOBS
+
+    def stacked_arrays(self, cfg: Mapping[str, Any], nodes: int) -> dict[str, int]:
+        return gtc_stacked_arrays(cfg)
+
+    def simulate(self, strategy: Any, ctx: Any) -> Simulation:
+        exchange = simulate_gtc(strategy, ctx, ctx.nodes)
+        return Simulation(exchange=exchange, group_size=ctx.nodes)
+
+    def read_stats(self, stats: Mapping[str, Any], n: int) -> dict[str, float]:
+        return read_gtc_stats(self.name, stats, n, self.stats_keys)
+
+    def schedule(self, stats: Mapping[str, float], n: int) -> list[Collective]:
+        return gtc_schedule(stats, n)
+
+    codec_settings = ({"density": 0.001}, {"density": 0.01})
+
+    def codec_label(self, setting: Mapping[str, Any]) -> str:
+        return f"{100 * float(setting['density']):g}%"
+
+    def benchmark_codec(self, numel: int, repeats: int, seed: int, **setting: Any) -> dict[str, float]:
+        out = benchmark_codec(numel, density=float(setting["density"]), repeats=repeats, seed=seed)
+        out["encoder"] = "one-pass C++ kernel" if out.pop("kernel") else "eager torch passes"
+        return out
+
+
+SPECS = [GTCSpec()]

@@ -25,10 +25,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from asrbench.config import Knob
 from asrbench.errors import ConfigError
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.bmuf import BMUFAverager, BMUFConfig, BMUFLightning
-from asrbench.strategies.gtc import GTCStrategy
+from asrbench.strategies.bmuf import BMUF_KNOBS, BMUF_STATS_KEYS, BMUFAverager, BMUFConfig, BMUFLightning, bmuf_schedule, simulate_bmuf
+from asrbench.strategies.contract import Collective, Simulation, StrategySpec
+from asrbench.strategies.gtc import (GTC_KNOBS, GTC_SIZE_KEYS, GTC_STATS_KEYS, GTCStrategy, gtc_cost_stats, gtc_schedule,
+                                     gtc_stacked_arrays, read_gtc_stats, simulate_gtc)
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +163,44 @@ def _register() -> None:
 
 
 _register()
+
+
+class GTCBMUFSpec(StrategySpec):
+    name = "gtc_bmuf"
+    summary = "GTC inside groups, BMUF across group representatives (2019)"
+    order = 4
+    strategy_class = GTCBMUFStrategy
+    stats_keys = (*GTC_STATS_KEYS, *BMUF_STATS_KEYS, "group_size")
+    size_keys = (*GTC_SIZE_KEYS, "model_bytes")
+    compresses = True
+    knobs = {**GTC_KNOBS, **BMUF_KNOBS, "group_size": Knob(int, 1)}
+
+    def exchange_group(self, cfg: Mapping[str, Any], nodes: int) -> int:
+        return int(cfg.get("group_size") or 1)
+
+    def check(self, cfg: Mapping[str, Any], nodes: int) -> None:
+        number_of_groups(nodes, int(cfg.get("group_size") or 1))
+
+    def stacked_arrays(self, cfg: Mapping[str, Any], nodes: int) -> dict[str, int]:
+        return gtc_stacked_arrays(cfg) if int(cfg.get("group_size") or 1) > 1 else {}
+
+    def simulate(self, strategy: Any, ctx: Any) -> Simulation:
+        g = strategy.group_size
+        exchange = simulate_gtc(strategy, ctx, g)
+        extra = None if exchange is not None else (lambda: gtc_cost_stats(None, ctx.numel, ctx.device))
+        return Simulation(exchange=exchange, averager=simulate_bmuf(strategy, ctx, g), group_size=g, extra_stats=extra)
+
+    def read_stats(self, stats: Mapping[str, Any], n: int) -> dict[str, float]:
+        return read_gtc_stats(self.name, stats, n, self.stats_keys)
+
+    def schedule(self, stats: Mapping[str, float], n: int) -> list[Collective]:
+        """GTC among the g workers of each group every step; BMUF among the n / g representatives,
+        broadcast within each group, once per block."""
+        g = int(stats["group_size"])
+        return [*gtc_schedule(stats, g), *bmuf_schedule(stats, n, g)]
+
+    def waiting(self, stats: Mapping[str, Any], n: int) -> tuple[int, int]:
+        return int(stats["group_size"]), int(stats["block_size"])
+
+
+SPECS = [GTCBMUFSpec()]

@@ -5,114 +5,23 @@ overlapped with the backward pass), so the bytes follow from the parameter count
 gradient's element size s: a ring all-reduce of b = P s bytes, i.e. 2 (N-1)/N b sent and received
 per worker per step (see :mod:`asrbench.strategies.accounting`). Module buffers, which DDP
 broadcasts at each forward when the model has any (an LSTM has none), are not counted.
-
-:class:`AccountedDDPStrategy` is the common edge of every asrbench strategy: ``comm_metrics()``
-(last step, for logging), ``comm_summary()`` (per-step means, for results.json), a collective
-``timeout`` that also takes seconds, errors that name the rank at fault when a worker raises,
-dies or hangs (:mod:`asrbench.strategies.comm`), and weights of its own for every worker when
-Lightning launches them through a fork server on CPU.
+On the simulated cluster the all-reduce is the mean over the worker rows (:class:`DenseMean`).
 """
 from __future__ import annotations
 
-import itertools
+from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import Tensor
 from torch.optim import Optimizer
 
-from asrbench.checkpoint import describe_last_checkpoint
+from asrbench.config import Knob
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.comm import (
-    CollectiveError,
-    as_timedelta,
-    collective_error,
-    is_collective_failure,
-    naming_launcher,
-    publish_failure,
-)
-
-
-class AccountedDDPStrategy(DDPStrategy):
-    """DDPStrategy with :class:`CommStats` and failures that name the rank; subclasses fill the stats."""
-
-    registry_name: str | None = None
-
-    def __init__(self, timeout: timedelta | float | None = None, **kwargs: Any) -> None:
-        timeout = as_timedelta(timeout)
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        super().__init__(**kwargs)
-        self._comm_stats = CommStats(world_size=1)
-
-    @property
-    def comm_stats(self) -> CommStats:
-        return self._comm_stats
-
-    def setup_distributed(self) -> None:
-        super().setup_distributed()
-        self.comm_stats.world_size = self.world_size
-        self.comm_stats.rank = self.global_rank
-
-    def model_to_device(self) -> None:
-        """Also give each worker its own copy of the weights when launched through a fork server on CPU.
-
-        The spawn and fork-server launchers pass the model through torch.multiprocessing, which
-        puts CPU tensors in shared memory; Lightning copies them back for "spawn" only, so with
-        "forkserver" every worker would update one shared set of parameters.
-        """
-        super().model_to_device()
-        if self.root_device.type == "cpu" and self._start_method == "forkserver":
-            with torch.no_grad():
-                for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
-                    tensor.data = tensor.data.clone()
-
-    checkpoint_dir: str | None = None  # where the run's checkpoints go: named when a worker dies
-
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        describe = None
-        if self.checkpoint_dir:
-            directory = Path(self.checkpoint_dir)
-            describe = lambda: describe_last_checkpoint(directory)  # noqa: E731
-        self._launcher = naming_launcher(self._launcher, describe)
-
-    def comm_metrics(self) -> dict[str, float]:
-        """The last step of this worker: bytes sent/received, dense equivalent, ratio, density."""
-        last = self.comm_stats.last_step()
-        return {"bytes_sent": last["bytes_sent_per_worker_per_step"],
-                "bytes_received": last["bytes_received_per_worker_per_step"],
-                "dense_bytes": last["dense_bytes_per_worker_per_step"],
-                "compression_ratio": last["compression_ratio"],
-                "density": last["density"],
-                "elements_sent": last["elements_sent_per_step"]}
-
-    def comm_summary(self) -> dict[str, float]:
-        """Means over this worker's steps (keys of :meth:`CommStats.per_step`); no collective."""
-        return self.comm_stats.per_step()
-
-    def _current_step(self) -> int | None:
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        return None if trainer is None else int(trainer.global_step)
-
-    def on_exception(self, exception: BaseException) -> None:
-        """Publish this rank's own failure for the others, or name the failed rank in a collective's error."""
-        super().on_exception(exception)
-        if isinstance(exception, CollectiveError):
-            return
-        if is_collective_failure(exception):
-            named = collective_error(exception, "a collective", self._current_step())
-            exception.args = (str(named),)
-        else:
-            publish_failure(exception, self._current_step())
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.registry_name and cls.registry_name not in strategy_registry:
-            strategy_registry.register(cls.registry_name, cls, description=(cls.__doc__ or "").split("\n")[0])
+from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.contract import FP32_BYTES, Collective, SimContext, Simulation, StrategySpec
 
 
 class SyncStrategy(AccountedDDPStrategy):
@@ -142,4 +51,52 @@ class SyncStrategy(AccountedDDPStrategy):
         return out
 
 
+
+
 SyncStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_sync")
+
+
+class DenseMean:
+    """Sync SGD's all-reduce over worker rows: every worker gets the mean of all N gradients.
+
+    `stats` is worker 0's, filled as :class:`SyncStrategy` fills it: one ring all-reduce of the
+    n fp32 gradient elements per step.
+    """
+
+    encode_s = 0.0
+
+    def __init__(self, stats: CommStats, nodes: int, numel: int) -> None:
+        self.stats, self.nodes, self.numel, self.group_size = stats, nodes, numel, nodes
+        stats.world_size, stats.rank = nodes, 0
+
+    @torch.no_grad()
+    def exchange(self, grads: Tensor, step: int) -> None:
+        grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))
+        nbytes = self.numel * FP32_BYTES
+        self.stats.record_all_reduce(nbytes)
+        self.stats.record_dense(nbytes)
+        self.stats.record_elements(self.numel, self.numel)
+        self.stats.step()
+
+    def cost_stats(self) -> dict[str, float]:
+        return {}
+
+
+class SyncSpec(StrategySpec):
+    name = "sync"
+    summary = "synchronous SGD: Lightning's DDPStrategy, dense all-reduce"
+    order = 1
+    strategy_class = SyncStrategy
+    stats_keys = ("dense_bytes_per_worker_per_step",)
+    size_keys = stats_keys
+    knobs = {"bucket_cap_mb": Knob(float, 0, low_open=True), "gradient_as_bucket_view": Knob(bool)}
+
+    def simulate(self, strategy: Any, ctx: SimContext) -> Simulation:
+        return Simulation(exchange=DenseMean(strategy.comm_stats, ctx.nodes, ctx.numel), group_size=ctx.nodes)
+
+    def schedule(self, stats: Mapping[str, float], n: int) -> list[Collective]:
+        """A ring all-reduce of the dense gradient among all n workers, every step."""
+        return [Collective("allreduce", "all_reduce", n, nbytes=stats["dense_bytes_per_worker_per_step"])]
+
+
+SPECS = [SyncSpec()]

@@ -13,152 +13,93 @@ import torch
 from asrbench.cluster.simulated import (LoopConfig, RowBinding, SimulatedCluster, build_worker_optimizer, check_memory,
                                         clip_rows, fit, parse_max_time, row_parameters, stacked_arrays)
 from asrbench.data.dataset import SpeechDataset
-from asrbench.data.features import SplitFeatures
 from asrbench.errors import ConfigError
 from asrbench.model.module import AcousticModule
 from asrbench.strategies import build_strategy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "strategies"))  # dist_utils
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "strategies"))  # dist_utils, equivalence
+from equivalence import (BATCH, CLIP, DIM, MODEL, NODES, OPTIM, SEED, STEPS, case, check_equal,  # noqa: E402
+                         flat, module, real_runs, simulated, synthetic_split)
 
 ROOT = Path(__file__).resolve().parents[2]
-DIM = 8  # feature width of the synthetic corpus
-MODEL = {"hidden_size": 16, "num_layers": 1}  # 2157 parameters
-OPTIM = {"name": "adam", "lr": 0.01, "warmup_steps": 4, "lr_scaling": "sqrt", "lr_decay_per_epoch": 0.8}
-NODES, BATCH, STEPS, SEED = 4, 2, 26, 3  # 48 utterances: 6 steps per epoch, so 26 steps cross 4 epochs
-CLIP = 5.0  # clips some steps' gradients (norms seen: 0.5-26), not others
 TAU = 0.05  # sends ~30 % of this model's gradient elements per step (checked below)
-STRATEGIES = {
-    "sync": {"name": "sync"},
-    "gtc": {"name": "gtc", "tau": TAU, "max_density": None},
-    "bmuf": {"name": "bmuf", "block_size": 4},
-    "gtc_bmuf": {"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": TAU, "max_density": None},
-    # 6 dense steps teach Adam its second moment v, which then freezes and scales τ per element
-    "gtc_rms": {"name": "gtc", "tau": 3.0, "max_density": None, "dense_warmup_steps": 6, "tau_units": "rms"},
-    "gtc_bmuf_rms": {"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": 3.0, "max_density": None,
-                     "dense_warmup_steps": 6, "tau_units": "rms"},
+# 6 dense steps teach Adam its second moment v, which then freezes and scales τ per element (the *_rms cases)
+FREEZE = {"freeze_variance_after": 6}
+CASES = {
+    "sync": case({"name": "sync"}),
+    "gtc": case({"name": "gtc", "tau": TAU, "max_density": None}),
+    "bmuf": case({"name": "bmuf", "block_size": 4}),
+    "gtc_bmuf": case({"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": TAU, "max_density": None}),
+    "gtc_rms": case({"name": "gtc", "tau": 3.0, "max_density": None, "dense_warmup_steps": 6, "tau_units": "rms"},
+                    **FREEZE),
+    "gtc_bmuf_rms": case({"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": 3.0, "max_density": None,
+                          "dense_warmup_steps": 6, "tau_units": "rms"}, **FREEZE),
+    # BMUF with K = 1, block momentum 0 and block lr 1 is model averaging after every step
+    "bmuf_k1": case({"name": "bmuf", "block_size": 1, "block_momentum": 0.0, "block_lr": 1.0}),
 }
-FREEZE = {"freeze_variance_after": 6}  # the optimizer of the *_rms entries (as inner_optim sets it)
-
-
-def synthetic_split(utterances: int, seed: int) -> SplitFeatures:
-    """Random features with short transcripts (CTC-feasible), held in memory like a loaded cache."""
-    gen = torch.Generator().manual_seed(seed)
-    words = ("THE", "CAT", "SAT", "ON", "A", "MAT", "DOG")
-    lengths = torch.randint(20, 40, (utterances,), generator=gen)
-    counts = torch.randint(1, 4, (utterances,), generator=gen).tolist()
-    texts = [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist()) for k in counts]
-    feats = torch.randn(int(lengths.sum()), DIM, generator=gen)
-    return SplitFeatures([], [f"utt{i:03d}" for i in range(utterances)], texts, lengths,
-                         torch.zeros(utterances, dtype=torch.long), torch.cumsum(lengths, 0) - lengths,
-                         {"mean": torch.zeros(DIM), "std": torch.ones(DIM)}, shards=[feats])
+STRATEGIES = {name: c["strategy"] for name, c in CASES.items()}
 
 
 def _module(name: str = "sync") -> AcousticModule:
-    torch.manual_seed(SEED)
-    optim = OPTIM | FREEZE if name.endswith("_rms") else OPTIM
-    return AcousticModule(DIM, MODEL, optim, "ctc", world_size=NODES)
+    return module(CASES[name]["optim"] if name in CASES else None)
 
 
-def _flat(module: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
-
-
-# ---------------------------------------------------------------------------------------------
-# Against real processes: Lightning's fit loop with the project's strategies, 4 gloo ranks
-# ---------------------------------------------------------------------------------------------
-def _real(rank, world):
-    """Each strategy through the full Lightning path of `asrbench train` (SpeechDataModule, the
-    registered strategy, gradient clipping, the lr schedulers): this rank's parameters per step."""
-    import lightning.pytorch as pl
-
-    from asrbench.experiment import SpeechDataModule
-
-    class Record(pl.Callback):
-        def __init__(self):
-            self.flats = []
-
-        def on_train_batch_end(self, trainer, module, *args):
-            self.flats.append(_flat(module.model))
-
-    feats = {"train": synthetic_split(NODES * BATCH * 6, 1), "dev": synthetic_split(4, 2)}
-    out = {}
-    for name, cfg in STRATEGIES.items():
-        record = Record()
-        strategy = build_strategy(cfg, nodes=world, timeout_s=30)
-        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, logger=False,
-                             callbacks=[record], gradient_clip_val=CLIP, limit_val_batches=0, num_sanity_val_steps=0,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             use_distributed_sampler=False)
-        module = _module(name)
-        trainer.fit(module, datamodule=SpeechDataModule(feats, None, BATCH, 4, SEED))
-        out[name] = {"per_step": torch.stack(record.flats), "final": _flat(module.model),
-                     "summary": strategy.comm_summary()}
-    return out
-
-
-def _simulated(name: str) -> dict:
-    module = _module(name)
-    cluster = SimulatedCluster(module, build_strategy(STRATEGIES[name], nodes=NODES, timeout_s=30), NODES,
-                               gradient_clip_val=CLIP)
-    per_step = []
-    fit(cluster, SpeechDataset(synthetic_split(NODES * BATCH * 6, 1)), batch_size=BATCH, seed=SEED,
-        loop=LoopConfig(max_steps=STEPS, enable_progress_bar=False),
-        on_step=lambda c, losses, step, epoch: per_step.append(c.P.clone()))
-    cluster.finalize()
-    return {"per_step": torch.stack(per_step), "final": _flat(module.model), "summary": cluster.comm_summary(),
-            "cluster": cluster}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+_flat = flat
 
 
 @pytest.fixture(scope="module")
-def real_runs():
-    from dist_utils import run_workers
-
-    return run_workers(_real, NODES, timeout=240, collective_timeout_s=60)
+def real():
+    return real_runs(CASES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(STRATEGIES))
-def test_simulated_workers_equal_real_processes(real_runs, name):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each gloo worker runs
-    try:
-        sim = _simulated(name)
-    finally:
-        torch.set_num_threads(threads)
-    real = [r[name] for r in real_runs]
-    assert sim["per_step"].shape[0] == STEPS
-    worst = max(_rel(sim["per_step"][s, rank], real[rank]["per_step"][s])
-                for s in range(STEPS) for rank in range(NODES))
-    assert worst <= 1e-5, f"{name}: parameters differ from the real workers' by {worst:.2e} (relative)"
+@pytest.mark.parametrize("name", list(CASES))
+def test_simulated_workers_equal_real_processes(real, name):
+    sim = simulated(CASES[name])
+    runs = [r[name] for r in real]
+    check_equal(sim, runs, name)
     kind = STRATEGIES[name]["name"]
     if kind in ("gtc", "gtc_bmuf") and not name.endswith("_rms"):  # no float sums in another order: the hook's bits
-        assert all(torch.equal(sim["per_step"][s, rank], real[rank]["per_step"][s])
+        assert all(torch.equal(sim["per_step"][s, rank], runs[rank]["per_step"][s])
                    for s in range(STEPS) for rank in range(NODES))
-    for rank in range(NODES):
-        assert _rel(sim["final"], real[rank]["final"]) <= 1e-5
-    moved = _rel(sim["final"], sim["per_step"][0, 0])
-    assert moved > 1e-2  # the model trained: equality is not of two idle models
-    s, r = sim["summary"], real[0]["summary"]
-    assert s["steps"] == r["steps"] == STEPS
-    # Worker 0's accounting is the real rank 0's (this model fits one DDP bucket, GTC's message unit).
-    for key in ("bytes_sent_per_worker_per_step", "bytes_received_per_worker_per_step",
-                "dense_bytes_per_worker_per_step", "compression_ratio", "density",
-                "all_gather_bytes_sent_per_worker_per_step", "all_reduce_bytes_sent_per_worker_per_step",
-                "broadcast_bytes_sent_per_worker_per_step"):
-        assert s[key] == pytest.approx(r[key], rel=1e-12), key
+    s = sim["summary"]
     if kind in ("gtc", "gtc_bmuf"):
         assert 0.001 < s["density"] < 0.5 or name.endswith("_rms")  # the compression path ran
     if name.endswith("_rms"):  # 6 dense steps, then GTC sending a fraction of the elements
         assert 0.001 < (s["density"] * STEPS - 6) / (STEPS - 6) < 0.5
         assert sim["cluster"].cost_stats()["gtc_dense_step_fraction"] == 6 / STEPS  # costed as all-reduces
-    if kind in ("bmuf", "gtc_bmuf"):
-        assert s["bmuf_blocks"] == r["bmuf_blocks"] == STEPS // 4 + 1  # 6 blocks + the partial one closed at the end
+    if kind in ("bmuf", "gtc_bmuf") and name != "bmuf_k1":
+        assert s["bmuf_blocks"] == runs[0]["summary"]["bmuf_blocks"] == STEPS // 4 + 1  # 6 blocks + the partial one
         rows = sim["per_step"]
         assert not torch.equal(rows[4, 0], rows[4, 2]) and torch.equal(rows[3, 0], rows[3, 2])  # step 4 syncs
+
+
+def test_bmuf_with_k1_no_momentum_and_unit_block_lr_is_model_averaging_every_step():
+    """Chen & Huo's filter with K = 1, eta = 0, zeta = 1 is plain model averaging after every step
+    (torch's PeriodicModelAverager with period 1): W(t) = mean_i of each worker's locally stepped model."""
+    cluster = SimulatedCluster(_module("bmuf_k1"), build_strategy(STRATEGIES["bmuf_k1"], nodes=NODES, timeout_s=30),
+                               NODES, gradient_clip_val=CLIP)
+    data = SpeechDataset(synthetic_split(NODES * BATCH * 6, 1))
+    seen = []
+
+    def before_average(cl, losses, step, epoch):
+        seen.append(cl.P.clone())
+
+    # the mean of the rows the optimizer produced, taken before the averager writes it back
+    averager = cluster.averager
+    means = []
+    original = averager.average_parameters
+
+    def spy(params, optimizer=None):
+        means.append(cluster.P.mean(0).clone())
+        return original(params, optimizer)
+
+    averager.average_parameters = spy
+    fit(cluster, data, batch_size=BATCH, seed=SEED, loop=LoopConfig(max_steps=8, enable_progress_bar=False),
+        on_step=before_average)
+    assert len(means) == len(seen) == 8
+    for mean, rows in zip(means, seen):
+        assert torch.allclose(rows, mean.expand_as(rows), rtol=0, atol=1e-6)  # every worker on the mean, every step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +155,7 @@ def test_clip_rows_is_clip_grad_norm_of_each_worker():
 
 
 def test_bmuf_over_representative_rows_filters_the_mean_and_averages_optimizer_state():
-    from asrbench.cluster.simulated import SimulatedBMUFAverager
+    from asrbench.strategies.bmuf import SimulatedBMUFAverager
     from asrbench.strategies.accounting import CommStats
     from asrbench.strategies.bmuf import BMUFConfig
 
@@ -265,10 +206,10 @@ def test_absurd_cluster_is_refused_in_one_line_before_reading_data(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "nodes=100000" in message and "lower nodes" in message
     assert "residuals" in message and "GiB" in message
-    arrays = stacked_arrays("gtc", {"name": "adam"})
+    arrays = stacked_arrays({"name": "gtc"}, {"name": "adam"}, 4)
     assert arrays == {"parameters": 1, "gradients": 1, "optimizer state": 2, "residuals": 1}
-    assert stacked_arrays("gtc_bmuf", {"name": "sgd", "momentum": 0.0}, group_size=1) == {"parameters": 1,
-                                                                                          "gradients": 1}
+    assert stacked_arrays({"name": "gtc_bmuf", "group_size": 1}, {"name": "sgd", "momentum": 0.0}, 4) == {
+        "parameters": 1, "gradients": 1}
     assert check_memory(4, 1000, arrays, torch.device("cpu")) > 5 * 4 * 1000 * 4
 
 
