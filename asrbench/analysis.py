@@ -134,8 +134,10 @@ def cell_means(rows_by_seed: Mapping[int, Sequence[Mapping]]) -> list[dict]:
         row: dict[str, Any] = {"strategy": strategy, "nodes": nodes, "seeds": sorted(int(r["seed"]) for r in rs),
                                "plateaus": sum(bool((r.get("plateau") or {}).get("plateau")) for r in rs)}
         for key in ("wer", "cer", "fer", "rel_wer", "rel_cer", "rel_fer", "predicted_speedup", "steps",
-                    "bytes_sent_per_worker_per_step", "dev_wer"):
+                    "bytes_sent_per_worker_per_step", "dev_wer", "predicted_step_s", "projected_train_s",
+                    "time_to_target_s"):
             row[key], row[f"{key}_sd"] = mean_sd([r.get(key) for r in rs])
+        row["reached_target"] = sum(r.get("time_to_target_s") is not None for r in rs)  # time_to_target_s: of these
         out.append(row)
     order = strategies.names()
     return sorted(out, key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else len(order),

@@ -33,6 +33,7 @@ from asrbench.cluster.simulated import (
     activation_bytes,
     check_memory,
     fit,
+    predict,
     resolve_device,
     stacked_arrays,
 )
@@ -444,7 +445,7 @@ class _TrainerView:
 class SimulatedRunner:
     """``cluster=simulated``: `nodes` workers in this process (:class:`SimulatedCluster`), and the
     cost model's prediction of their step time and speedup on ``cluster.network``
-    (:func:`asrbench.cluster.cost.predict`), added to the results with ``simulated: true``."""
+    (:func:`asrbench.cluster.simulated.predict`), added to the results with ``simulated: true``."""
 
     progress = True
 
@@ -521,7 +522,7 @@ class SimulatedRunner:
                       on_step=on_step, validate=validate)
         cluster.finalize()
         t = cluster.timings
-        prediction = cost.predict(cluster, self.network, profile=self.profile,
+        prediction = predict(cluster, self.network, profile=self.profile,
                                   overlap=float(cfg.cluster.get("overlap", 0.0)),
                                   frames_per_worker_step=t.frames / max(t.worker_steps, 1)
                                   ) if outcome.steps else {"simulated": True}

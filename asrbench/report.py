@@ -32,19 +32,21 @@ def with_relative(results: dict, baseline: dict | None) -> dict:
 
 
 def rows_and_histories(runs: Sequence[tuple[Path, Mapping]], baseline: tuple[Path, Mapping] | None = None,
-                       show_baseline: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
-    """The rows of a report over finished runs ((run dir, results) each), relative to `baseline`,
-    and their learning curves by label; `show_baseline` puts the baseline's own row first."""
+                       show_baseline: bool = False, within: float = 0.05) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The rows of a report over finished runs ((run dir, results) each), relative to `baseline`
+    (with the time to come within `within` of its final dev WER), and their learning curves by
+    label; `show_baseline` puts the baseline's own row first."""
     rows: list[dict] = []
     histories: dict[str, list[dict]] = {}
     base = baseline[1] if baseline else None
-    if baseline and show_baseline:
-        rows.append(with_relative(dict(base), base))
-        histories[f"{base['strategy']} x{base['nodes']} (baseline)"] = read_history(baseline[0])
-    for path, res in runs:
+    runs = [*([baseline] if baseline and show_baseline else []), *runs]
+    for i, (path, res) in enumerate(runs):
         row = with_relative(dict(res), base)
+        history = read_history(path)
+        add_time_to_target(row, history, base, within)
         rows.append(row)
-        histories[f"{row['strategy']} x{row['nodes']}"] = read_history(path)
+        label = f"{row['strategy']} x{row['nodes']}" + (" (baseline)" if baseline and show_baseline and i == 0 else "")
+        histories[label] = history
     return rows, histories
 
 
@@ -63,7 +65,8 @@ COLUMNS = (("strategy", "strategy", {}), ("nodes", "workers", {}), ("wer", "WER"
            ("fer", "FER", {"pct": True}), ("rel_fer", "rel. FER", {"pct": True, "signed": True}),
            ("steps", "steps", {}), ("train_frames_per_s", "frames/s", {}),
            ("bytes_sent_per_worker_per_step", "bytes sent/worker/step", {}),
-           ("compression_ratio", "compression", {}), ("wall_s", "wall s", {}))
+           ("compression_ratio", "compression", {}), ("wall_s", "wall s", {}),
+           ("projected_train_s", "projected training s", {}), ("time_to_target_s", "time to target s", {}))
 
 
 def markdown_table(rows: Sequence[Mapping]) -> str:
@@ -102,6 +105,100 @@ def dev_curve(history: Sequence[Mapping], key: str = "val/loss") -> list[tuple[i
     """(step, value) of every validation in a run's metrics history that logged `key`."""
     return [(int(h["step"]), float(h[key])) for h in history
             if h.get(key) is not None and math.isfinite(float(h[key]))]
+
+
+def time_to_target(history: Sequence[Mapping], step_s: float | None, target: float | None) -> dict | None:
+    """MLPerf's time-to-train on the cost model: the first validation at which the run's dev WER is at
+    or below `target`, as {steps, projected_s = steps x step_s} (step_s: the run's predicted seconds
+    per step on its network); None when the run never reached it or has no step time."""
+    if target is None or not step_s:
+        return None
+    for step, wer in dev_curve(history, "val/wer"):
+        if wer <= target:
+            return {"steps": step, "projected_s": step * float(step_s)}
+    return None
+
+
+def add_time_to_target(row: dict, history: Sequence[Mapping], baseline: Mapping | None, within: float) -> dict:
+    """`row` with time_to_target_s (and _steps): the target is the baseline's final dev WER x (1 + within),
+    so a run of the baseline itself reaches it at its last validation at the latest; and
+    projected_train_s, the whole run's steps x predicted step time."""
+    base_dev = ((baseline or {}).get("eval") or {}).get("dev", {}).get("wer")
+    hit = time_to_target(history, row.get("predicted_step_s"), None if base_dev is None else base_dev * (1 + within))
+    row["target_dev_wer"] = None if base_dev is None else base_dev * (1 + within)
+    row["time_to_target_s"] = hit["projected_s"] if hit else None
+    row["time_to_target_steps"] = hit["steps"] if hit else None
+    step_s = row.get("predicted_step_s")
+    row["projected_train_s"] = float(step_s) * int(row["steps"]) if step_s and row.get("steps") else None
+    return row
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better on each)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((u <= x and v <= y) and (u < x or v < y) for j, (u, v) in enumerate(points) if j != i)]
+
+
+def plot_pareto(points: Sequence[Mapping], path: Path, title: str = "") -> Path | None:
+    """pareto.png: relative WER (with its CI when given: rel_wer_low/high) against bytes sent per worker
+    per step and against the projected training time (the cost model's step time x steps), one point
+    per strategy and worker count; the points on each panel's Pareto front joined by a line."""
+    pts = [p for p in points if p.get("rel_wer") is not None and math.isfinite(p["rel_wer"])]
+    if len(pts) < 2:
+        return None
+    import matplotlib  # heavy: loaded only when a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (("bytes_sent_per_worker_per_step", "bytes sent per worker per step (log; one worker sends none: 1)"),
+              ("projected_train_s", "projected training time on the network preset (s, log)"))
+    for ax, (key, label) in zip(axes, panels):
+        xy = []
+        for i, p in enumerate(pts):
+            x = max(float(p.get(key) or 0.0), 1.0) if key.startswith("bytes") else p.get(key)
+            if x is None or not math.isfinite(x):
+                continue
+            y = p["rel_wer"] * 100
+            err = None
+            if p.get("rel_wer_low") is not None and math.isfinite(p["rel_wer_low"]):
+                err = [[y - p["rel_wer_low"] * 100], [p["rel_wer_high"] * 100 - y]]
+            ax.errorbar([x], [y], yerr=err, fmt="o", color=f"C{i % 10}", capsize=3, ms=5)
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i % 10}")
+            xy.append((x, y))
+        front = sorted((xy[i] for i in pareto_front(xy)), key=lambda t: t[0])
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="0.4", lw=1, label="Pareto front")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("relative WER change vs the baseline (%)")
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def strategies_table(cells: Sequence[Mapping], effect: Mapping[tuple[str, int], Mapping]) -> str:
+    """Every strategy and worker count on one line: relative WER on the scored split with its paired
+    CI, bytes per step, projected speedup, projected training time and time to target."""
+    lines = ["| strategy | workers | rel. WER [95% CI] | bytes sent/worker/step | projected speedup | "
+             "projected training time (s) | time to target (s), runs that reached it | plateaus |",
+             "|" + "---|" * 8]
+    for c in cells:
+        e = effect.get((c["strategy"], int(c["nodes"])))
+        rel = "baseline" if e is None else _ci(e)
+        tt = _num(c.get("time_to_target_s"))
+        lines.append(f"| {c['strategy']} | {c['nodes']} | {rel} | {_num(c.get('bytes_sent_per_worker_per_step'))} | "
+                     f"{_num(c.get('predicted_speedup'))}x | {_num(c.get('projected_train_s'))} | "
+                     f"{tt} ({c.get('reached_target', 0)} of {len(c.get('seeds') or [])}) | "
+                     f"{c.get('plateaus', 0)} of {len(c.get('seeds') or [])} |")
+    return "\n".join(lines)
 
 
 def plot_curves(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
@@ -183,11 +280,16 @@ def write_report(out_dir: Path, rows: Sequence[Mapping], histories: Mapping[str,
     out_dir = Path(out_dir)
     curves = plot_curves(histories, out_dir / "curves.png")
     tradeoff = plot_tradeoff(rows, out_dir / "tradeoff.png") if len(rows) > 1 else None
+    pareto = plot_pareto([r | {"label": f"{r['strategy']} x{r['nodes']}"} for r in rows], out_dir / "pareto.png")
     parts = [f"# {title}", ""] + ([intro, ""] if intro else []) + [markdown_table(rows), ""]
     if curves:
         parts += ["![learning curves](curves.png)", ""]
     if tradeoff:
         parts += ["![accuracy against communication and time per step](tradeoff.png)", ""]
+    if pareto:
+        parts += ["Time to target: the projected time (the cost model's step time x steps) until a run's dev WER "
+                  "first comes within 5% of the baseline's final dev WER.", "",
+                  "![accuracy against bytes and projected training time, with the Pareto front](pareto.png)", ""]
     for r in rows:
         parts += [f"## {r.get('strategy')} x{r.get('nodes')}: per split", "", per_split_table(r), ""]
     for r in rows:
@@ -292,6 +394,8 @@ def search_table(search: Mapping) -> str:
     for s, v in (search.get("strategies") or {}).items():
         for i, c in enumerate(v["candidates"]):
             dens = "-" if c.get("density") is None else f"{c['density'] * 100:.1f}%"
+            if c.get("over_density_cap"):
+                dens += f" (over the cap of {v['max_density'] * 100:g}%)"
             lines.append(f"| {s} | `{' '.join(c['overrides']) or '(defaults)'}` | {c['dev_wer'] * 100:.1f}% | "
                          f"{c['test_wer'] * 100:.1f}% | {dens} | {c['steps']:,} | "
                          f"{'**winner**' if i == v['winner'] else ''} |")
@@ -533,6 +637,8 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
     effect = {(c["strategy"], int(c["nodes"])): c["wer"] for c in ev[split]["cells"]}
     scored = [c | {"rel_wer": effect[k]["mean"], "rel_wer_low": effect[k]["low"], "rel_wer_high": effect[k]["high"]}
               for c in cells if (k := (c["strategy"], int(c["nodes"]))) in effect]
+    pareto = plot_pareto([c | {"label": f"{c['strategy']} x{c['nodes']}"} for c in scored], out_dir / "pareto.png",
+                         f"{split}: mean over seeds, paired 95% CI; projected on the {network} network")
     plots = [plot_reproduce_tradeoff(scored, projected, out_dir), plot_learning_curves(result["histories"], out_dir),
              *plot_scaling(scored, out_dir)]
     errors, median = speedup_errors(first)
@@ -547,6 +653,15 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
                                                                        for j in main["claims"]),
                                nodes=" / ".join(map(str, nodes))), "",
     ]
+    within = float(result.get("target_within", 0.05))
+    parts += [f"## Every strategy: accuracy, bytes and time ({split})", "",
+              f"Relative WER against the same seed's baseline with its paired 95% CI; bytes each worker sends per "
+              f"step; the cost model's speedup and training time (steps x its step time) on the `{network}` network; "
+              f"**time to target**: the projected time until the run's dev WER first comes within {within:.0%} of "
+              f"its baseline's final dev WER (MLPerf's time-to-train on the cost model; mean over the runs that "
+              f"reached it).", "", strategies_table(cells, effect), ""]
+    if pareto:
+        parts += [f"![accuracy against bytes and projected time]({pareto.name})", ""]
     for sp, e in ev.items():
         role = "the split the claims are decided on" if sp == split else "scored beside it"
         parts += [f"## Each cell against the baseline: {sp} ({role}; {e['utterances']:,} utterances, "

@@ -111,8 +111,8 @@ def test_the_command_line_refuses_in_one_line_before_reading_data(tmp_path, over
 
 
 @pytest.mark.parametrize("override,line", [
-    ("strategy=gtcc", "error: strategy=gtcc does not exist; use one of bmuf, diloco, gtc, gtc_bmuf, single, sync "
-                      "(conf/strategy/)"),
+    ("strategy=gtcc", f"error: strategy=gtcc does not exist; use one of {', '.join(sorted(strategies.names()))} "
+                      f"(conf/strategy/)"),
     ("foo=bar", "error: foo=bar: train's config has no key foo; `asrbench train --help` lists the keys (+foo=... "
                 "adds a new one)"),
 ])

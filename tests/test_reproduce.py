@@ -125,6 +125,9 @@ def test_claims_table_shows_the_interval_the_corrected_p_and_the_mde():
 def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_path):
     cands = [{"dev_wer": 0.4}, {"dev_wer": 0.3}, {"dev_wer": 0.3}]
     assert rep.pick_winner(cands) == 1
+    dense = [{"dev_wer": 0.30, "density": 0.15}, {"dev_wer": 0.32, "density": 0.012}, {"dev_wer": 0.5, "density": None}]
+    assert rep.pick_winner(dense) == 0 and rep.pick_winner(dense, max_density=0.1) == 1  # the cap excludes 15%
+    assert rep.pick_winner(dense[:1] + [{"dev_wer": 0.2, "density": 0.2}], max_density=0.1) == 0  # none under: sparsest
     search = {"nodes": 32, "seed": 0, "strategies": {"gtc": {"candidates": [], "winner": 0,
                                                              "winner_overrides": ["strategy.tau=0.002"]}}}
     (tmp_path / "search").mkdir()

@@ -4,8 +4,8 @@ The simulated cluster measures, per strategy, the bytes each worker puts on the 
 the compute time of one worker step; this module turns those measurements into the wall time of
 a step on a network described by a preset (conf/network/*.yaml) and into speedup over one worker.
 Everything is float arithmetic on plain dicts, so every figure can be checked by hand. The end of
-the file reads the model's inputs (a network preset, a compute profile) and applies it to a
-simulated run (:func:`predict`).
+the file reads the model's inputs (a network preset, a compute profile);
+:func:`asrbench.cluster.simulated.predict` applies it to a simulated run.
 
 Model
 -----
@@ -75,7 +75,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
@@ -83,9 +83,6 @@ from omegaconf import OmegaConf
 from asrbench import strategies
 from asrbench.errors import ConfigError
 from asrbench.strategies.contract import Collective
-
-if TYPE_CHECKING:  # annotations only: the cost model itself needs nothing of the cluster
-    from asrbench.cluster.simulated import SimulatedCluster
 
 NETWORK_DIR = Path(__file__).resolve().parents[2] / "conf" / "network"
 
@@ -420,52 +417,3 @@ def load_compute_profile(path: str | Path | None) -> dict[str, Any] | None:
         raise ConfigError(f"cluster.compute_profile={path}: needs compute_s_per_worker_step, a positive number "
                           f"of seconds (got {value!r})")
     return dict(profile) | {"path": str(file)}
-
-
-# --- a simulated run's prediction --------------------------------------------------------------
-
-def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: Mapping[str, Any] | None = None,
-            overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
-    """The cost model's step time and speedup for this run's strategy, N and measured statistics.
-
-    T_1 = compute + the network file's single-worker overhead (one worker, no communication);
-    T_N = s (compute + GTC encode) + communication + this strategy's overhead (:func:`step_time`),
-    s the run's straggler factor (measured from every worker's batches); speedup = N T_1 / T_N
-    (:func:`speedup`). The ``*_without_stragglers`` figures take s = 1.
-    """
-    kind = cluster.kind
-    stats = cluster.cost_stats()
-    measured = cluster.compute_s_per_worker_step()
-    compute = float(profile["compute_s_per_worker_step"]) if profile else measured
-    encode_s = (float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if profile
-                else cluster.encode_s_per_worker_step())
-    if profile and profile.get("decode_rate") and "decode_rate" in stats:
-        stats["decode_rate"] = float(profile["decode_rate"])
-    if compute <= 0:
-        raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
-    t_1 = compute + step_overhead(network, strategies.BASELINE)  # one worker: its own loop's overhead, no communication
-    step = step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
-    even = step_time(kind, compute + encode_s, stats | {"straggler_factor": 1.0}, cluster.nodes, network,
-                     overlap=overlap)
-    out = {
-        "simulated": True,
-        "network": network["name"],
-        "compute_source": profile["path"] if profile else "measured",
-        "compute_s_per_worker_step": compute,
-        "measured_compute_s_per_worker_step": measured,
-        "gtc_encode_s_per_worker_step": encode_s,
-        "predicted_step_s": step["total_s"],
-        "predicted_comm_s": step["comm_s"],
-        "predicted_comm_parts": comm_parts(kind, stats, cluster.nodes, network),
-        "predicted_speedup": speedup(cluster.nodes, step["total_s"], t_1),
-        "predicted_overhead_s": step["overhead_s"],
-        "straggler_factor": stats.get("straggler_factor", 1.0),
-        "predicted_straggler_s": step["straggler_s"],
-        "predicted_step_s_without_stragglers": even["total_s"],
-        "predicted_speedup_without_stragglers": speedup(cluster.nodes, even["total_s"], t_1),
-        "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
-                       "network": dict(network)},
-    }
-    if frames_per_worker_step:
-        out["predicted_train_frames_per_s"] = cluster.nodes * frames_per_worker_step / step["total_s"]
-    return out

@@ -3,7 +3,8 @@
 The mechanics of ``asrbench train cluster=simulated nodes=128 strategy=gtc_bmuf``: 128 workers
 in one process (on the CPU, or on one GPU). The run around them (data, logger, evaluation,
 results.json) is :mod:`asrbench.experiment`'s, the same as over real processes; the step time
-and speedup those workers would see on a network preset are :func:`asrbench.cluster.cost.predict`'s.
+and speedup those workers would see on a network preset are :func:`predict`'s (the cost model,
+:mod:`asrbench.cluster.cost`, on this run's measured statistics).
 
 Nothing is re-derived here. Gradients come from the run's own model and loss
 (:class:`AcousticModule`), each worker's data from ``make_loader(rank=i, world_size=N)`` with
@@ -62,6 +63,7 @@ from asrbench.cluster import cost
 from asrbench.data.dataset import make_loader, train_batches_per_epoch
 from asrbench.errors import ConfigError
 from asrbench.model.module import AcousticModule
+from asrbench import strategies
 from asrbench.strategies import spec, spec_of
 from asrbench.strategies.contract import FP32_BYTES, SimContext
 
@@ -241,7 +243,8 @@ class SimulatedCluster:
             row.grad = grad
         self.optimizer, self.schedulers = build_worker_optimizer(module, self.rows)
         self.simulation = self.spec.simulate(strategy, SimContext(nodes, self.P, self.rows, self.optimizer,
-                                                                  self.binding.shapes, self.device))
+                                                                  self.binding.shapes, self.device,
+                                                                  self.binding.params))
         self.exchange, self.averager = self.simulation.exchange, self.simulation.averager
         self.group_size = self.simulation.group_size
         self.steps = 0
@@ -390,6 +393,56 @@ class SimulatedCluster:
         if self.exchange is None or not self.timings.worker_steps:
             return 0.0
         return self.exchange.encode_s / self.timings.worker_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model applied to this run
+# ---------------------------------------------------------------------------------------------
+def predict(cluster: SimulatedCluster, network: Mapping[str, Any], *, profile: Mapping[str, Any] | None = None,
+            overlap: float = 0.0, frames_per_worker_step: float | None = None) -> dict[str, Any]:
+    """The cost model's step time and speedup for this run's strategy, N and measured statistics.
+
+    T_1 = compute + the network file's single-worker overhead (one worker, no communication);
+    T_N = s (compute + GTC encode) + communication + this strategy's overhead (:func:`cost.step_time`),
+    s the run's straggler factor (measured from every worker's batches); speedup = N T_1 / T_N
+    (:func:`cost.speedup`). The ``*_without_stragglers`` figures take s = 1.
+    """
+    kind = cluster.kind
+    stats = cluster.cost_stats()
+    measured = cluster.compute_s_per_worker_step()
+    compute = float(profile["compute_s_per_worker_step"]) if profile else measured
+    encode_s = (float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if profile
+                else cluster.encode_s_per_worker_step())
+    if profile and profile.get("decode_rate") and "decode_rate" in stats:
+        stats["decode_rate"] = float(profile["decode_rate"])
+    if compute <= 0:
+        raise ConfigError("no worker step was measured (the run trained 0 steps); train at least one step")
+    t_1 = compute + cost.step_overhead(network, strategies.BASELINE)  # one worker: its own loop's overhead, no communication
+    step = cost.step_time(kind, compute + encode_s, stats, cluster.nodes, network, overlap=overlap)
+    even = cost.step_time(kind, compute + encode_s, stats | {"straggler_factor": 1.0}, cluster.nodes, network,
+                     overlap=overlap)
+    out = {
+        "simulated": True,
+        "network": network["name"],
+        "compute_source": profile["path"] if profile else "measured",
+        "compute_s_per_worker_step": compute,
+        "measured_compute_s_per_worker_step": measured,
+        "gtc_encode_s_per_worker_step": encode_s,
+        "predicted_step_s": step["total_s"],
+        "predicted_comm_s": step["comm_s"],
+        "predicted_comm_parts": cost.comm_parts(kind, stats, cluster.nodes, network),
+        "predicted_speedup": cost.speedup(cluster.nodes, step["total_s"], t_1),
+        "predicted_overhead_s": step["overhead_s"],
+        "straggler_factor": stats.get("straggler_factor", 1.0),
+        "predicted_straggler_s": step["straggler_s"],
+        "predicted_step_s_without_stragglers": even["total_s"],
+        "predicted_speedup_without_stragglers": cost.speedup(cluster.nodes, even["total_s"], t_1),
+        "cost_model": {"strategy": kind, "n": cluster.nodes, "overlap": overlap, "stats": stats,
+                       "network": dict(network)},
+    }
+    if frames_per_worker_step:
+        out["predicted_train_frames_per_s"] = cluster.nodes * frames_per_worker_step / step["total_s"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,19 @@ weights of its own for every worker when Lightning launches them through a fork 
 from __future__ import annotations
 
 import itertools
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from asrbench.checkpoint import describe_last_checkpoint
+from asrbench.errors import CheckpointError
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import (
     CollectiveError,
@@ -25,6 +30,28 @@ from asrbench.strategies.comm import (
     naming_launcher,
     publish_failure,
 )
+
+
+log = logging.getLogger(__name__)
+
+
+def gather_rank_states(local: dict[str, Any], world: int, is_zero: bool, device: torch.device) -> dict[str, Any]:
+    """Every rank's `local` state dict as ``{"world_size", "ranks": {rank: state}}`` on rank 0 (which
+    writes the checkpoint; {} elsewhere): its tensors by ``dist.gather``, the rest as objects."""
+    if world == 1 or not dist.is_initialized():
+        return {"world_size": world, "ranks": {0: local}}
+    tensors = sorted(k for k, v in local.items() if torch.is_tensor(v))
+    gathered: dict[str, list[torch.Tensor] | None] = {}
+    for key in tensors:
+        value = local.pop(key).to(device)
+        gathered[key] = [torch.empty_like(value) for _ in range(world)] if is_zero else None
+        dist.gather(value, gathered[key], dst=0)
+    others: list[Any] = [None] * world if is_zero else None  # type: ignore[assignment]
+    dist.gather_object(local, others, dst=0)
+    if not is_zero:
+        return {}
+    return {"world_size": world, "ranks": {r: {**others[r], **{k: gathered[k][r].cpu() for k in tensors}}
+                                           for r in range(world)}}
 
 
 class AccountedDDPStrategy(DDPStrategy):
@@ -100,6 +127,46 @@ class AccountedDDPStrategy(DDPStrategy):
             exception.args = (str(named),)
         else:
             publish_failure(exception, self._current_step())
+
+    def register_comm_hook(self, hook: Any, state: Any = None) -> None:
+        """Register a DDP communication hook on every device type: Lightning's DDPStrategy registers
+        one only on CUDA and silently skips it on CPU (gloo). Call from ``_register_ddp_hooks``."""
+        assert isinstance(self.model, DistributedDataParallel)
+        _register_ddp_comm_hook(model=self.model, ddp_comm_state=state, ddp_comm_hook=hook)
+
+    # -- checkpoints: rank-local state (residuals, errors), gathered to rank 0 --------------------
+    rank_state_key: str | None = None  # checkpoint entry holding every rank's rank_local_state()
+    rank_state_what: str = "rank-local state"  # what it is, for messages (e.g. "GTC residuals")
+
+    def rank_local_state(self) -> Any | None:
+        """This rank's state that a checkpoint must keep per rank (``state_dict()`` of tensors and
+        numbers, ``load_state_dict()``): error-feedback memory; None for a strategy without any."""
+        return None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        state = self.rank_local_state()
+        if state is not None and self.rank_state_key:
+            entry = gather_rank_states(state.state_dict(), self.world_size, self.is_global_zero, self.root_device)
+            if self.is_global_zero:
+                checkpoint = {**checkpoint, self.rank_state_key: entry}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        state = self.rank_local_state()
+        if state is None or not self.rank_state_key:
+            return checkpoint
+        entry = checkpoint.get(self.rank_state_key)
+        if entry is None:
+            if self.is_global_zero:
+                log.warning("%s holds no %s (written by another strategy?): they start at 0", checkpoint_path,
+                            self.rank_state_what)
+            return checkpoint
+        if entry["world_size"] != self.world_size:
+            raise CheckpointError(f"{checkpoint_path} holds {self.rank_state_what} of {entry['world_size']} workers "
+                                  f"but this run has {self.world_size}; resume with nodes={entry['world_size']}")
+        state.load_state_dict(entry["ranks"][self.global_rank])
+        return checkpoint
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

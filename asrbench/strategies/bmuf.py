@@ -58,17 +58,15 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch._utils import _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
-from torch.nn.parallel import DistributedDataParallel
 from torch import Tensor
 from torch.optim import Optimizer
 
-from asrbench.config import Knob
+from asrbench.knobs import Knob
 from asrbench.errors import CheckpointError
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import is_rank_zero
@@ -623,8 +621,7 @@ class BMUFStrategy(BMUFLightning, AccountedDDPStrategy):
         super().__init__(forward_sync_buffers=False, **kwargs)
 
     def _register_ddp_hooks(self) -> None:
-        assert isinstance(self.model, DistributedDataParallel)
-        _register_ddp_comm_hook(model=self.model, ddp_comm_hook=noop_hook)
+        self.register_comm_hook(noop_hook)
 
 
 def _register() -> None:

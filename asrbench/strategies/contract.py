@@ -102,6 +102,8 @@ class SimContext:
     optimizer: torch.optim.Optimizer
     shapes: Sequence[torch.Size]  # the model's trainable parameters, in order: a row is their concatenation
     device: torch.device
+    params: Sequence[nn.Parameter] = ()  # those parameters (bound to the row being computed): e.g. the
+    # order in which a backward pass makes their gradients ready, which decides DDP's buckets
 
     @property
     def numel(self) -> int:
@@ -140,6 +142,9 @@ def read_stats(name: str, keys: Sequence[str], stats: Mapping[str, Any], n: int)
         out[key] = float(stats[key])
         if not out[key] >= 0:
             raise ValueError(f"stats[{key!r}] must be >= 0 (got {out[key]})")
+    for key in (k for k in out if k.endswith("_fraction")):
+        if out[key] > 1:
+            raise ValueError(f"stats[{key!r}] must be in [0, 1] (got {out[key]})")
     for key in ("block_size", "group_size"):
         if key in out and (out[key] < 1 or out[key] != int(out[key])):
             raise ValueError(f"stats[{key!r}] must be a positive whole number (got {out[key]})")
@@ -161,7 +166,7 @@ class StrategySpec:
     stats_keys: tuple[str, ...] = ()  # keys of cost_stats() the schedule reads
     size_keys: tuple[str, ...] = ()  # those that grow with the parameter count (re-costed for another model)
     compresses: bool = False  # sends a fraction of the gradient: its density is reported
-    knobs: Mapping[str, Any] = {}  # key below strategy. -> asrbench.config.Knob: what its yaml's keys accept
+    knobs: Mapping[str, Any] = {}  # key below strategy. -> asrbench.knobs.Knob: what its yaml's keys accept
 
     # -- configuration ---------------------------------------------------------------------------
     def exchange_group(self, cfg: Mapping[str, Any], nodes: int) -> int:

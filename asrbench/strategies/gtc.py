@@ -39,13 +39,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
-from asrbench.config import Knob
-from asrbench.errors import CheckpointError, ConfigError
+from asrbench.knobs import Knob
+from asrbench.errors import ConfigError
 from asrbench.strategies import gtc_kernel
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error, is_rank_zero
@@ -661,56 +659,20 @@ class GTCStrategy(AccountedDDPStrategy):
 
     def _register_ddp_hooks(self) -> None:
         """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
-        assert isinstance(self.model, DistributedDataParallel)
         self._gtc_state.bind_parameters(self.model.module.parameters())
         self._gtc_state.scale_of = self._frozen_adam_denominator
-        _register_ddp_comm_hook(model=self.model, ddp_comm_state=self._gtc_state, ddp_comm_hook=gtc_hook)
+        self.register_comm_hook(gtc_hook, self._gtc_state)
 
     def comm_metrics(self) -> dict[str, float]:
         metrics = super().comm_metrics()
         metrics["tau"] = self._gtc_state.tau
         return metrics
 
-    # -- checkpoints: rank-local residuals, gathered to rank 0 --------------------------------
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        entry = self._gather_rank_states()
-        if self.is_global_zero:
-            checkpoint = {**checkpoint, CHECKPOINT_KEY: entry}
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+    rank_state_key = CHECKPOINT_KEY
+    rank_state_what = "GTC residuals"
 
-    def _gather_rank_states(self) -> dict[str, Any]:
-        """Every rank's :meth:`GTCState.state_dict`, as ``{"world_size", "ranks": {rank: state}}`` on rank 0."""
-        local = self._gtc_state.state_dict()
-        world = self.world_size
-        if world == 1 or not dist.is_initialized():
-            return {"world_size": world, "ranks": {0: local}}
-        device = self.root_device
-        residual = local.pop("residual").to(device)
-        stacked = [torch.empty_like(residual) for _ in range(world)] if self.is_global_zero else None
-        dist.gather(residual, stacked, dst=0)
-        others: list[Any] = [None] * world if self.is_global_zero else None  # type: ignore[assignment]
-        dist.gather_object(local, others, dst=0)
-        if not self.is_global_zero:
-            return {}
-        ranks = {r: {**others[r], "residual": stacked[r].cpu()} for r in range(world)}
-        return {"world_size": world, "ranks": ranks}
-
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is None:
-            if self.is_global_zero:
-                log.warning("%s holds no GTC residuals (written by another strategy?): they start at 0",
-                            checkpoint_path)
-            return checkpoint
-        if entry["world_size"] != self.world_size:
-            raise CheckpointError(f"{checkpoint_path} holds GTC residuals of {entry['world_size']} workers but this "
-                                  f"run has {self.world_size}; resume with nodes={entry['world_size']}")
-        self._gtc_state.load_state_dict(entry["ranks"][self.global_rank])
-        return checkpoint
-
-
-
+    def rank_local_state(self) -> GTCState:
+        return self._gtc_state
 
 GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_gtc")
 

@@ -20,12 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import StrategyRegistry
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
-from torch.nn.parallel import DistributedDataParallel
 
-from asrbench.config import Knob
+from asrbench.knobs import Knob
 from asrbench.errors import ConfigError
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.bmuf import BMUF_KNOBS, BMUF_STATS_KEYS, BMUFAverager, BMUFConfig, BMUFLightning, bmuf_schedule, simulate_bmuf
@@ -136,8 +134,7 @@ class GTCBMUFStrategy(BMUFLightning, GTCStrategy):
             return
         if self.is_global_zero:
             log.info("GTC-BMUF with group_size=1: a group of one sends no gradients, so no GTC hook runs (BMUF)")
-        assert isinstance(self.model, DistributedDataParallel)
-        _register_ddp_comm_hook(model=self.model, ddp_comm_hook=noop_hook)
+        self.register_comm_hook(noop_hook)
 
     def bmuf_workers(self, nodes: int) -> int:
         """N, the models BMUF averages in a run of `nodes` workers: one per group."""

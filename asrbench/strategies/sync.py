@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 
-from asrbench.config import Knob
+from asrbench.knobs import Knob
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.base import AccountedDDPStrategy
 from asrbench.strategies.contract import FP32_BYTES, Collective, SimContext, Simulation, StrategySpec
