@@ -318,7 +318,7 @@ def comparison_table(rows: Sequence[Mapping]) -> str:
     """Speed and communication of each run: the predicted speedup under the network preset (the paper's
     beside it at the same worker count), steps, bytes and GTC's density; accuracy has its own tables."""
     head = ("| strategy | workers | speedup (ours) | speedup (paper) | steps | bytes sent/worker/step "
-            "| compression | GTC density |")
+            "| compression | density (elements sent) |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         s, n = r["strategy"], r["nodes"]
@@ -390,7 +390,7 @@ def plot_scaling(rows: Sequence[Mapping], out_dir: Path) -> list[Path]:
 
 
 def search_table(search: Mapping) -> str:
-    lines = ["| strategy | candidate overrides | dev WER | test WER | GTC density | steps | |", "|" + "---|" * 7]
+    lines = ["| strategy | candidate overrides | dev WER | test WER | density | steps | |", "|" + "---|" * 7]
     for s, v in (search.get("strategies") or {}).items():
         for i, c in enumerate(v["candidates"]):
             dens = "-" if c.get("density") is None else f"{c['density'] * 100:.1f}%"
