@@ -69,10 +69,14 @@ COLUMNS = (("strategy", "strategy", {}), ("nodes", "workers", {}), ("wer", "WER"
            ("projected_train_s", "projected training s", {}), ("time_to_target_s", "time to target s", {}))
 
 
+OPTIONAL_COLUMNS = ("projected_train_s", "time_to_target_s")  # only runs on the simulated cluster have them
+
+
 def markdown_table(rows: Sequence[Mapping]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), **kw) for k, _, kw in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), **kw) for k, _, kw in columns) + " |")
     return "\n".join(lines)
 
 
