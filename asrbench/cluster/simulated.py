@@ -66,6 +66,7 @@ from asrbench.model.module import AcousticModule
 from asrbench import strategies
 from asrbench.strategies import spec, spec_of
 from asrbench.strategies.contract import FP32_BYTES, SimContext
+from asrbench.strategies.contract import synchronize as _synchronize
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,6 @@ def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: i
                              for i in range(0, workers, group_size)])
         coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         block.view(-1, group_size, hi - lo).mul_(coef.view(-1, 1, 1))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ class Simulation:
         return stats
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer around a simulated exchange measures it (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def read_stats(name: str, keys: Sequence[str], stats: Mapping[str, Any], n: int) -> dict[str, float]:
     """`stats[keys]` as floats >= 0, with block_size and group_size whole and g dividing n."""
     if n < 1 or n != int(n):

@@ -47,6 +47,7 @@ from asrbench.errors import ConfigError
 from asrbench.strategies import gtc_kernel
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error, is_rank_zero
+from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import FP32_BYTES, Collective, Simulation, StrategySpec, read_stats
 from asrbench.strategies.base import AccountedDDPStrategy
 
@@ -674,6 +675,7 @@ class GTCStrategy(AccountedDDPStrategy):
     def rank_local_state(self) -> GTCState:
         return self._gtc_state
 
+
 GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_gtc")
 
 
@@ -682,11 +684,6 @@ GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_
 # ---------------------------------------------------------------------------------------------
 GTC_HEADER_BYTES = 8  # the hook's header: (message length, non-finite flag) as two int32
 LENGTH_BYTES = 8  # one message length per worker in the cost model's first all-gather
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class GroupGTC:

@@ -58,6 +58,7 @@ from asrbench.knobs import Knob
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.base import AccountedDDPStrategy
 from asrbench.strategies.comm import collective_error
+from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Simulation, StrategySpec, read_stats,
                                           time_codec)
 
@@ -472,17 +473,13 @@ class OneBitStrategy(AccountedDDPStrategy):
     def rank_local_state(self) -> OneBitState:
         return self._onebit_state
 
+
 OneBitStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_onebit")
 
 
 # ---------------------------------------------------------------------------------------------
 # On the simulated cluster, and in the cost model
 # ---------------------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class OneBitExchange:
     """1-bit SGD (Seide 2014) over the N rows of G, as :func:`onebit_hook` does on each worker.
 

@@ -78,6 +78,7 @@ from asrbench.knobs import Knob
 from asrbench.errors import ConfigError
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (
     FP32_BYTES,
     Collective,
@@ -315,11 +316,6 @@ PowerSGDStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrb
 # ---------------------------------------------------------------------------------------------
 # On the simulated cluster: steps 1-7 over the rows of G
 # ---------------------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class SimulatedPowerSGD:
     """torch's powerSGD_hook over the N rows of G, per DDP bucket, as each worker's hook leaves
     its gradient; worker 0's :class:`CommStats` filled as :func:`accounted_powersgd_hook` fills it.

@@ -53,6 +53,7 @@ from asrbench.knobs import Knob
 from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.base import AccountedDDPStrategy
 from asrbench.strategies.comm import collective_error, is_rank_zero
+from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Simulation, StrategySpec, read_stats,
                                           time_codec)
 
@@ -388,17 +389,13 @@ class TopKStrategy(AccountedDDPStrategy):
     def rank_local_state(self) -> TopKState:
         return self._topk_state
 
+
 TopKStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_topk")
 
 
 # ---------------------------------------------------------------------------------------------
 # On the simulated cluster, and in the cost model
 # ---------------------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StackedTopK:
     """Top-k with error feedback for N workers on the rows of G (the simulated cluster's exchange).
 
