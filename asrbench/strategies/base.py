@@ -35,6 +35,17 @@ from asrbench.strategies.comm import (
 log = logging.getLogger(__name__)
 
 
+HOOK_KEYS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+def refuse_hook_keywords(kwargs: dict[str, Any], why: str) -> None:
+    """A ValueError when DDPStrategy keywords that set a communication hook or averager are given to
+    a strategy that sets its own (`why` says so)."""
+    for key in HOOK_KEYS:
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{why}; remove `{key}`")
+
+
 def gather_rank_states(local: dict[str, Any], world: int, is_zero: bool, device: torch.device) -> dict[str, Any]:
     """Every rank's `local` state dict as ``{"world_size", "ranks": {rank: state}}`` on rank 0 (which
     writes the checkpoint; {} elsewhere): its tensors by ``dist.gather``, the rest as objects."""

@@ -444,7 +444,7 @@ class BMUFAverager(ModelAverager):
 # ---------------------------------------------------------------------------------------------
 # Lightning edge
 # ---------------------------------------------------------------------------------------------
-from asrbench.strategies.base import AccountedDDPStrategy  # noqa: E402  (Lightning lives at the edge)
+from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords  # noqa: E402  (Lightning lives at the edge)
 from asrbench.strategies.contract import Collective, Simulation, StrategySpec  # noqa: E402
 
 CHECKPOINT_KEY = "asrbench_bmuf"  # checkpoint entry: replicated BMUF state + every rank's local model
@@ -615,9 +615,7 @@ class BMUFStrategy(BMUFLightning, AccountedDDPStrategy):
     registry_name = "asrbench_bmuf"
 
     def __init__(self, **kwargs: Any) -> None:
-        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"strategy=bmuf communicates no gradients; remove `{key}`")
+        refuse_hook_keywords(kwargs, "strategy=bmuf communicates no gradients")
         super().__init__(forward_sync_buffers=False, **kwargs)
 
     def _register_ddp_hooks(self) -> None:

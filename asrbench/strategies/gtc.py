@@ -49,7 +49,7 @@ from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error, is_rank_zero
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import FP32_BYTES, Collective, Simulation, StrategySpec, read_stats
-from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
 
 log = logging.getLogger(__name__)
 
@@ -629,9 +629,7 @@ class GTCStrategy(AccountedDDPStrategy):
                  bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True, density_warn_interval: int = 100,
                  dense_warmup_steps: int = 0, tau_units: str = "gradient", timeout: timedelta | float | None = None,
                  **kwargs: Any) -> None:
-        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"GTCStrategy registers its own DDP communication hook; remove `{key}`")
+        refuse_hook_keywords(kwargs, "GTCStrategy registers its own DDP communication hook")
         self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
                                    density_warn_interval=density_warn_interval,
                                    dense_warmup_steps=dense_warmup_steps, tau_units=tau_units)

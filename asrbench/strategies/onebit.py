@@ -56,7 +56,7 @@ from torch import Tensor
 
 from asrbench.knobs import Knob
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
 from asrbench.strategies.comm import collective_error
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Simulation, StrategySpec, read_stats,
@@ -447,9 +447,7 @@ class OneBitStrategy(AccountedDDPStrategy):
 
     def __init__(self, warmup_steps: int = 0, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True,
                  timeout: timedelta | float | None = None, **kwargs: Any) -> None:
-        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"OneBitStrategy registers its own DDP communication hook; remove `{key}`")
+        refuse_hook_keywords(kwargs, "OneBitStrategy registers its own DDP communication hook")
         self._onebit_state = OneBitState(None, warmup_steps=warmup_steps)
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)

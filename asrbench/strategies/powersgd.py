@@ -77,7 +77,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
 from asrbench.knobs import Knob
 from asrbench.errors import ConfigError
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (
     FP32_BYTES,
@@ -282,9 +282,7 @@ class PowerSGDStrategy(AccountedDDPStrategy):
                  min_compression_rate: float = 2.0, orthogonalization_epsilon: float = 0.0, random_seed: int = 0,
                  bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
                  timeout: timedelta | float | None = None, **kwargs: Any) -> None:
-        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"PowerSGDStrategy registers its own DDP communication hook; remove `{key}`")
+        refuse_hook_keywords(kwargs, "PowerSGDStrategy registers its own DDP communication hook")
         check_options(rank, warmup_steps, error_feedback, warm_start, min_compression_rate,
                       orthogonalization_epsilon, random_seed)
         self.powersgd_options = {"matrix_approximation_rank": rank, "start_powerSGD_iter": warmup_steps,

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from asrbench.knobs import Knob
 from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.base import AccountedDDPStrategy
+from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
 from asrbench.strategies.comm import collective_error, is_rank_zero
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Simulation, StrategySpec, read_stats,
@@ -356,9 +356,7 @@ class TopKStrategy(AccountedDDPStrategy):
     def __init__(self, density: float = DEFAULT_DENSITY, warmup_steps: int = 0, bucket_cap_mb: float = 25.0,
                  gradient_as_bucket_view: bool = True, timeout: timedelta | float | None = None,
                  **kwargs: Any) -> None:
-        for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"TopKStrategy registers its own DDP communication hook; remove `{key}`")
+        refuse_hook_keywords(kwargs, "TopKStrategy registers its own DDP communication hook")
         self._topk_state = TopKState(None, density=density, warmup_steps=warmup_steps)
         if rank_zero_only.rank == 0:
             log.info("top-k config: density = %s; warmup_steps = %s", density, warmup_steps)
