@@ -43,6 +43,7 @@ SCHEMA: dict[str, Knob] = {
     "optim.lr_scaling": Knob(str, choices=("none", "linear", "sqrt", "linear_group", "sqrt_group")),
     "optim.warmup_steps": Knob(int, 0),
     "optim.lr_decay_per_epoch": Knob(float, 0, 1, low_open=True),
+    "optim.lr_decay_interval": Knob(str, choices=("epoch", "step")),
     "optim.freeze_variance_after": Knob(int, 0, nullable=True),
     "model.hidden_size": Knob(int, 1),
     "model.num_layers": Knob(int, 1),

@@ -643,6 +643,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     runner.before_data(module, strategy)
     data = load_run_data(cfg, progress=runner.progress)
     check_steps(cfg, strategy, len(data.feats["train"]))
+    module.steps_per_epoch = train_batches_per_epoch(len(data.feats["train"]), batch_size=int(cfg.batch_size),
+                                                     world_size=int(cfg.nodes))
     logger = build_logger(cfg, out_dir)
     fitted = runner.fit(module, strategy, data, logger, ident=ident, resume=resume)
     if fitted is None:

@@ -150,3 +150,26 @@ def test_settings_side_by_side(tmp_path):
     table = report.settings_table([("cpu", new), ("older", old)])
     assert ("| trend: GTC collapses at 16 (worse than at 8) | **inconclusive** (+0.6 [-1.0, +2.2] pts) | "
             "**within noise** (+0.6 pts, older rule) |") in table
+
+
+@pytest.mark.parametrize("preset", ["cpu", "cpu_compare", "cpu_sgd", "cpu_paper_n", "gpu"])
+def test_every_scaled_preset_trains_each_run_at_least_1000_steps_and_the_block_runs_50_blocks(preset):
+    """Every run that enters a claim: (epochs - warm start) x floor(training utterances / N) >= 1,000 optimizer
+    steps at the preset's largest N, and every searched BMUF block size K gives >= 50 blocks there."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        rc = compose("reproduce", overrides=[f"reproduce={preset}"]).reproduce
+        data = next(o.split("=", 1)[1] for o in rc.overrides if o.startswith("data="))
+        synth = OmegaConf.load(os.path.join(conf, "data", f"{data}.yaml")).synth
+    utterances = synth.utterances.train * sum(s.role == "train" for s in synth.speakers)
+    n = max(rc.nodes)
+    steps = (rc.epochs - rc.warm_start_epochs) * (utterances // n)
+    assert steps >= 1000, f"reproduce={preset}: {steps} steps at {n} workers"
+    for candidate in rc.search.grid.get("bmuf", []):
+        k = next(int(o.split("=")[1]) for o in candidate if o.startswith("strategy.block_size="))
+        assert steps // k >= 50, f"reproduce={preset}: K={k} gives {steps // k} blocks at {n} workers"

@@ -116,6 +116,11 @@ class _WorkerRows:
 
     def __init__(self, module: Any, rows: Sequence[nn.Parameter]) -> None:
         self.optim_cfg, self.world_size, self._params = module.optim_cfg, module.world_size, list(rows)
+        self._module = module
+
+    @property
+    def steps_per_epoch(self) -> int:  # read by a step-wise lr decay at each step, once the data is known
+        return self._module.steps_per_epoch
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(self._params)

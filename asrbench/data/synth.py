@@ -16,7 +16,8 @@ the log floor). Under ``root``::
 Splits: ``train`` (training speakers), ``dev`` and ``test`` (held-out speakers, disjoint from
 the training speakers and from each other: ``test`` is the unseen-speaker test) and
 ``test_seen`` (training speakers reading sentences that are not in ``train``). No sentence is
-read twice anywhere in the corpus.
+read twice anywhere in the corpus, except that with ``train_readers`` R > 1 each training sentence
+is read by R training speakers (still never in a held-out split).
 
 Timings. ``align.json`` maps each utterance to ``{"duration": s, "words": [[WORD, start, end],
 ...], "phonemes": [[PHONEME, start, end], ...]}`` in seconds of the written audio (leading
@@ -98,7 +99,7 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 _KEYS = {"sentences", "seed", "sample_rate", "snr_db", "peak_dbfs", "pad_s", "rate_jitter",
          "pitch_jitter", "chapter_size", "utterances", "speakers", "workers"}
 _SPEAKER_KEYS = {"id", "voice", "role", "rate", "pitch", "range"}
-_OPTIONAL_KEYS = {"max_words": None, "vocabulary": None}  # keys a config may leave out; left out or null, they change nothing
+_OPTIONAL_KEYS = {"max_words": None, "vocabulary": None, "train_readers": 1}  # keys a config may leave out; left out or null, they change nothing
 _UNHASHED_KEYS = ("sentences", "workers")  # where the file lives and how many processes: same corpus
 
 
@@ -480,6 +481,12 @@ def _check_config(cfg: Mapping) -> dict[str, Any]:
         if n_chapters > MAX_CHAPTERS_PER_SPEAKER:
             raise SynthConfigError(f"{where} needs {n_chapters} chapters (> {MAX_CHAPTERS_PER_SPEAKER}); raise "
                                    f"data.synth.chapter_size")
+    trainers = sum(s["role"] == "train" for s in speakers)
+    readers = _int(cfg, "train_readers", 1, max(trainers, 1))
+    if counts["train"] % readers:
+        raise SynthConfigError(f"data.synth.utterances.train={counts['train']} must be a multiple of "
+                               f"data.synth.train_readers={readers} (each training sentence is read by that many "
+                               f"training speakers)")
     for role in ROLE_SPLITS:
         if not any(s["role"] == role for s in speakers):
             raise SynthConfigError(f"data.synth.speakers has no speaker with role {role!r}; every split needs speakers")
@@ -515,35 +522,60 @@ def read_sentences(path: Path, max_words: int | None = None, vocabulary: int | N
     return [s for s in sentences if max_words is None or len(s.split()) <= max_words]
 
 
+def _texts(cfg: Mapping[str, Any], speakers: Sequence[Speaker], sentences: Sequence[str]) -> dict[tuple[int, str], list[str]]:
+    """The sentences each speaker reads in each of its splits, dealt from one seeded permutation.
+
+    With ``train_readers`` 1, sentences are dealt speaker by speaker in config order, split by split,
+    so no sentence is read twice. With R > 1, the held-out splits (test_seen, dev, test) are dealt
+    first the same way, then D = S x utterances.train / R training sentences: training speaker i of S
+    reads the ``utterances.train`` consecutive ones from i x D / S on (wrapping around), so each
+    training sentence is read by exactly R training speakers and no held-out sentence is trained on.
+    """
+    counts, readers = cfg["utterances"], cfg["train_readers"]
+    trainers = [s for s in speakers if s.role == "train"]
+    shared = "train" if readers > 1 else None
+    held = sum(counts[split] for s in speakers for split in ROLE_SPLITS[s.role] if split != shared)
+    block = counts["train"] // readers
+    needed = held + (len(trainers) * block if shared else 0)
+    if needed > len(sentences):
+        raise SynthConfigError(f"data.synth needs {needed} distinct sentences but {cfg['sentences']} has "
+                               f"{len(sentences)}; lower data.synth.utterances, raise data.synth.train_readers "
+                               f"or give more sentences")
+    order = np.random.default_rng(cfg["seed"]).permutation(len(sentences))
+    dealt = iter(order[:held])
+    texts = {(s.id, split): [sentences[next(dealt)] for _ in range(counts[split])]
+             for s in speakers for split in ROLE_SPLITS[s.role] if split != shared}
+    if shared:
+        pool = [sentences[j] for j in order[held:needed]]
+        for i, s in enumerate(trainers):
+            texts[(s.id, "train")] = [pool[(i * block + k) % len(pool)] for k in range(counts["train"])]
+    return texts
+
+
 def plan_corpus(cfg: Mapping[str, Any], sentences: Sequence[str]) -> list[ChapterPlan]:
     """Every chapter and utterance with its parameters; a pure function of the config and sentences.
 
-    Sentences are dealt from one seeded permutation, speaker by speaker in config order, so no
-    sentence is read twice. Chapter ``k`` of speaker ``s`` has id ``100 * s + k``.
+    Which speaker reads which sentence: :func:`_texts`. Chapter ``k`` of speaker ``s`` has id
+    ``100 * s + k``.
     """
-    counts = cfg["utterances"]
     speakers = [Speaker(**s) for s in cfg["speakers"]]
-    needed = sum(counts[split] for s in speakers for split in ROLE_SPLITS[s.role])
-    if needed > len(sentences):
-        raise SynthConfigError(f"data.synth needs {needed} distinct sentences but {cfg['sentences']} has "
-                               f"{len(sentences)}; lower data.synth.utterances or give more sentences")
+    texts = _texts(cfg, speakers, sentences)
     seed, sr = cfg["seed"], cfg["sample_rate"]
-    order = np.random.default_rng(seed).permutation(len(sentences))
-    dealt = 0
     chapters = []
     for spk in speakers:
         k = 0
         for split in ROLE_SPLITS[spk.role]:
-            for first in range(0, counts[split], cfg["chapter_size"]):
+            lines = texts[(spk.id, split)]
+            for first in range(0, len(lines), cfg["chapter_size"]):
                 chapter_id = MAX_CHAPTERS_PER_SPEAKER * spk.id + k
                 k += 1
                 utts = []
-                for n in range(min(cfg["chapter_size"], counts[split] - first)):
+                for n, line in enumerate(lines[first:first + cfg["chapter_size"]]):
                     key = (seed, spk.id, chapter_id, n)
                     rng = np.random.default_rng(key)
                     utts.append(UtterancePlan(
                         utt_id=f"{spk.id}-{chapter_id}-{n:04d}",
-                        text=sentences[order[dealt]],
+                        text=line,
                         rate=round(spk.rate * (1 + rng.uniform(-cfg["rate_jitter"], cfg["rate_jitter"]))),
                         pitch=spk.pitch + int(rng.integers(-cfg["pitch_jitter"], cfg["pitch_jitter"] + 1)),
                         snr_db=float(rng.uniform(*cfg["snr_db"])),
@@ -551,7 +583,6 @@ def plan_corpus(cfg: Mapping[str, Any], sentences: Sequence[str]) -> list[Chapte
                         pad=tuple(int(round(x * sr)) for x in rng.uniform(*cfg["pad_s"], size=2)),
                         espeak_seed=int(rng.integers(2**31)),
                         key=key))
-                    dealt += 1
                 chapters.append(ChapterPlan(split, spk, chapter_id, tuple(utts)))
     return chapters
 

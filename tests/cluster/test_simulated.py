@@ -27,6 +27,7 @@ TAU = 0.05  # sends ~30 % of this model's gradient elements per step (checked be
 FREEZE = {"freeze_variance_after": 6}
 CASES = {
     "sync": case({"name": "sync"}),
+    "sync_step_decay": case({"name": "sync"}, lr_decay_interval="step"),  # the lr decays after every step
     "gtc": case({"name": "gtc", "tau": TAU, "max_density": None}),
     "bmuf": case({"name": "bmuf", "block_size": 4}),
     "gtc_bmuf": case({"name": "gtc_bmuf", "group_size": 2, "block_size": 4, "tau": TAU, "max_density": None}),

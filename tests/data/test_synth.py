@@ -53,7 +53,7 @@ def transcripts(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_config_files_have_the_project_keys() -> None:
-    for name in ("synth", "synth_3h", "synth_tiny", "synth_short"):
+    for name in ("synth", "synth_3h", "synth_tiny", "synth_short", "synth_requests", "synth_requests_shared"):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert TOP_KEYS <= set(cfg) and cfg.name == name and cfg.kind == "synth"
         assert list(cfg.test_subsets) == ["test", "test_seen"]
@@ -61,12 +61,14 @@ def test_config_files_have_the_project_keys() -> None:
 
 @pytest.mark.parametrize("name,count", [("synth", (9600, 150, 300, 300)), ("synth_3h", (3000, 150, 300, 300)),
                                         ("synth_short", (4800, 200, 240, 240)),
-                                        ("synth_requests", (3180, 150, 810, 816))])
+                                        ("synth_requests", (3180, 150, 810, 816)),
+                                        ("synth_requests_shared", (19080, 150, 810, 816))])
 def test_full_presets_plan_disjoint_speakers(name: str, count: tuple[int, ...]) -> None:
     cfg = synth._check_config(OmegaConf.load(CONF / f"{name}.yaml").synth)
     espeak = synth.ESpeak()
     assert all(espeak.has_voice(s["voice"]) for s in cfg["speakers"])
-    plan = synth.plan_corpus(cfg, synth.read_sentences(synth._sentences_path(cfg["sentences"]), cfg["max_words"]))
+    plan = synth.plan_corpus(cfg, synth.read_sentences(synth._sentences_path(cfg["sentences"]), cfg["max_words"],
+                                                       cfg["vocabulary"]))
     counted = {split: sum(len(c.utterances) for c in plan if c.split == split) for split in synth.SPLITS}
     assert counted == dict(zip(("train", "dev", "test", "test_seen"), count))
     if cfg["max_words"]:
@@ -76,12 +78,38 @@ def test_full_presets_plan_disjoint_speakers(name: str, count: tuple[int, ...]) 
     assert not who["train"] & who["dev"] and not who["train"] & who["test"] and not who["dev"] & who["test"]
     voices = {split: {c.speaker.voice for c in plan if c.split == split} for split in synth.SPLITS}
     assert not voices["train"] & voices["test"]  # test is always unseen voices
-    if name == "synth_requests":  # its dev set is in-domain: the training voices under new speaker ids
+    if name.startswith("synth_requests"):  # its dev set is in-domain: the training voices under new speaker ids
         assert voices["dev"] == voices["train"]
     else:
         assert not voices["train"] & voices["dev"]
-    texts = [u.text for c in plan for u in c.utterances]
-    assert len(set(texts)) == len(texts)
+    held = [u.text for c in plan if c.split != "train" for u in c.utterances]
+    trained = [u.text for c in plan if c.split == "train" for u in c.utterances]
+    assert len(set(held)) == len(held) and not set(held) & set(trained)
+    assert len(trained) == len(set(trained)) * cfg["train_readers"]
+
+
+def test_train_readers_share_each_training_sentence_among_that_many_speakers() -> None:
+    cfg = tiny_cfg() | {"vocabulary": None, "max_words": None}
+    sentences = [f"sentence number {i}" for i in range(200)]
+    speakers = [s for s in cfg["speakers"] if s["role"] == "train"]
+    for readers in range(1, len(speakers) + 1):
+        counts = dict(cfg["utterances"], train=6 * readers)
+        plan = synth.plan_corpus(synth._check_config(cfg | {"utterances": counts, "train_readers": readers}),
+                                 sentences)
+        read_by: dict[str, list[int]] = {}
+        for c in plan:
+            for u in c.utterances:
+                read_by.setdefault(u.text, []).append(c.speaker.id) if c.split == "train" else None
+        assert len(read_by) == 6 * len(speakers)  # D = S x train / R distinct training sentences
+        assert all(len(ids) == len(set(ids)) == readers for ids in read_by.values())
+        held = [u.text for c in plan if c.split != "train" for u in c.utterances]
+        assert len(held) == len(set(held)) and not set(held) & set(read_by)
+    with pytest.raises(ConfigError, match="multiple of data.synth.train_readers"):
+        synth._check_config(cfg | {"train_readers": 2, "utterances": dict(cfg["utterances"], train=5)})
+    with pytest.raises(ConfigError, match=r"train_readers=9 must be an integer in \[1, "):
+        synth._check_config(cfg | {"train_readers": 9})
+    with pytest.raises(ConfigError, match="raise data.synth.train_readers"):
+        synth.plan_corpus(synth._check_config(cfg), sentences[:10])
 
 
 def test_layout_and_transcripts_follow_librispeech(corpus) -> None:

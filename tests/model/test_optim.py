@@ -151,3 +151,32 @@ def test_rms_units_without_a_frozen_adam_is_a_config_error(optim, strategy, name
 
     with pytest.raises(ConfigError, match=named):
         inner_optim(_cfg(optim, {"name": "gtc", "tau_units": "rms"} | strategy))
+
+
+def test_step_wise_lr_decay_spreads_the_epoch_decay_evenly_and_meets_it_at_each_epoch_end():
+    from asrbench.cluster.simulated import build_worker_optimizer, row_parameters
+    from asrbench.model.module import AcousticModule
+
+    optim = {"name": "adam", "lr": 0.01, "lr_decay_per_epoch": 0.5}
+    smooth = AcousticModule(4, {"hidden_size": 3, "num_layers": 1}, optim | {"lr_decay_interval": "step"}, "ctc")
+    jumps = AcousticModule(4, {"hidden_size": 3, "num_layers": 1}, optim, "ctc")
+    smooth.steps_per_epoch = 4
+    for opt, scheds in (build_worker_optimizer(smooth, list(smooth.parameters())),  # the module's own path
+                        build_worker_optimizer(smooth, row_parameters(torch.zeros(2, 5)))):  # the simulated rows
+        (config,) = scheds
+        assert config.interval == "step"
+        lrs = []
+        for _ in range(8):
+            opt.step()
+            config.scheduler.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert lrs == pytest.approx([0.01 * 0.5 ** (k / 4) for k in range(1, 9)], rel=1e-12)
+    opt, (config,) = build_worker_optimizer(jumps, list(jumps.parameters()))
+    assert config.interval == "epoch"
+    config.scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[3])  # one epoch: the same lr either way
+    unset = AcousticModule(4, {"hidden_size": 3, "num_layers": 1}, optim | {"lr_decay_interval": "step"}, "ctc")
+    opt, (config,) = build_worker_optimizer(unset, list(unset.parameters()))
+    opt.step()
+    with pytest.raises(RuntimeError, match="steps_per_epoch"):
+        config.scheduler.step()

@@ -50,7 +50,9 @@ def synthetic_split(utterances: int, seed: int) -> SplitFeatures:
 
 def module(optim: Mapping[str, Any] | None = None) -> AcousticModule:
     torch.manual_seed(SEED)
-    return AcousticModule(DIM, MODEL, OPTIM | dict(optim or {}), "ctc", world_size=NODES)
+    m = AcousticModule(DIM, MODEL, OPTIM | dict(optim or {}), "ctc", world_size=NODES)
+    m.steps_per_epoch = 6  # as asrbench.experiment.train sets it: 6 steps per epoch on this data
+    return m
 
 
 def flat(m: torch.nn.Module) -> torch.Tensor:
