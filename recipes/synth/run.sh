@@ -38,7 +38,7 @@ cont_common=("${common[@]}" optim.lr=0.001 init_from=$exp/start)
 declare -A knobs=(
   [sync]=""
   [gtc]=""
-  [bmuf]="strategy.block_size=8"
+  [bmuf]="strategy.block_size=8 strategy.block_lr=1.0"  # the demo's setting since 2026-11 (docs/demo.md)
   [gtc_bmuf]="strategy.group_size=2 strategy.block_size=8"
 )
 
