@@ -173,6 +173,7 @@ def test_step_wise_lr_decay_spreads_the_epoch_decay_evenly_and_meets_it_at_each_
         assert lrs == pytest.approx([0.01 * 0.5 ** (k / 4) for k in range(1, 9)], rel=1e-12)
     opt, (config,) = build_worker_optimizer(jumps, list(jumps.parameters()))
     assert config.interval == "epoch"
+    opt.step()
     config.scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[3])  # one epoch: the same lr either way
     unset = AcousticModule(4, {"hidden_size": 3, "num_layers": 1}, optim | {"lr_decay_interval": "step"}, "ctc")
