@@ -578,10 +578,11 @@ def planned_steps(per_epoch: int, trainer: Mapping) -> tuple[int | None, str]:
     return by_epochs, f"trainer.max_epochs={max_epochs}"
 
 
-def check_steps(cfg: DictConfig, strategy: Any, train_utterances: int) -> None:
+def check_steps(cfg: DictConfig, strategy: Any, train_utterances: int) -> int:
     """Refuse, once the features are known and before any worker starts, a run that would train
     nothing: no full batch per worker, no step under the trainer's limits, or, for a strategy that
-    averages in blocks (bmuf, diloco, gtc_bmuf), fewer steps than one block of K."""
+    averages in blocks (bmuf, diloco, gtc_bmuf), fewer steps than one block of K. Returns the
+    optimizer steps per epoch of each worker."""
     nodes, batch_size = int(cfg.nodes), int(cfg.batch_size)
     per_epoch = train_batches_per_epoch(train_utterances, batch_size=batch_size, world_size=nodes)
     steps, limit = planned_steps(per_epoch, cfg.trainer)
@@ -595,13 +596,13 @@ def check_steps(cfg: DictConfig, strategy: Any, train_utterances: int) -> None:
                           f"nodes={nodes})); use at most {per_epoch}, a fraction of an epoch such as 0.5, or set "
                           f"trainer.check_val_every_n_epoch=null to count steps across epochs")
     if steps is None or not hasattr(strategy, "block_steps"):
-        return
+        return per_epoch
     try:
         k = strategy.block_steps(nodes)
     except ValueError as err:
         raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
     if steps >= k:
-        return
+        return per_epoch
     block = strategy.bmuf_config
     if block.block_size is not None:
         knob, smaller = "strategy.block_size", f"strategy.block_size<={steps}"
@@ -642,9 +643,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
         checkpoint.load_initial_weights(module, to_absolute_path(cfg.init_from), ident)
     runner.before_data(module, strategy)
     data = load_run_data(cfg, progress=runner.progress)
-    check_steps(cfg, strategy, len(data.feats["train"]))
-    module.steps_per_epoch = train_batches_per_epoch(len(data.feats["train"]), batch_size=int(cfg.batch_size),
-                                                     world_size=int(cfg.nodes))
+    module.steps_per_epoch = check_steps(cfg, strategy, len(data.feats["train"]))
     logger = build_logger(cfg, out_dir)
     fitted = runner.fit(module, strategy, data, logger, ident=ident, resume=resume)
     if fitted is None:

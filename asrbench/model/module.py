@@ -65,7 +65,7 @@ class AcousticModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_frames_wrong, self.val_frames = SumMetric(), SumMetric()
         self._t_last: float | None = None
-        self.steps_per_epoch = 0  # optimizer steps per epoch per worker, once the data is known (set_steps_per_epoch)
+        self.steps_per_epoch = 0  # optimizer steps per epoch per worker, set once the data is read (experiment.train)
         self.frames_seen = 0  # stacked frames this worker trained on (not checkpointed)
         self.train_time_s = 0.0  # wall time inside training batches (forward, backward, communication)
         self._t_batch = 0.0
@@ -167,13 +167,12 @@ class AcousticModule(L.LightningModule):
             schedulers.append({"scheduler": ramp, "interval": "step"})
         if decay != 1.0 and cfg.get("lr_decay_interval", "epoch") == "step":
             # the same decay per epoch, spread evenly over its steps: x decay^(1 / steps per epoch) after each
-            # step. The steps per epoch are known once the data is read (set_steps_per_epoch), before any step.
-            owner = self
+            # step. steps_per_epoch is read at each step: it is set once the data is read, before the first.
             def smooth(step: int) -> float:
-                if step and not owner.steps_per_epoch:
+                if step and not self.steps_per_epoch:
                     raise RuntimeError("optim.lr_decay_interval=step needs the module's steps_per_epoch, set once "
                                        "the training data is read (asrbench.experiment.train does)")
-                return decay ** (step / owner.steps_per_epoch) if step else 1.0
+                return decay ** (step / self.steps_per_epoch) if step else 1.0
             schedulers.append({"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, smooth), "interval": "step"})
         elif decay != 1.0:
             schedulers.append({"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, decay), "interval": "epoch"})

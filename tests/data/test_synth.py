@@ -97,9 +97,9 @@ def test_train_readers_share_each_training_sentence_among_that_many_speakers() -
         plan = synth.plan_corpus(synth._check_config(cfg | {"utterances": counts, "train_readers": readers}),
                                  sentences)
         read_by: dict[str, list[int]] = {}
-        for c in plan:
+        for c in (c for c in plan if c.split == "train"):
             for u in c.utterances:
-                read_by.setdefault(u.text, []).append(c.speaker.id) if c.split == "train" else None
+                read_by.setdefault(u.text, []).append(c.speaker.id)
         assert len(read_by) == 6 * len(speakers)  # D = S x train / R distinct training sentences
         assert all(len(ids) == len(set(ids)) == readers for ids in read_by.values())
         held = [u.text for c in plan if c.split != "train" for u in c.utterances]
