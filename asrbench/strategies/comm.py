@@ -77,6 +77,19 @@ def publish_failure(exc: BaseException, step: int | None = None) -> None:
         pass
 
 
+def published_failure(rank: int) -> str | None:
+    """What `rank` published with :func:`publish_failure` (e.g. "raised at step 2 ValueError: boom"),
+    or None: nothing published, or no process group or store to ask."""
+    store = _store()
+    if store is None:
+        return None
+    key = f"{_PREFIX}/failed/{rank}"
+    try:
+        return store.get(key).decode() if store.check([key]) else None
+    except (RuntimeError, ValueError):
+        return None
+
+
 def describe_peer_failures(wait_s: float = 3.0, poll_s: float = 0.05) -> str:
     """Which other ranks failed (and how), or went silent, as seen from this rank.
 
@@ -142,7 +155,9 @@ def is_rank_zero() -> bool:
 class NamingObserver(_ChildProcessObserver):
     """Lightning's watcher of the worker processes it started, which on a death kills every
     process at once (SIGKILL, no message the user can act on). This one first prints one line
-    naming the rank, its exit status and the run's last checkpoint, and exits with status 2."""
+    naming the rank, the exception it published (when it raised one), its exit status and the
+    run's last checkpoint, and exits with status 2. It may see a rank exit before rank 0's own
+    collective fails, so its line carries the cause too."""
 
     def __init__(self, *args: Any, node_rank: int, num_processes: int,
                  describe: Callable[[], str] | None = None, **kwargs: Any) -> None:
@@ -159,8 +174,10 @@ class NamingObserver(_ChildProcessObserver):
             if code:  # local rank i + 1; the launcher itself is local rank 0
                 rank = self._node_rank * self._num_processes + i + 1
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                cause = published_failure(rank)  # its own exception, when it had time to say so
                 tail = f"; {self._describe()}" if self._describe else ""
-                print(f"error: rank {rank} {how}{tail}", file=sys.stderr, flush=True)
+                print(f"error: rank {rank} {f'{cause} and {how}' if cause else how}{tail}", file=sys.stderr,
+                      flush=True)
                 for p in self._child_processes:
                     p.send_signal(self._termination_signal)
                 os._exit(2)

@@ -182,3 +182,42 @@ def test_launched_run_stops_naming_the_rank_that_raised(tmp_path: Path, failure,
     assert time.monotonic() - t0 < bound
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
+
+
+class _DeadChild:
+    """A launched worker process that has exited with status 1."""
+    pid, returncode = 12345, 1
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        pass
+
+
+def test_the_launchers_watcher_names_what_a_dead_rank_raised(tmp_path: Path, monkeypatch, capsys):
+    """Lightning's watcher may see rank 1 exit before rank 0's own collective fails (a loaded machine
+    slows rank 0): its line then carries the exception rank 1 published, not only the exit status."""
+    import torch.distributed as dist
+
+    from asrbench.strategies import comm
+
+    def _exit(code: int):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(comm.os, "_exit", _exit)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        watcher = comm.NamingObserver(main_pid=os.getpid(), child_processes=[_DeadChild()], node_rank=0,
+                                      num_processes=2)
+        with pytest.raises(SystemExit, match="2"):
+            watcher._run()
+        assert capsys.readouterr().err.strip() == "error: rank 1 exited with status 1"  # nothing published
+        dist.distributed_c10d._get_default_store().set(f"{comm._PREFIX}/failed/1",
+                                                       "raised at step 2 ValueError: injected failure")
+        with pytest.raises(SystemExit, match="2"):
+            watcher._run()
+    finally:
+        dist.destroy_process_group()
+    assert capsys.readouterr().err.strip() == ("error: rank 1 raised at step 2 ValueError: injected failure "
+                                               "and exited with status 1")
