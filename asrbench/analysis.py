@@ -46,11 +46,13 @@ def by_cell(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str) -> dict[C
 
 def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Sequence[int],
             strategies: Sequence[str], claim_metric: str = "wer", claims: Sequence[Claim] = CLAIMS,
-            resamples: int = 1000, boot_seed: int = 0, alpha: float = stats.ALPHA) -> dict[str, Any]:
+            resamples: int = 1000, boot_seed: int = 0, alpha: float = stats.ALPHA,
+            mde_target: float = 0.02) -> dict[str, Any]:
     """Cells against the baseline, strategy pairs at each worker count, and the claims judged with
     Holm's correction over the claims (one family for "differs from 0", one for "differs from the
     paper's margin"). Effects are relative error changes (0.02 = 2 points); positive means the
-    first-named side is better."""
+    first-named side is better. Per claim, the seeds its MDE would need to reach `mde_target` on
+    this test set (stats.seeds_for: a projection from the measured spreads)."""
     cells = by_cell(rows_by_seed, split)
     if BASELINE not in cells:
         raise ValueError(f"no baseline run has scores on {split}")
@@ -110,6 +112,12 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
     for j in measured:
         j["verdict"] = stats.verdict(j["mean"], j["p_holm"], j["p_ref_holm"], alpha)
         j["mde_holm"] = stats.mde(j["se"], j["n"], j["df"], alpha / max(len(measured), 1))
+        j["mde_target"] = mde_target
+        j["seeds_for_mde"] = stats.seeds_for(mde_target, j["sd_seeds"], j["se_boot"], alpha)
+        j["seeds_for_mde_holm"] = stats.seeds_for(mde_target, j["sd_seeds"], j["se_boot"],
+                                                  alpha / max(len(measured), 1))
+        j["mde_floor"] = stats.mde_floor(j["se_boot"], alpha)
+        j["mde_floor_holm"] = stats.mde_floor(j["se_boot"], alpha / max(len(measured), 1))
     out["claims"] = judged
     return out
 

@@ -275,7 +275,7 @@ def log_report_to_wandb(out: Path, result: dict, cfg: DictConfig) -> None:
     keys = ["strategy", "nodes", "wer", "wer_sd", "rel_wer", "rel_wer_sd", "cer", "rel_cer", "fer", "fer_sd", "rel_fer",
             "rel_fer_sd", "predicted_speedup", "steps", "plateaus"]
     claim_keys = ["claim", "paper", "metric", "mean", "low", "high", "p_holm", "paper_margin", "p_ref_holm", "mde",
-                  "mde_holm", "verdict"]
+                  "mde_holm", "seeds_for_mde", "seeds_for_mde_holm", "verdict"]
     with wandb.init(project="asrbench", group=f"reproduce-{out.name}", job_type="report", mode=experiment.wandb_mode(),
                     name=f"reproduce-{cfg.reproduce.name}", dir=str(out),
                     config=OmegaConf.to_container(cfg, resolve=True)) as run:

@@ -554,19 +554,34 @@ def claims_table(claims: Sequence[Mapping]) -> str:
     """The paper's claims: our paired difference (higher side minus lower side, points of relative
     error: positive is the paper's order), its CI, Holm-adjusted p against 0 and against the paper's
     margin, the minimum detectable effect and the verdict."""
+    target = next((j["mde_target"] for j in claims if j.get("mde_target") is not None), None)
+    seeds_head = "" if target is None else f" seeds for an MDE of {target * 100:g} pts (α 0.05 / Holm) |"
     lines = ["| claim | paper | metric | ours: difference [95% CI] | p vs 0 (Holm) | paper's margin | "
-             "p vs margin (Holm) | MDE (α 0.05 / Holm) | verdict |", "|" + "---|" * 9]
+             "p vs margin (Holm) | MDE (α 0.05 / Holm) |" + seeds_head + " verdict |",
+             "|" + "---|" * (9 + bool(seeds_head))]
     for j in claims:
         if j.get("verdict") == "not measured":
             lines.append(f"| {j['claim']} | {j['paper']} | {j.get('metric', '-').upper()} | - | - | - | - | - | "
-                         f"not measured |")
+                         + ("- | " if seeds_head else "") + "not measured |")
             continue
         margin = j.get("paper_margin")
+        seeds = (f" {_seeds(j.get('seeds_for_mde'), j.get('mde_floor'), target)} / "
+                 f"{_seeds(j.get('seeds_for_mde_holm'), j.get('mde_floor_holm'), target)} |" if seeds_head else "")
         lines.append(
             f"| {j['claim']} | {j['paper']} | {j['metric'].upper()} | {_ci(j)} pts | {_p(j.get('p_holm'))} | "
             f"{'-' if margin is None else f'{margin * 100:+.1f} pts'} | {_p(j.get('p_ref_holm'))} | "
-            f"{j['mde'] * 100:.1f} / {j['mde_holm'] * 100:.1f} pts | **{j['verdict']}** |")
+            f"{j['mde'] * 100:.1f} / {j['mde_holm'] * 100:.1f} pts |{seeds} **{j['verdict']}** |")
     return "\n".join(lines)
+
+
+def _seeds(n: float | None, floor: float | None, target: float) -> str:
+    """A stats.seeds_for projection: a count; "> 100"; "none: test set" when the test set's noise alone
+    keeps the MDE above the target at any number of seeds (`floor`, stats.mde_floor); "-" when unknown."""
+    if n is None or math.isnan(n):
+        return "-"
+    if math.isfinite(n):
+        return f"{int(n)}"
+    return "none: test set" if floor is not None and floor >= target else "> 100"
 
 
 def runs_table(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
@@ -619,7 +634,10 @@ STATISTICS_NOTE = (
     "when the difference is non-zero after correction, *excludes the paper's effect* when it is not, but "
     "the paper's margin is rejected after correction (a second Holm family), *inconclusive* otherwise. "
     "The MDE is the smallest true difference the claim's test finds with 80% power: at a = 0.05, and at "
-    "the strictest Holm level (0.05 / {claims}). The paper's margins were measured at 32 / 64 / 128 "
+    "the strictest Holm level (0.05 / {claims}). The seeds column projects, from each claim's measured seed "
+    "spread and test-set noise, how many seeds its MDE would need to reach the target on this test set "
+    "(stats.seeds_for); *none: test set* means the test set's noise alone keeps the MDE above it at any "
+    "number of seeds, so a larger test set is the lever. The paper's margins were measured at 32 / 64 / 128 "
     "workers; here each claim is restated at this experiment's worker counts {nodes}, the same tiers "
     "smallest to largest.")
 

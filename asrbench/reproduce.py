@@ -369,7 +369,8 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     nodes = [int(n) for n in rc.nodes]
     evidence = {sp: analysis.analyse(rows_by_seed, sp, nodes, list(rc.strategies),
                                      claim_metric=str(rc.get("claim_metric", "wer")),
-                                     resamples=int(rc.get("bootstrap_resamples", 1000)))
+                                     resamples=int(rc.get("bootstrap_resamples", 1000)),
+                                     mde_target=float(rc.get("mde_target", 0.02)))
                 for sp in splits}
     first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != strategies.BASELINE]
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched

@@ -136,6 +136,39 @@ def mde(se: float, n: int, df: float | None = None, alpha: float = ALPHA, power:
     return float(np.asarray(d, dtype=float).ravel()[0]) * se * math.sqrt(nobs)
 
 
+def mde_floor(se_boot: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The MDE with infinitely many seeds on the same test set: (z_(1-alpha/2) + z_power) se_boot."""
+    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * se_boot)
+
+
+def seeds_for(target: float, sd_seeds: float, se_boot: float, alpha: float = ALPHA, power: float = POWER,
+              max_n: int = 100) -> float:
+    """The fewest seeds at which a paired comparison's MDE (:func:`mde`, at `alpha`) reaches `target`,
+    if its seed-to-seed spread `sd_seeds` and the test set's noise `se_boot` stay as measured (the same
+    test set): a projection for planning the next experiment, not a measurement.
+
+    Returns ``math.inf`` when `max_n` seeds do not reach it, at once when the test set's noise alone
+    keeps the MDE above `target` (at infinitely many seeds the MDE is (z_(1-alpha/2) + z_power) se_boot:
+    a larger test set is the lever then), and NaN when a spread is unknown (one seed)."""
+    if any(math.isnan(v) for v in (target, sd_seeds, se_boot)):
+        return math.nan
+    if mde_floor(se_boot, alpha, power) >= target:
+        return math.inf
+
+    def mde_at(n: int) -> float:
+        var = sd_seeds ** 2 / n
+        se = math.sqrt(var + se_boot ** 2)
+        return mde(se, n, (n - 1) * (se ** 2 / var) ** 2 if var > 0 else math.inf, alpha, power)
+
+    if mde_at(max_n) > target:
+        return math.inf
+    lo, hi = 2, max_n  # the MDE falls with n: the first n at which it is <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mde_at(mid) <= target else (mid + 1, hi)
+    return lo
+
+
 def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> list[float]:
     """Holm's step-down adjusted p-values (statsmodels); NaN entries are left out and stay NaN."""
     p = np.asarray(pvalues, dtype=float)

@@ -187,6 +187,9 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
         else:
             expected = "excludes the paper's effect" if ref_out else "inconclusive"
         assert j["verdict"] == expected, j
+    # each measured claim projects the seeds its MDE needs for 2 points (stats.seeds_for), shown in the table
+    assert all({"seeds_for_mde", "seeds_for_mde_holm", "mde_floor"} <= j.keys() for j in measured)
+    assert "seeds for an MDE of 2 pts (α 0.05 / Holm)" in md
     # every run's plateau test: judged on its last 3 dev points (tiny's plateau_points), or marked too short
     plateaus = [r["plateau"] for rows in summary["rows_by_seed"].values() for r in rows]
     assert all(p["trend"] in ("flat", "rising", "falling", "too few points") for p in plateaus)

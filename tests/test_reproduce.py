@@ -120,6 +120,15 @@ def test_claims_table_shows_the_interval_the_corrected_p_and_the_mde():
     assert ("| 16: BMUF < GTC | +9.6% vs +15.6% | WER | +2.1 [+0.4, +3.8] pts | 0.030 | +6.0 pts | <0.001 | "
             "1.8 / 3.1 pts | **agrees; excludes the paper's effect** |") in table
     assert "| x | y | - | - | - | - | - | - | not measured |" in table
+    # with the seeds each claim's MDE would need (stats.seeds_for), a column more
+    j |= {"mde_target": 0.02, "seeds_for_mde": 4, "seeds_for_mde_holm": math.inf, "mde_floor": 0.012,
+          "mde_floor_holm": 0.021}
+    table = report.claims_table([j, j | {"seeds_for_mde": math.inf},
+                                 {"claim": "x", "paper": "y", "verdict": "not measured"}])
+    assert "MDE (α 0.05 / Holm) | seeds for an MDE of 2 pts (α 0.05 / Holm) | verdict |" in table
+    assert "| 1.8 / 3.1 pts | 4 / none: test set | **agrees" in table
+    assert "| 1.8 / 3.1 pts | > 100 / none: test set | **agrees" in table
+    assert "| x | y | - | - | - | - | - | - | - | not measured |" in table
 
 
 def test_search_winner_is_lowest_dev_wer_and_a_finished_search_is_reused(tmp_path):

@@ -46,6 +46,24 @@ def test_mde_matches_the_normal_approximation_for_many_seeds() -> None:
     assert stats.mde(se, 5) > z * se
 
 
+def test_seeds_for_an_mde_on_known_cases() -> None:
+    # no test-set noise: a one-sample t test needs n = 10 for d = 1 at alpha 0.05, power 0.8 (Cohen's
+    # tables; G*Power gives power 0.803 at n = 10 and 0.764 at n = 9)
+    assert stats.seeds_for(0.01, sd_seeds=0.01, se_boot=0.0) == 10
+    # the answer is the first n whose MDE reaches the target, found from the same function
+    n = stats.seeds_for(0.02, sd_seeds=0.022, se_boot=0.0066)
+    var = lambda k: 0.022 ** 2 / k  # noqa: E731
+    at = lambda k: stats.mde(math.sqrt(var(k) + 0.0066 ** 2), k,  # noqa: E731
+                             (k - 1) * ((var(k) + 0.0066 ** 2) / var(k)) ** 2)
+    assert at(n) <= 0.02 < at(n - 1)
+    # the test set's noise alone keeps the MDE above the target: no number of seeds reaches it
+    floor = stats.mde_floor(0.0075)
+    assert floor == pytest.approx((sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * 0.0075)
+    assert floor > 0.02 and stats.seeds_for(0.02, sd_seeds=0.0, se_boot=0.0075) == math.inf
+    assert stats.seeds_for(0.02, sd_seeds=0.05, se_boot=0.0, max_n=20) == math.inf  # beyond max_n
+    assert math.isnan(stats.seeds_for(0.02, sd_seeds=math.nan, se_boot=0.005))  # one seed: unknown
+
+
 def test_holm_on_a_textbook_case() -> None:
     # p = .01, .04, .03, .005 -> sorted .005 .01 .03 .04, times 4 3 2 1 -> .02 .03 .06 .06 (monotone)
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
