@@ -293,7 +293,6 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     if search_cfg and search_cfg.get("reuse"):
         search = load_search(to_absolute(search_cfg.reuse))
         winners |= {s: list(v["winner_overrides"]) for s, v in search["strategies"].items() if s in winners}
-        runner.run(baselines)
     elif search_cfg:
         n_s, seed_s = int(search_cfg.nodes), int(search_cfg.seed)
         if seed_s not in seeds:
@@ -332,8 +331,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
         search["runs"] = sum(len(v["candidates"]) for v in search["strategies"].values())
         search["run_s"] = sum(c.get("wall_s") or 0.0 for v in search["strategies"].values() for c in v["candidates"])
         runinfo.write_json_atomic(out / "search" / "search.json", search)
-    else:
-        runner.run(baselines)
+    # (without a search of its own, the baselines run beside the grid below, not one by one before it)
 
     # 4. every strategy x workers x seed, continuing from its seed's warm start
     jobs = []
