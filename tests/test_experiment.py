@@ -22,8 +22,8 @@ SUBSETS = {"train-clean-100": (2, 2, 3), "dev-clean": (1, 1, 2), "test-clean": (
 ZERO_STEPS = ("each worker's shard of the 12 training utterances (nodes=4) holds 3, fewer than batch_size=4: the run "
               "would train 0 steps (a worker steps on full batches only); set batch_size<=3 or nodes<=3 or add "
               "training utterances")
-NO_BLOCK = ("strategy=bmuf averages the models once every K = 16 steps (strategy.block_size) but this run trains 3 "
-            "steps (3 per epoch, trainer.max_epochs=1): no block would complete; set trainer.max_epochs>=6 or "
+NO_BLOCK = ("strategy=bmuf averages the models once every K = 8 steps (strategy.block_size) but this run trains 3 "
+            "steps (3 per epoch, trainer.max_epochs=1): no block would complete; set trainer.max_epochs>=3 or "
             "strategy.block_size<=3")
 
 

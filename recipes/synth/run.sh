@@ -37,9 +37,9 @@ common=(data=$data model=$model logger=$logger experiment=demo trainer.max_epoch
 cont_common=("${common[@]}" optim.lr=0.001 init_from=$exp/start)
 declare -A knobs=(
   [sync]=""
-  [gtc]=""
-  [bmuf]="strategy.block_size=8 strategy.block_lr=1.0"  # the demo's setting since 2026-11 (docs/demo.md)
-  [gtc_bmuf]="strategy.group_size=2 strategy.block_size=8"
+  [gtc]="strategy.tau=0.004"                            # the demo's settings since 2026-11 (docs/demo.md),
+  [bmuf]="strategy.block_size=8 strategy.block_lr=1.0"  # pinned: the defaults follow reproduce=cpu's search
+  [gtc_bmuf]="strategy.group_size=2 strategy.block_size=8 strategy.tau=0.004"
 )
 
 . recipes/stages.sh  # run_stage
