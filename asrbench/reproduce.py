@@ -236,6 +236,18 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
     if not 0 <= warm < epochs:
         raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
+    for key, ok, what in (("mde_target", lambda v: v > 0, "a positive fraction (0.02 = 2 points)"),
+                          ("plateau_tolerance", lambda v: v >= 0, "a fraction >= 0 (0.02 = 2%)"),
+                          ("plateau_points", lambda v: v >= 3 and v == int(v), "a whole number >= 3")):
+        value = rc.get(key)
+        if value is None:
+            continue
+        try:
+            good = ok(float(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"reproduce.{key}={value} must be {what}")
     for name in rc.strategies:  # any registered strategy; the baseline runs anyway
         if strategies.spec(name).name == strategies.BASELINE:
             raise ConfigError(f"reproduce.strategies lists {name}, the baseline every seed runs anyway; remove it")

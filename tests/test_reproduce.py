@@ -182,3 +182,20 @@ def test_every_scaled_preset_trains_each_run_at_least_1000_steps_and_the_block_r
     for candidate in rc.search.grid.get("bmuf", []):
         k = next(int(o.split("=")[1]) for o in candidate if o.startswith("strategy.block_size="))
         assert steps // k >= 50, f"reproduce={preset}: K={k} gives {steps // k} blocks at {n} workers"
+
+
+@pytest.mark.parametrize("key, value, what", [("mde_target", 0, "a positive fraction"),
+                                              ("mde_target", "two", "a positive fraction"),
+                                              ("plateau_tolerance", -0.1, "a fraction >= 0"),
+                                              ("plateau_points", 2, "a whole number >= 3")])
+def test_a_bad_statistics_key_stops_with_one_line_naming_it(tmp_path, key, value, what):
+    from omegaconf import OmegaConf
+
+    from asrbench.errors import ConfigError
+    from asrbench.reproduce import run_reproduce
+    cfg = OmegaConf.create({"reproduce": {"seeds": [0], "epochs": 2, "warm_start_epochs": 1, "strategies": [],
+                                          key: value}})
+    with pytest.raises(ConfigError, match=rf"^reproduce\.{key}={value} must be {what}"):
+        run_reproduce(cfg, tmp_path, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
