@@ -83,11 +83,16 @@ def published_failure(rank: int) -> str | None:
     store = _store()
     if store is None:
         return None
-    key = f"{_PREFIX}/failed/{rank}"
     try:
-        return store.get(key).decode() if store.check([key]) else None
+        return _failure(store, rank)
     except (RuntimeError, ValueError):
         return None
+
+
+def _failure(store: dist.Store, rank: int) -> str | None:
+    """`rank`'s published failure in `store`, or None; the store's errors propagate."""
+    key = f"{_PREFIX}/failed/{rank}"
+    return store.get(key).decode() if store.check([key]) else None
 
 
 def describe_peer_failures(wait_s: float = 3.0, poll_s: float = 0.05) -> str:
@@ -110,9 +115,9 @@ def describe_peer_failures(wait_s: float = 3.0, poll_s: float = 0.05) -> str:
             for peer in range(world):
                 if peer in failed or peer in alive:
                     continue
-                key = f"{_PREFIX}/failed/{peer}"
-                if store.check([key]):
-                    failed[peer] = store.get(key).decode()
+                failure = _failure(store, peer)
+                if failure is not None:
+                    failed[peer] = failure
                 elif store.check([f"{_PREFIX}/alive/{peer}"]):
                     alive.add(peer)
             if len(failed) + len(alive) == world or time.monotonic() >= deadline:
