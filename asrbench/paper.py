@@ -60,10 +60,16 @@ class Claim:
         return at(self.lower), tuple(at(h) for h in self.higher)
 
     def describe(self, nodes: Sequence[int]) -> str:
-        """The claim's text at `nodes` (the paper's worker counts replaced by the experiment's)."""
+        """The claim's text at `nodes` (the paper's worker counts replaced by the experiment's). A claim
+        that needs a tier the experiment did not run keeps the paper's counts and says so."""
         text = self.text
-        for i, paper in enumerate(PAPER_NODES):
-            text = text.replace(f"{{{paper}}}", str(nodes[i]) if i < len(nodes) else f"(the tier of {paper}: not run)")
+        named = [i for i, paper in enumerate(PAPER_NODES) if f"{{{paper}}}" in text]
+        if self.cells(nodes) is None or any(i >= len(nodes) for i in named):
+            for paper in PAPER_NODES:
+                text = text.replace(f"{{{paper}}}", str(paper))
+            return f"{text} (the paper's workers; tier not run)"
+        for i in named:
+            text = text.replace(f"{{{PAPER_NODES[i]}}}", str(nodes[i]))
         return text
 
     def paper_text(self) -> str:

@@ -168,7 +168,7 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     summary = json.loads((out / "reproduce.json").read_text())
     assert summary["baseline"]["strategy"] == "single" and len(summary["claims"]) == 11
     claims = {c["claim"]: c for c in summary["claims"]}
-    assert claims["trend: GTC collapses at (the tier of 128: not run) (worse than at 8)"]["verdict"] == "not measured"
+    assert claims["trend: GTC collapses at 128 (worse than at 64) (the paper's workers; tier not run)"]["verdict"] == "not measured"
     # one claim recomputed from every run's own WER (jiwer, results.json), seed by seed
     c = claims["4: GTC < BMUF"]
     rel = {(r["strategy"], r["nodes"], r["seed"]): r["eval"]["test_seen"]["fer"]  # reproduce=tiny's claim metric

@@ -103,7 +103,8 @@ def test_claims_are_restated_at_the_experiments_worker_counts():
     by_text = {c.text: c for c in CLAIMS}
     c = by_text["{128}: BMUF < GTC"]
     assert c.cells([4, 8, 16]) == (("bmuf", 16), (("gtc", 16),))
-    assert c.cells([4, 8]) is None  # its tier of 128 was not run
+    assert c.cells([4, 8]) is None  # its tier of 128 was not run: labelled with the paper's counts
+    assert c.describe([4, 8]) == "128: BMUF < GTC (the paper's workers; tier not run)"
     assert c.describe([4, 8, 16]) == "16: BMUF < GTC" and c.paper_text() == "+9.6% vs +15.6%"
     assert c.margin == pytest.approx(0.156 - 0.096)
     below = by_text["{32}: GTC-BMUF below the baseline"]
