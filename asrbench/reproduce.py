@@ -117,6 +117,20 @@ def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path)
 # ---------------------------------------------------------------------------------------------
 # Finished experiments
 # ---------------------------------------------------------------------------------------------
+def earlier_invocations(out: Path) -> list[dict]:
+    """What earlier invocations in this directory did (its reproduce.json, if any): their wall times,
+    commits and how many runs each trained, so that a report re-rendered over finished runs still
+    names the invocation that trained them."""
+    p = Path(out) / "reproduce.json"
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return []
+    if old.get("invocations"):
+        return list(old["invocations"])
+    return [{"wall_s": old.get("wall_s"), "trained": old.get("trained_here"), "git_commit": old.get("git_commit")}]
+
+
 def load_reproduce(path: str | Path) -> dict:
     """A finished reproduce's reproduce.json (the file, or the directory holding it)."""
     p = Path(path)
@@ -168,6 +182,7 @@ class Runner:
         if parallel < 1 or (threads is not None and threads < 1):
             raise ValueError("Args `parallel` and `threads` must be positive values")
         self.conf_dir, self.parallel, self.threads = str(conf_dir), parallel, threads
+        self.trained: set[str] = set()  # the jobs this invocation trained (the rest were finished before)
 
     def run(self, jobs: Sequence[Job]) -> dict[str, dict]:
         done: dict[str, dict] = {}
@@ -192,6 +207,7 @@ class Runner:
                 for future in as_completed(futures):
                     job = futures[future]
                     res = done[job.name] = future.result()
+                    self.trained.add(job.name)
                     log.info("%s: %d steps, dev WER %.1f%%, test WER %.1f%% (%.0f s; %d of %d done, %.0f s in)",
                              job.name, res["steps"], res["eval"]["dev"]["wer"] * 100, res["wer"] * 100,
                              res["wall_s"], sum(f.done() for f in futures), len(futures), time.perf_counter() - t0)
@@ -231,6 +247,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     """The whole experiment; returns reproduce.json's content and writes report.md with its plots."""
 
     t0 = time.perf_counter()
+    earlier = earlier_invocations(out)
     rc = cfg.reproduce
     seeds = [int(s) for s in rc.get("seeds") or [0]]
     epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
@@ -389,6 +406,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
                 if reused_paths and Path(c["run"]) not in grid_paths]
     every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *baselines])]
+    wall = time.perf_counter() - t0
     return {"runs": len(every) + len(searched),
             "run_s": sum(r.get("wall_s") or 0.0 for r in every) + sum(c.get("wall_s") or 0.0 for c in searched),
             "seeds": seeds, "nodes": nodes, "rows_by_seed": rows_by_seed, "cells": analysis.cell_means(rows_by_seed),
@@ -396,7 +414,10 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             "winners": winners, "histories": histories, "first_seed_rows": first,
             "warm_starts": {s: {k: r.get(k) for k in ("steps", "wer", "eval", "wall_s")} for s, r in
                             zip(seeds, [warm_results.get(f"seed{s} warm start") or {} for s in seeds])},
-            "baseline": rows_by_seed[seeds[0]][0], "wall_s": time.perf_counter() - t0, "fer": fer,
+            "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall,
+            "trained_here": len(runner.trained), "fer": fer,
+            "invocations": [*earlier, {"wall_s": wall, "trained": len(runner.trained),
+                                       "git_commit": runinfo.git_commit()}],
             "target_within": within}
 
 
@@ -432,5 +453,12 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
             f"Overrides for every run: `{' '.join(rc.overrides)}`. Optimizer steps per run: {steps_text} workers. "
             f"Baseline, mean ± sd over seeds: {'; '.join(base)}. "
             f"{result['runs']} runs whose own wall times add up to {result['run_s'] / 60:.1f} min "
-            f"({rc.get('parallel') or 1} at a time); this invocation took {result['wall_s'] / 60:.1f} min "
-            f"(finished runs are reused).")
+            f"({rc.get('parallel') or 1} at a time); this invocation took {result['wall_s'] / 60:.1f} min"
+            + (" (finished runs are reused)." if "trained_here" not in result else
+               " and trained every one of them." if result["trained_here"] >= result["runs"] else
+               f" and trained {result['trained_here']} of them; the other {result['runs'] - result['trained_here']} "
+               f"an earlier invocation had finished, and their wall times are theirs.")
+            + "".join(f" Earlier invocation in this directory: {inv['wall_s'] / 60:.1f} min at commit "
+                      f"{str(inv.get('git_commit') or 'unknown')[:7]}"
+                      + (f", {inv['trained']} runs trained." if inv.get("trained") is not None else ".")
+                      for inv in result.get("invocations", [])[:-1] if inv.get("wall_s") is not None))

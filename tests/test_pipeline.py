@@ -202,6 +202,16 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
         return text.split("## The paper's claims")[1].split("## The knob search")[0]
 
     assert claims_section((out / "report.md").read_text()) == claims_section(md)
+    # the setup line says what the invocation itself trained: everything the first time, nothing the second
+    runs = summary["runs"]
+    assert summary["trained_here"] == runs and f"{runs} runs whose own wall times" in md
+    assert "and trained every one of them." in md
+    assert json.loads((out / "reproduce.json").read_text())["trained_here"] == 0
+    assert f"and trained 0 of them; the other {runs} an earlier invocation had finished" in (out / "report.md").read_text()
+    # ... and names the invocation that trained them
+    first, second = json.loads((out / "reproduce.json").read_text())["invocations"]
+    assert first["trained"] == runs and second["trained"] == 0 and first["wall_s"] == summary["wall_s"]
+    assert f"Earlier invocation in this directory: {first['wall_s'] / 60:.1f} min at commit" in (out / "report.md").read_text()
 
 
 def test_every_command_of_the_one_registry_runs_a_hydra_app():
