@@ -669,13 +669,18 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
     parts = [
         "# asrbench reproduce", "", setup, "",
         f"## The paper's claims ({split}, {main['utterances']:,} utterances, {main['words']:,} words; "
-        f"{len(main['seeds'])} seeds)", "",
+        f"{len(main['seeds'])} seed{'s' if len(main['seeds']) != 1 else ''})", "",
         claims_table(main["claims"]), "",
     ]
     tested = sum(j.get("verdict") != "not measured" for j in main["claims"])
     if not tested:
         parts += ["No claim could be tested: each needs cells (strategies at worker counts) this run did not "
                   "train. The tables below still give every cell's effect with its paired CI.", ""]
+    if len(main["seeds"]) == 1:
+        parts += ["**One seed:** every CI and p-value here holds the test set's noise alone (the paired "
+                  "bootstrap over utterances). Nothing measures how far another seed would move a run, so a "
+                  "verdict says what this test set can tell about these runs, not about the strategies; "
+                  "the MDE and seeds columns need two seeds or more.", ""]
     parts += [STATISTICS_NOTE.format(resamples=main["resamples"], claims=tested, nodes=" / ".join(map(str, nodes))), ""]
     within = float(result.get("target_within", 0.05))
     parts += [f"## Every strategy: accuracy, bytes and time ({split})", "",

@@ -444,7 +444,9 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
     for split, ev in result["evidence"].items():
         per_seed = list(ev["baseline_per_seed"]["wer"].values())
         mean, sd = analysis.mean_sd(per_seed)
-        base.append(f"{split} WER {mean * 100:.1f} ± {sd * 100:.1f}% ({ev['words']:,} words)")
+        many = len(per_seed) > 1
+        base.append(f"{split} WER {mean * 100:.1f}{f' ± {sd * 100:.1f}' if many else ''}% "
+                    f"({ev['words']:,} words{'' if many else ', one seed'})")
     warm = rc.get("warm_start_overrides") or []
     return (f"`reproduce={rc.name}`: baseline and {', '.join(rc.strategies)} at {', '.join(map(str, rc.nodes))} "
             f"workers on the simulated cluster, seeds {result['seeds']}. Every run sees {rc.epochs} epochs of "
@@ -458,7 +460,14 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
                " and trained every one of them." if result["trained_here"] >= result["runs"] else
                f" and trained {result['trained_here']} of them; the other {result['runs'] - result['trained_here']} "
                f"an earlier invocation had finished, and their wall times are theirs.")
-            + "".join(f" Earlier invocation in this directory: {inv['wall_s'] / 60:.1f} min at commit "
-                      f"{str(inv.get('git_commit') or 'unknown')[:7]}"
-                      + (f", {inv['trained']} runs trained." if inv.get("trained") is not None else ".")
-                      for inv in result.get("invocations", [])[:-1] if inv.get("wall_s") is not None))
+            + _earlier_text(result.get("invocations", [])[:-1]))
+
+
+def _earlier_text(invocations: Sequence[Mapping]) -> str:
+    """The earlier invocations in a reproduce directory that trained something (or did not record it)."""
+    shown = [f"{inv['wall_s'] / 60:.1f} min at commit {str(inv.get('git_commit') or 'unknown')[:7]}"
+             + (f" ({inv['trained']} runs trained)" if inv.get("trained") is not None else "")
+             for inv in invocations if inv.get("wall_s") is not None and inv.get("trained") != 0]
+    if not shown:
+        return ""
+    return f" Earlier invocation{'s' if len(shown) > 1 else ''} in this directory: {'; '.join(shown)}."

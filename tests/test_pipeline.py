@@ -211,7 +211,14 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     # ... and names the invocation that trained them
     first, second = json.loads((out / "reproduce.json").read_text())["invocations"]
     assert first["trained"] == runs and second["trained"] == 0 and first["wall_s"] == summary["wall_s"]
-    assert f"Earlier invocation in this directory: {first['wall_s'] / 60:.1f} min at commit" in (out / "report.md").read_text()
+    assert (f"Earlier invocation in this directory: {first['wall_s'] / 60:.1f} min at commit "
+            f"{str(first['git_commit'])[:7]} ({runs} runs trained).") in (out / "report.md").read_text()
+    # one seed of the same runs (all reused): the report says its CIs are the test set's alone, and no "± nan"
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", "reproduce.seeds=[0]", f"hydra.run.dir={out}", timeout=120)
+    one = (out / "report.md").read_text()
+    assert "**One seed:** every CI and p-value here holds the test set's noise alone" in one
+    assert "WER" in one and "words, one seed)" in one and "nan%" not in one and "; 1 seed)" in one
+    assert one.count("Earlier invocation in this directory:") == 1  # re-renders that trained nothing are not listed
 
 
 def test_every_command_of_the_one_registry_runs_a_hydra_app():
