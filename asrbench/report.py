@@ -570,8 +570,16 @@ def claims_table(claims: Sequence[Mapping]) -> str:
         lines.append(
             f"| {j['claim']} | {j['paper']} | {j['metric'].upper()} | {_ci(j)} pts | {_p(j.get('p_holm'))} | "
             f"{'-' if margin is None else f'{margin * 100:+.1f} pts'} | {_p(j.get('p_ref_holm'))} | "
-            f"{j['mde'] * 100:.1f} / {j['mde_holm'] * 100:.1f} pts |{seeds} **{j['verdict']}** |")
+            f"{_mde(j)} |{seeds} **{j['verdict']}** |")
     return "\n".join(lines)
+
+
+def _mde(j: Mapping) -> str:
+    """A claim's MDE at α 0.05 / at Holm's level; "-" where it is undefined (one seed: no seed spread)."""
+    mde, holm = j.get("mde"), j.get("mde_holm")
+    if mde is None or holm is None or not (math.isfinite(mde) and math.isfinite(holm)):
+        return "-"
+    return f"{mde * 100:.1f} / {holm * 100:.1f} pts"
 
 
 def _seeds(n: float | None, floor: float | None, target: float) -> str:

@@ -218,6 +218,7 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     one = (out / "report.md").read_text()
     assert "**One seed:** every CI and p-value here holds the test set's noise alone" in one
     assert "WER" in one and "words, one seed)" in one and "nan%" not in one and "; 1 seed)" in one
+    assert "nan" not in one.split("## The paper's claims")[1].split("**One seed:**")[0]  # no MDE without a spread
     assert one.count("Earlier invocation in this directory:") == 1  # re-renders that trained nothing are not listed
 
 
