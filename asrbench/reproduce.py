@@ -128,7 +128,7 @@ def earlier_invocations(out: Path) -> list[dict]:
         return []
     if old.get("invocations"):
         return list(old["invocations"])
-    return [{"wall_s": old.get("wall_s"), "trained": old.get("trained_here"), "git_commit": old.get("git_commit")}]
+    return [{"wall_s": old.get("wall_s"), "trained": None, "git_commit": old.get("git_commit")}]
 
 
 def load_reproduce(path: str | Path) -> dict:
@@ -414,8 +414,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             "winners": winners, "histories": histories, "first_seed_rows": first,
             "warm_starts": {s: {k: r.get(k) for k in ("steps", "wer", "eval", "wall_s")} for s, r in
                             zip(seeds, [warm_results.get(f"seed{s} warm start") or {} for s in seeds])},
-            "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall,
-            "trained_here": len(runner.trained), "fer": fer,
+            "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall, "fer": fer,
             "invocations": [*earlier, {"wall_s": wall, "trained": len(runner.trained),
                                        "git_commit": runinfo.git_commit()}],
             "target_within": within}
@@ -448,6 +447,8 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
         base.append(f"{split} WER {mean * 100:.1f}{f' ± {sd * 100:.1f}' if many else ''}% "
                     f"({ev['words']:,} words{'' if many else ', one seed'})")
     warm = rc.get("warm_start_overrides") or []
+    *earlier, this = result["invocations"]
+    trained = this["trained"]
     return (f"`reproduce={rc.name}`: baseline and {', '.join(rc.strategies)} at {', '.join(map(str, rc.nodes))} "
             f"workers on the simulated cluster, seeds {result['seeds']}. Every run sees {rc.epochs} epochs of "
             f"data, the first {rc.get('warm_start_epochs') or 0} as one single-worker warm start per seed"
@@ -456,11 +457,10 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
             f"Baseline, mean ± sd over seeds: {'; '.join(base)}. "
             f"{result['runs']} runs whose own wall times add up to {result['run_s'] / 60:.1f} min "
             f"({rc.get('parallel') or 1} at a time); this invocation took {result['wall_s'] / 60:.1f} min"
-            + (" (finished runs are reused)." if "trained_here" not in result else
-               " and trained every one of them." if result["trained_here"] >= result["runs"] else
-               f" and trained {result['trained_here']} of them; the other {result['runs'] - result['trained_here']} "
+            + (" and trained every one of them." if trained >= result["runs"] else
+               f" and trained {trained} of them; the other {result['runs'] - trained} "
                f"an earlier invocation had finished, and their wall times are theirs.")
-            + _earlier_text(result.get("invocations", [])[:-1]))
+            + _earlier_text(earlier))
 
 
 def _earlier_text(invocations: Sequence[Mapping]) -> str:

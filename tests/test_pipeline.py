@@ -204,9 +204,9 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     assert claims_section((out / "report.md").read_text()) == claims_section(md)
     # the setup line says what the invocation itself trained: everything the first time, nothing the second
     runs = summary["runs"]
-    assert summary["trained_here"] == runs and f"{runs} runs whose own wall times" in md
+    assert summary["invocations"][-1]["trained"] == runs and f"{runs} runs whose own wall times" in md
     assert "and trained every one of them." in md
-    assert json.loads((out / "reproduce.json").read_text())["trained_here"] == 0
+    assert json.loads((out / "reproduce.json").read_text())["invocations"][-1]["trained"] == 0
     assert f"and trained 0 of them; the other {runs} an earlier invocation had finished" in (out / "report.md").read_text()
     # ... and names the invocation that trained them
     first, second = json.loads((out / "reproduce.json").read_text())["invocations"]
