@@ -1,4 +1,5 @@
-"""Error rates: WER/CER through jiwer, FER against frame labels, relative change vs a baseline."""
+"""Error rates: WER/CER through jiwer (WER also by edit kind, and SER), FER against frame labels,
+relative change vs a baseline."""
 from __future__ import annotations
 
 import math
@@ -26,15 +27,44 @@ def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
 def utterance_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, list[int]]:
     """Per utterance: word edits and reference words, character edits and reference characters
     (Levenshtein distance, torchaudio). Their sums give the corpus WER and CER that jiwer gives; per
-    utterance they let a bootstrap resample the test set (asrbench.stats)."""
+    utterance they let a bootstrap resample the test set (asrbench.stats).
 
+    The word edits are also split by kind from one alignment per utterance (jiwer.process_words):
+    ``sub``, ``del`` and ``ins`` (each counted against the reference words, so the three rates add
+    up to the WER), and ``ser``, the sentence error rate (1 per utterance with any word error, of
+    1). A strategy that only drops words reads differently from one that confuses them."""
+
+    hyps = [h or "" for h in hyps]
     out: dict[str, list[int]] = {"wer_errors": [], "wer_counts": [], "cer_errors": [], "cer_counts": []}
     for ref, hyp in zip(refs, hyps, strict=True):
-        hyp = hyp or ""
         out["wer_errors"].append(int(edit_distance(ref.split(), hyp.split())))
         out["wer_counts"].append(len(ref.split()))
         out["cer_errors"].append(int(edit_distance(list(ref), list(hyp))))
         out["cer_counts"].append(len(ref))
+    out |= word_edit_kinds(refs, hyps)
+    assert [s + d + i for s, d, i in zip(out["sub_errors"], out["del_errors"], out["ins_errors"])] == \
+        out["wer_errors"], "jiwer's alignment and torchaudio's edit distance disagree on an utterance's word edits"
+    return out
+
+
+def word_edit_kinds(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, list[int]]:
+    """Per utterance: substitutions, deletions and insertions of a minimal word alignment (jiwer, counted
+    as jiwer counts them), each with the reference words as counts, and the sentence error (any word
+    edit) of 1 utterance. Words are split on whitespace, as :func:`utterance_errors` splits them."""
+    out: dict[str, list[int]] = {k: [] for k in ("sub_errors", "sub_counts", "del_errors", "del_counts",
+                                                 "ins_errors", "ins_counts", "ser_errors", "ser_counts")}
+    if not refs:
+        return out
+    aligned = jiwer.process_words([" ".join(r.split()) for r in refs], [" ".join((h or "").split()) for h in hyps])
+    for ref, chunks in zip(aligned.references, aligned.alignments, strict=True):
+        edits = {"substitute": 0, "delete": 0, "insert": 0, "equal": 0}
+        for c in chunks:
+            edits[c.type] += c.hyp_end_idx - c.hyp_start_idx if c.type == "insert" else c.ref_end_idx - c.ref_start_idx
+        for key, kind in (("sub", "substitute"), ("del", "delete"), ("ins", "insert")):
+            out[f"{key}_errors"].append(edits[kind])
+            out[f"{key}_counts"].append(len(ref))
+        out["ser_errors"].append(int(edits["substitute"] + edits["delete"] + edits["insert"] > 0))
+        out["ser_counts"].append(1)
     return out
 
 

@@ -70,3 +70,52 @@ def test_frame_errors_per_row_ignore_padding():
     logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
     labels = torch.tensor([[1, 1, -100], [0, 1, 1]])
     assert metrics.frame_errors_per_row(logits, labels) == ([1, 2], [2, 3])
+
+
+def test_word_edits_split_by_kind_add_up_to_the_edit_distance():
+    refs = ["THE CAT SAT", "ON THE MAT", "A DOG", "HELLO", "GO  HOME ", "", ""]
+    hyps = ["THE CAT SAT", "ON A MAT THERE", "", "HELO", "GO HOME", "UH", None]
+    counts = metrics.utterance_errors(refs, hyps)
+    # by hand: exact; 1 substitution + 1 insertion; 2 deletions (empty hypothesis); 1 substitution;
+    # the same words spaced differently; an empty reference with 1 inserted word; both empty
+    assert counts["sub_errors"] == [0, 1, 0, 1, 0, 0, 0]
+    assert counts["del_errors"] == [0, 0, 2, 0, 0, 0, 0]
+    assert counts["ins_errors"] == [0, 1, 0, 0, 0, 1, 0]
+    assert counts["ser_errors"] == [0, 1, 1, 1, 0, 1, 0] and counts["ser_counts"] == [1] * 7
+    for kind in ("sub", "del", "ins"):
+        assert counts[f"{kind}_counts"] == counts["wer_counts"] == [3, 3, 2, 1, 2, 0, 0]
+    # against torchaudio's edit distance, utterance by utterance, and jiwer's corpus totals
+    assert [s + d + i for s, d, i in zip(counts["sub_errors"], counts["del_errors"], counts["ins_errors"])] \
+        == counts["wer_errors"] == [0, 2, 2, 1, 0, 1, 0]
+    out = jiwer.process_words(refs[:4], hyps[:4])
+    assert (sum(counts["sub_errors"][:4]), sum(counts["del_errors"][:4]), sum(counts["ins_errors"][:4])) \
+        == (out.substitutions, out.deletions, out.insertions)
+
+
+def test_word_edit_kinds_agree_with_torchaudio_on_random_sentences():
+    import random
+
+    from torchaudio.functional import edit_distance
+
+    rng = random.Random(3)
+    vocab = ["A", "B", "C", "D", "E"]
+    refs = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 8))) for _ in range(300)]
+    hyps = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 8))) for _ in range(300)]
+    kinds = metrics.word_edit_kinds(refs, hyps)
+    for i, (r, h) in enumerate(zip(refs, hyps)):
+        assert kinds["sub_errors"][i] + kinds["del_errors"][i] + kinds["ins_errors"][i] \
+            == edit_distance(r.split(), h.split())
+        assert kinds["ser_errors"][i] == int(r.split() != h.split())
+    assert metrics.word_edit_kinds([], []) == {k: [] for k in kinds}
+
+
+def test_scores_tables_with_and_without_edit_kinds_load():
+    from asrbench import stats
+
+    new = {"ids": ["1-1-0", "1-1-1"], **metrics.utterance_errors(["A B", "C"], ["A", "D E"])}
+    sc = stats.Scores.from_table(new)
+    assert set(sc.errors) == {"wer", "cer", "sub", "del", "ins", "ser"}
+    assert sc.rate("sub") + sc.rate("del") + sc.rate("ins") == pytest.approx(sc.rate("wer"))  # 1/3 + 1/3 + 1/3
+    assert sc.rate("ser") == 1.0
+    old = {k: v for k, v in new.items() if k.split("_")[0] in ("ids", "wer", "cer")}  # a file from before
+    assert set(stats.Scores.from_table(old).errors) == {"wer", "cer"}

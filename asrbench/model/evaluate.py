@@ -15,7 +15,8 @@ from asrbench.model.module import criterion_loss, targets_to_text
 def evaluate_split(model: torch.nn.Module, split, frame_labels: Mapping[str, torch.Tensor] | None = None,
                    batch_size: int = 32, device: str | torch.device = "cpu", criterion: str = "ctc") -> dict:
     """Greedy-decode every utterance of `split`; returns metrics, the hypotheses by utterance and
-    `scores`, the per-utterance error counts (asrbench.stats.Scores) behind WER, CER and FER.
+    `scores`, the per-utterance error counts (asrbench.stats.Scores) behind WER (and its substitutions,
+    deletions and insertions), SER, CER and FER.
 
     `loss` is the training criterion on the split (the mean over batches, weighted by their
     utterances); None for criterion=ce without frame labels."""
