@@ -152,3 +152,39 @@ def test_the_interval_covers_a_null_difference_95_percent_of_the_time(sd_seeds, 
         res = stats.paired(d, boot)
         covered += res.low <= 0 <= res.high
     assert 0.93 <= covered / reps <= 0.975
+
+
+def test_unstratified_bootstrap_indices_are_unchanged() -> None:
+    # bitwise the draw the committed reports were computed with
+    expect = np.random.default_rng(5).integers(0, 7, size=(40, 7))
+    assert np.array_equal(stats.bootstrap_indices(7, 40, seed=5), expect)
+    assert np.array_equal(stats.bootstrap_indices(7, 40, seed=5, strata=None), expect)
+
+
+def test_stratified_bootstrap_keeps_each_strata_count() -> None:
+    ids = ["300-1-0", "302-1-0", "300-1-1", "305-2-0", "302-1-1", "300-1-2", "305-2-1", "309-3-0"]
+    spk = stats.speakers(ids)
+    assert spk == ["300", "302", "300", "305", "302", "300", "305", "309"]
+    idx = stats.bootstrap_indices(len(ids), 500, seed=3, strata=spk)
+    assert idx.shape == (500, 8)
+    labels = np.array(spk)
+    for s in set(spk):  # every row holds each speaker as often as the test set does, in the same columns
+        assert (labels[idx] == s).sum(axis=1).tolist() == [spk.count(s)] * 500
+        assert (labels[idx][:, labels == s] == s).all()
+    # within a stratum the draw is with replacement over all its utterances
+    assert set(idx[:, 0].tolist()) == {0, 2, 5} and (idx[:, 7] == 7).all()
+    assert any(len(set(row[labels == "300"])) < 3 for row in idx)
+    # deterministic given the seed, and another seed draws other rows
+    assert np.array_equal(idx, stats.bootstrap_indices(len(ids), 500, seed=3, strata=spk))
+    assert not np.array_equal(idx, stats.bootstrap_indices(len(ids), 500, seed=4, strata=spk))
+    with pytest.raises(ValueError, match="one label per utterance"):
+        stats.bootstrap_indices(len(ids), 10, strata=spk[:-1])
+
+
+def test_stratified_bootstrap_leaves_out_the_speaker_mix_noise() -> None:
+    """Two speakers, one erring on every word and one on none: the utterance resample moves the WER
+    with the mix of speakers it draws; the per-speaker resample keeps the mix, so the WER stays put."""
+    sc = _scores([5] * 10 + [0] * 10, [5] * 20, ids=[f"{1 + i // 10}-0-{i:02d}" for i in range(20)])
+    plain = sc.rate("wer", stats.bootstrap_indices(20, 300, seed=0))
+    strat = sc.rate("wer", stats.bootstrap_indices(20, 300, seed=0, strata=stats.speakers(sc.ids)))
+    assert np.std(plain) > 0.05 and np.allclose(strat, 0.5)
