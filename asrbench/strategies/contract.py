@@ -173,6 +173,10 @@ class StrategySpec:
     size_keys: tuple[str, ...] = ()  # those that grow with the parameter count (re-costed for another model)
     compresses: bool = False  # sends a fraction of the gradient: its density is reported
     knobs: Mapping[str, Any] = {}  # key below strategy. -> asrbench.knobs.Knob: what its yaml's keys accept
+    # Largest relative difference of the parameters, per step and per rank, between the simulated
+    # cluster and real gloo workers (tests/strategies/equivalence.py): the float order of a
+    # library's collective is not ours, so a strategy whose sums run in that order states its own.
+    equivalence_tolerance: float = 1e-5
 
     # -- configuration ---------------------------------------------------------------------------
     def exchange_group(self, cfg: Mapping[str, Any], nodes: int) -> int:

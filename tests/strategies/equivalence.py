@@ -4,8 +4,8 @@ A case is a strategy config (conf/strategy keys) plus optimizer keys added to OP
 trains every case through the full Lightning path of `asrbench train` (SpeechDataModule, the
 registered strategy, gradient clipping, the lr schedulers) on NODES gloo ranks and records each
 rank's parameters after every step; `simulated` trains the same case on the simulated cluster;
-`check_equal` holds them to a relative error of 1e-5 per step and per rank, with rank 0's byte
-accounting equal. Used by tests/cluster/test_simulated.py and each strategy's own tests.
+`check_equal` holds them to the strategy's ``equivalence_tolerance`` (relative error per step and
+per rank; 1e-5 unless the strategy's spec says otherwise), with rank 0's byte accounting equal. Used by tests/cluster/test_simulated.py and each strategy's own tests.
 """
 from __future__ import annotations
 
@@ -117,9 +117,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def check_equal(sim: Mapping[str, Any], real: list[Mapping[str, Any]], name: str, tolerance: float = 1e-5) -> None:
-    """Every rank's parameters after every step and at the end within `tolerance` (relative), the
-    model trained, and rank 0's accounting equal to worker 0's."""
+def check_equal(sim: Mapping[str, Any], real: list[Mapping[str, Any]], name: str,
+                tolerance: float | None = None) -> None:
+    """Every rank's parameters after every step and at the end within `tolerance` (relative; the
+    strategy's ``equivalence_tolerance`` unless given), the model trained, and rank 0's accounting
+    equal to worker 0's."""
+    if tolerance is None:
+        tolerance = sim["cluster"].spec.equivalence_tolerance
     assert sim["per_step"].shape[0] == STEPS
     worst = max(rel(sim["per_step"][s, rank], real[rank]["per_step"][s]) for s in range(STEPS) for rank in range(NODES))
     assert worst <= tolerance, f"{name}: parameters differ from the real workers' by {worst:.2e} (relative)"
