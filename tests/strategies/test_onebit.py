@@ -288,3 +288,40 @@ def test_build_refuses_a_hook_of_its_own_and_the_spec_holds_one_error_array():
     with pytest.raises(Exception, match="ddp_comm_hook"):
         build_strategy({"name": "onebit", "ddp_comm_hook": print}, nodes=2, timeout_s=30)
     assert spec("onebit").stacked_arrays({"name": "onebit"}, 4) == {"error feedback": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode without an index, and a worker's own message decoded once
+# ---------------------------------------------------------------------------------------------
+def test_broadcast_expand_is_bitwise_the_indexed_decode():
+    from asrbench.strategies.onebit import expand
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = [torch.Size([7, 5]), torch.Size([3]), torch.Size([0, 4]), torch.Size([2, 3, 2]), torch.Size([1])]
+    x = torch.randn(3, 35 + 3 + 12 + 1, generator=gen)
+    bits, values = encode(x, shapes)  # three workers' rows at once
+    column = column_index(shapes)
+    for w in range(3):
+        assert torch.equal(expand(bits[w], values[w], shapes), decode(bits[w], values[w], column))
+    assert torch.equal(expand(bits, values, shapes), torch.stack([decode(bits[w], values[w], column) for w in range(3)]))
+
+
+def test_a_worker_does_not_decode_its_own_message_and_gets_the_same_bits(monkeypatch):
+    from asrbench.strategies import onebit
+
+    shapes = [torch.Size([6, 4]), torch.Size([5])]
+    c = onebit.OneBit()
+    plan = c.plan(shapes)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 29, generator=gen)
+    memory = torch.randn(3, 29, generator=gen)
+    messages, q = c.encode(x, [memory[:, :24], memory[:, 24:]], plan, 3)
+    unpacked = []
+    real_unpack = onebit.unpack_bits
+    monkeypatch.setattr(onebit, "unpack_bits", lambda *a: unpacked.append(1) or real_unpack(*a))
+    every = c.decode(messages, plan, torch.empty(29), 3, 0)  # the simulated cluster: every message from its bytes
+    assert len(unpacked) == 3
+    for rank in range(3):  # as the hook on each rank: its own q from encode, the others' from their bytes
+        unpacked.clear()
+        mine = c.decode(messages, plan, torch.empty(29), 3, 0, own=(rank, q[rank:rank + 1]))
+        assert len(unpacked) == 2 and torch.equal(mine, every)
