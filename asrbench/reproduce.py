@@ -204,7 +204,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
         return [f"logger.job_type={kind}"] if cfg.run_logger == "wandb" else []
 
     threads = rc.get("threads_per_run")
-    runner = Runner(conf_dir, int(rc.get("parallel") or os.cpu_count() or 1), int(threads) if threads else None)
+    runner = Runner(conf_dir, int(rc.get("parallel") or os.cpu_count() or 1), int(threads) if threads else None, lock=out)
     experiment.load_features(compose("train", overrides=common))  # corpus and features once, before any run
     single = [f"strategy={strategies.BASELINE}", "nodes=1"]
     fer = "alignment" if rc.get("fer") is True else rc.get("fer")  # true: the older name of alignment
