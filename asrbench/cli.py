@@ -1,10 +1,12 @@
 """`asrbench <command> [hydra overrides]`: dispatch to the Hydra app of each command."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 
 # The one command registry: name -> (what it does, the function of asrbench.apps that runs it).
@@ -28,7 +30,44 @@ ENV = "ASRBENCH_COMMAND"
 
 
 def strategies_table() -> str:
-    """`asrbench strategies`: every registered strategy, what it is and what it accepts."""
+    """`asrbench strategies`: every registered strategy, what it is and what it accepts.
+
+    Building the table imports every strategy module, hence torch and Lightning (~5 s on 2 cores), so
+    it is kept in a cache file named by a digest of asrbench's sources (:func:`_table_cache`): a listing
+    is the registry's own answer for exactly the code on disk, and any edit there rebuilds it."""
+    cache = _table_cache()
+    try:
+        return cache.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    table = _build_strategies_table()
+    try:  # a cache that cannot be written only costs the next listing its speed
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cache.parent, delete=False) as tmp:
+            tmp.write(table)
+        os.replace(tmp.name, cache)
+        for stale in sorted(cache.parent.glob("strategies-*.md"), key=os.path.getmtime)[:-KEPT_TABLES]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return table
+
+
+KEPT_TABLES = 8  # cached strategies tables kept (one per version of the sources; several checkouts share the cache)
+
+
+def _table_cache(package: Path | None = None) -> Path:
+    """Where the strategies table of these sources is kept: $XDG_CACHE_HOME/asrbench (~/.cache/asrbench),
+    named by a digest of every .py file of the package (asrbench/) and the interpreter's version."""
+    digest = hashlib.sha256(sys.version.encode())
+    package = package or Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asrbench"
+    return root / f"strategies-{digest.hexdigest()[:20]}.md"
+
+
+def _build_strategies_table() -> str:
     from asrbench import strategies  # the registry imports each strategy module (torch, Lightning)
 
     lines = ["| strategy | what it is | module | knobs (strategy.KEY=...) |", "|---|---|---|---|"]
