@@ -47,7 +47,7 @@ def by_cell(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str) -> dict[C
 def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Sequence[int],
             strategies: Sequence[str], claim_metric: str = "wer", claims: Sequence[Claim] = CLAIMS,
             resamples: int = 1000, boot_seed: int = 0, alpha: float = stats.ALPHA,
-            mde_target: float = 0.02) -> dict[str, Any]:
+            mde_target: float = 0.02, stratify: bool = True) -> dict[str, Any]:
     """Cells against the baseline, strategy pairs at each worker count, and the claims judged with
     Holm's correction over the claims (one family for "differs from 0", one for "differs from the
     paper's margin"). Effects are relative error changes (0.02 = 2 points); positive means the
@@ -59,9 +59,12 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
     base = cells[BASELINE]
     some = next(iter(base.values()))
     metrics = [m for m in METRICS if all(m in sc.errors for c in cells.values() for sc in c.values())]
-    index = stats.bootstrap_indices(len(some.ids), resamples, seed=boot_seed)
+    # the same resample for every run; within speakers, the test set's main correlation (stats.bootstrap_indices)
+    index = stats.bootstrap_indices(len(some.ids), resamples, seed=boot_seed,
+                                    strata=stats.speakers(some.ids) if stratify else None)
     out: dict[str, Any] = {"split": split, "utterances": len(some.ids), "metrics": metrics, "resamples": resamples,
                            "seeds": sorted(base), "words": int(some.counts["wer"].sum()), "alpha": alpha}
+    out["bootstrap"] = "speaker-stratified" if stratify else "utterance"
 
     # 1. every cell against the baseline: rel(cell) - 0, positive = worse than one worker
     out["cells"] = []

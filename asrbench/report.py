@@ -754,3 +754,67 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
     path = out_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# asrbench reproduce: where the errors are (per speaker, and by kind of word edit)
+# ---------------------------------------------------------------------------------------------
+def _mean_rate(runs: Mapping, metric: str, group: np.ndarray | None = None, groups: int = 1):
+    """The mean over seeds of each run's rate of `metric` (stats.Scores), per group of utterances with
+    `group` (a group number per utterance): NaN where a run lacks the metric or a group has no counts."""
+    import numpy as np
+
+    group = np.zeros(len(next(iter(runs.values())).ids), dtype=int) if group is None else group
+    rates = []
+    for sc in runs.values():
+        if metric not in sc.errors:
+            return np.full(groups, np.nan)
+        e = np.bincount(group, weights=sc.errors[metric], minlength=groups)
+        c = np.bincount(group, weights=sc.counts[metric], minlength=groups)
+        rates.append(np.divide(e, c, out=np.full(groups, np.nan), where=c > 0))
+    return np.mean(rates, axis=0)
+
+
+def speaker_table(cells: Mapping[str, Mapping[int, stats.Scores]], metric: str = "wer") -> str:
+    """Per speaker of the scored split: its utterances and reference words, and each cell's `metric`
+    (WER by default; the mean over the cell's seeds of the rate on that speaker's utterances), one
+    column per cell in the order given (the baseline first, then each strategy at each worker count,
+    labelled by the caller: {"single x1": {seed: Scores}, "gtc x16": ...}); a last row for all
+    speakers. The speaker is the utterance id's first `-` field (asrbench.stats.speakers). With few
+    test speakers one hard voice can carry a cell's difference: this shows whether it does."""
+    import numpy as np
+
+    from asrbench.stats import speakers
+
+    runs = [sc for c in cells.values() for sc in c.values()]
+    if not runs:
+        return ""
+    ids = runs[0].ids
+    assert all(sc.ids == ids for sc in runs), "the cells scored different utterances"
+    names, group = np.unique(np.asarray(speakers(ids), dtype=object), return_inverse=True)
+    utts = np.bincount(group, minlength=len(names))
+    words = np.bincount(group, weights=runs[0].counts["wer"], minlength=len(names)).astype(int)
+    per = {label: _mean_rate(c, metric, group, len(names)) for label, c in cells.items() if c}
+    whole = {label: _mean_rate(c, metric)[0] for label, c in cells.items() if c}
+    head = ["speaker", "utterances", "words", *[f"{label} {metric.upper()}" for label in per]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | {utts[i]:,} | {words[i]:,} | "
+                     + " | ".join(_fmt(float(r[i]), pct=True) for r in per.values()) + " |")
+    lines.append(f"| all | {len(ids):,} | {int(words.sum()):,} | "
+                 + " | ".join(_fmt(float(r), pct=True) for r in whole.values()) + " |")
+    return "\n".join(lines)
+
+
+def edit_kinds_table(cells: Mapping[str, Mapping[int, stats.Scores]]) -> str:
+    """Per cell: WER and its substitutions, deletions and insertions (each per reference word, so they
+    add up to the WER) and the sentence error rate, means over the cell's seeds. A run scored before
+    these were written shows '-' for them."""
+    head = ["cell", "seeds", "WER", "sub", "del", "ins", "SER"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, c in cells.items():
+        if c:
+            lines.append(f"| {label} | {len(c)} | "
+                         + " | ".join(_fmt(float(_mean_rate(c, m)[0]), pct=True)
+                                      for m in ("wer", "sub", "del", "ins", "ser")) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
