@@ -72,7 +72,10 @@ def output_error(err: OSError) -> str | None:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    """0 in global rank 0's process (under torchrun, srun or Lightning's launcher), 1 in any other."""
+    from asrbench.checkpoint import launching_process
+
+    return 0 if launching_process() else 1
 
 
 def run_dir() -> Path:

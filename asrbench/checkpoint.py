@@ -58,8 +58,11 @@ class RunIdentity(L.Callback):
 
 def launching_process() -> bool:
     """Whether this is rank 0's process, the one that speaks for the run: every rank loads the same
-    weights and receives the same Ctrl-C, and the console should hear of it once."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    weights and receives the same Ctrl-C, and the console should hear of it once. Global rank 0 under
+    any launcher (torchrun, srun, Lightning's): asrbench.slurm.is_global_zero."""
+    from asrbench.slurm import is_global_zero
+
+    return is_global_zero(os.environ)
 
 
 def resolve_resume(resume: str | Path, key: str = "resume") -> Path:

@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
-    problem = check_overrides(command, rest)
+    from asrbench import slurm  # the resolvers conf/ uses, registered before Hydra composes it
+
+    slurm.register_resolvers()
+    problem = (slurm.task_layout_problem() if command == "train" else None) or check_overrides(command, rest)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -372,7 +372,7 @@ class TrainerRunner:
     def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         self.accelerator, self.devices, self.machines = trainer_devices(cfg)
-        self.progress = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+        self.progress = checkpoint.launching_process()  # global rank 0: RANK, SLURM_PROCID or LOCAL_RANK
 
     def before_data(self, module: AcousticModule, strategy: Any) -> None:
         pass
