@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import sys
 import time
 from functools import wraps
@@ -155,15 +156,31 @@ def load_run(run: str) -> tuple[Path, DictConfig, dict]:
     return path, OmegaConf.create(results["config"]), results
 
 
+def checkpoint_of(run_path: Path, results: dict) -> Path:
+    """The checkpoint to load for a finished run: its own checkpoints/last.ckpt when there, else the
+    path results.json names. A named path outside the run dir that does not exist is refused: the
+    run was moved or its results.json came from elsewhere, and no other run's model is guessed at."""
+    own = run_path / "checkpoints" / "last.ckpt"
+    if own.is_file() or not results.get("checkpoint"):
+        return own
+    named = Path(str(results["checkpoint"]))
+    if not named.exists() and not named.resolve().is_relative_to(run_path.resolve()):
+        raise CheckpointError(f"{run_path / 'results.json'}: names checkpoint {named}, outside the run dir and "
+                              f"missing; put the run's checkpoint at {own} or re-run training")
+    return named
+
+
 def load_model(run_path: Path, results: dict) -> torch.nn.Module:
-    ckpt_path = Path(results.get("checkpoint") or run_path / "checkpoints" / "last.ckpt")
+    ckpt_path = checkpoint_of(run_path, results)
     if not ckpt_path.is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint missing; re-run training or pass a run dir with checkpoints/")
     try:
+        # a damaged file's bytes raise whatever the unpickler meets (UnpicklingError, EOFError, IndexError ...)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         module = AcousticModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, EOFError, OSError, TypeError) as err:
+    except (pickle.UnpicklingError, RuntimeError, KeyError, IndexError, EOFError, OSError, TypeError,
+            ValueError, AttributeError) as err:
         raise CheckpointError(f"{ckpt_path}: not a loadable asrbench checkpoint ({type(err).__name__}); "
                               f"re-run training to write it again") from None
     return module.model
