@@ -92,6 +92,7 @@ log = logging.getLogger(__name__)
 
 SEED_LIMIT = 1_000_000_000  # the hook's rng.randint bound for the seed of Q's random start
 MIN_WARMUP = 2  # torch: error feedback and warm start need 2 dense steps (DDP rebuilds its buckets after the first)
+CHECKPOINT_KEY = "asrbench_powersgd"  # checkpoint entry with every rank's PowerSGD memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,13 +207,60 @@ def ddp_buckets(shapes: Sequence[Sequence[int]], ready_order: Sequence[int] | No
 # ---------------------------------------------------------------------------------------------
 class AccountedPowerSGDState:
     """torch's :class:`PowerSGDState` (``powersgd``: hyper-parameters, per-bucket error and Q
-    memory, the iteration counter) beside this rank's :class:`CommStats`."""
+    memory, the iteration counter) beside this rank's :class:`CommStats`; and, to keep that memory
+    right when DDP lays a bucket out anew, each bucket's layout: the positions (in
+    ``param_index``, the model's trainable parameters) of its tensors, in the order its memory is in."""
 
-    __slots__ = ["powersgd", "comm_stats"]
+    __slots__ = ["powersgd", "comm_stats", "param_index", "layouts"]
 
-    def __init__(self, powersgd: PowerSGDState, comm_stats: CommStats) -> None:
+    def __init__(self, powersgd: PowerSGDState, comm_stats: CommStats,
+                 parameters: Sequence[Tensor] = ()) -> None:
         self.powersgd = powersgd
         self.comm_stats = comm_stats
+        self.param_index = {id(p): i for i, p in enumerate(parameters)}
+        self.layouts: dict[int, tuple[int, ...]] = {}
+
+
+def follow_layout(state: AccountedPowerSGDState, bucket: dist.GradBucket) -> None:
+    """Reorder bucket `bucket`'s error and Q memory into its current tensor order when it changed.
+
+    A resumed run's DDP starts again from its first bucket layout (model order) and rebuilds it after
+    one step (module docstring), while the checkpointed memory is in the rebuilt order: without this,
+    one step would add each tensor's error to another tensor's gradient. A bucket that changed members
+    (several buckets, cut differently) starts its memory afresh, with a warning."""
+    if not state.param_index:
+        return
+    index = bucket.index()
+    layout = tuple(state.param_index[id(p)] for p in bucket.parameters())
+    before = state.layouts.get(index)
+    state.layouts[index] = layout
+    ps = state.powersgd
+    if before is None or before == layout or not (index in ps.error_dict or index in ps.q_memory_dict):
+        return
+    if sorted(before) != sorted(layout):
+        log.warning("PowerSGD: DDP bucket %d changed its tensors; its error and Q memory start afresh", index)
+        for memory in (ps.error_dict, ps.p_memory_dict, ps.q_memory_dict):
+            memory.pop(index, None)
+        return
+    shapes = {i: tuple(p.shape) for i, p in zip(layout, bucket.parameters())}
+    if index in ps.error_dict:
+        ps.error_dict[index] = _reorder(ps.error_dict[index], before, layout,
+                                        {i: math.prod(shapes[i]) for i in layout})
+    if index in ps.q_memory_dict:
+        old, new = (plan_bucket([shapes[i] for i in order], ps.matrix_approximation_rank, ps.min_compression_rate)
+                    for order in (before, layout))
+        sizes = {before[k]: m * r for k, (_, m, r) in zip(old.compressed, old.matrices)}
+        ps.q_memory_dict[index] = _reorder(ps.q_memory_dict[index], [before[k] for k in old.compressed],
+                                           [layout[k] for k in new.compressed], sizes)
+
+
+def _reorder(flat: Tensor, before: Sequence[int], after: Sequence[int], sizes: Mapping[int, int]) -> Tensor:
+    """`flat`, the concatenation of segments (one per key, `sizes` long) in order `before`, in order `after`."""
+    starts, offset = {}, 0
+    for key in before:
+        starts[key], offset = offset, offset + sizes[key]
+    assert offset == flat.numel(), (offset, flat.numel())
+    return torch.cat([flat[starts[k]:starts[k] + sizes[k]] for k in after]) if after else flat
 
 
 def accounted_powersgd_hook(state: AccountedPowerSGDState, bucket: dist.GradBucket
@@ -231,12 +279,73 @@ def accounted_powersgd_hook(state: AccountedPowerSGDState, bucket: dist.GradBuck
     record_bucket(stats, plan, buffer.numel(), world, compressed, buffer.element_size())
     if bucket.is_last():
         stats.step()
+    follow_layout(state, bucket)
     return powerSGD_hook(ps, bucket)
 
 
 # DDP inspects the hook's annotations as objects; with postponed evaluation they are strings.
 accounted_powersgd_hook.__annotations__.update(state=AccountedPowerSGDState, bucket=dist.GradBucket,
                                                **{"return": torch.futures.Future[Tensor]})
+
+
+MEMORIES = {"error": "error_dict", "p": "p_memory_dict", "q": "q_memory_dict"}  # checkpoint prefix -> torch's slot
+COUNTERS = ("iter", "total_numel_before_compression", "total_numel_after_compression", "next_stats_report")
+
+
+def powersgd_state_dict(state: PowerSGDState) -> dict[str, Any]:
+    """What torch's ``__getstate__`` keeps of the hook's state beyond its settings, as tensors and
+    ints (torch loads them with ``weights_only=True``): per bucket b the error memory ``error.<b>``
+    (e_w) and the P and Q memories ``p.<b>``, ``q.<b>`` (warm start; a bucket without a P draws a
+    fresh Q), the iteration counter ``iter`` and the state of ``rng``, which draws Q's random starts."""
+    name, keys, pos, has_gauss, cached = state.rng.get_state()
+    assert name == "MT19937", name
+    out: dict[str, Any] = {k: int(getattr(state, k)) for k in COUNTERS}
+    for prefix, slot in MEMORIES.items():
+        out |= {f"{prefix}.{b}": t.detach().clone() for b, t in getattr(state, slot).items()}
+    return out | {"rng_keys": torch.from_numpy(keys.astype("int64")), "rng_pos": int(pos),
+                  "rng_has_gauss": int(has_gauss), "rng_cached_gaussian": float(cached)}
+
+
+def load_powersgd_state(state: PowerSGDState, saved: Mapping[str, Any], device: torch.device | str) -> None:
+    """Put :func:`powersgd_state_dict`'s `saved` back into `state` (memories on `device`)."""
+    for k in COUNTERS:
+        setattr(state, k, int(saved[k]))
+    for prefix, slot in MEMORIES.items():
+        memory = {int(k.split(".", 1)[1]): v.to(device) for k, v in saved.items() if k.startswith(prefix + ".")}
+        setattr(state, slot, memory)
+    keys = saved["rng_keys"].cpu().numpy().astype("uint32")
+    state.rng.set_state(("MT19937", keys, int(saved["rng_pos"]), int(saved["rng_has_gauss"]),
+                         float(saved["rng_cached_gaussian"])))
+
+
+class PowerSGDRankState:
+    """This rank's PowerSGD memory for checkpoints (``state_dict``/``load_state_dict``), rank-local:
+    e_w differs by worker. The hook's state exists only once DDP is set up, after Lightning loads a
+    checkpoint, so a loaded state waits in :attr:`pending` until the hook is registered."""
+
+    def __init__(self, strategy: PowerSGDStrategy) -> None:
+        self.strategy = strategy
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        hook = self.strategy.hook_state
+        assert hook is not None, "a checkpoint is written after DDP registered the PowerSGD hook"
+        layouts = {f"layout.{b}": torch.tensor(order, dtype=torch.long) for b, order in hook.layouts.items()}
+        return powersgd_state_dict(hook.powersgd) | layouts | {"comm_stats": hook.comm_stats.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pending = dict(state)
+        if self.strategy.hook_state is not None:
+            self.apply(self.strategy.hook_state)
+
+    def apply(self, hook: AccountedPowerSGDState) -> None:
+        if self.pending is None:
+            return
+        load_powersgd_state(hook.powersgd, self.pending, self.strategy.root_device)
+        hook.layouts = {int(k.split(".", 1)[1]): tuple(int(i) for i in v.tolist())
+                        for k, v in self.pending.items() if k.startswith("layout.")}
+        hook.comm_stats.load_state_dict(self.pending["comm_stats"])
+        self.pending = None
 
 
 def check_options(rank: Any, warmup_steps: Any, error_feedback: Any, warm_start: Any, min_compression_rate: Any,
@@ -272,8 +381,9 @@ class PowerSGDStrategy(AccountedDDPStrategy):
     ``min_compression_rate``, ``orthogonalization_epsilon``, ``random_seed``; ``bucket_cap_mb`` and
     ``gradient_as_bucket_view`` are DDP's; the rest go to Lightning's ``DDPStrategy``. Each rank
     builds its own ``PowerSGDState`` when the hook is registered (after the process group exists:
-    torch's state does not survive pickling before it). Not checkpointed: a resumed run starts the
-    error memory, Q and the warm-up again (the hook's counter restarts at 0).
+    torch's state does not survive pickling before it). Checkpointed per rank
+    (:class:`PowerSGDRankState` under ``asrbench_powersgd``): a resumed run continues with each
+    rank's error memory, the P and Q memories, the counter and the random draws where they were.
     """
 
     registry_name = "asrbench_powersgd"
@@ -291,6 +401,7 @@ class PowerSGDStrategy(AccountedDDPStrategy):
                                  "orthogonalization_epsilon": orthogonalization_epsilon, "random_seed": random_seed}
         self.bucket_cap_mb = float(bucket_cap_mb)
         self._hook_state: AccountedPowerSGDState | None = None
+        self._rank_state = PowerSGDRankState(self)
         super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
                          gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
 
@@ -304,8 +415,16 @@ class PowerSGDStrategy(AccountedDDPStrategy):
 
     def _register_ddp_hooks(self) -> None:
         """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
-        self._hook_state = AccountedPowerSGDState(self.new_powersgd_state(None), self.comm_stats)
+        params = [p for p in self.model.module.parameters() if p.requires_grad]
+        self._hook_state = AccountedPowerSGDState(self.new_powersgd_state(None), self.comm_stats, params)
+        self._rank_state.apply(self._hook_state)  # a resumed run's memory, loaded before DDP existed
         self.register_comm_hook(accounted_powersgd_hook, self._hook_state)
+
+    rank_state_key = CHECKPOINT_KEY
+    rank_state_what = "PowerSGD error and Q memory"
+
+    def rank_local_state(self) -> PowerSGDRankState:
+        return self._rank_state
 
 
 PowerSGDStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_powersgd")
