@@ -41,17 +41,30 @@ One optimizer step of the cluster:
    row by row, each update's temporaries stay the size of one model.
 5. BMUF (bmuf, gtc_bmuf): :class:`BMUFAverager` counts the step and, at a block end, filters
    the mean of the group representatives' rows and writes the next block start into every row.
+6. Divergence: a non-finite loss or gradient (before step 2) or parameter (after step 5) stops
+   the cluster with :class:`Diverged`, naming the step and the worker.
+
+A checkpoint (:meth:`SimulatedCluster.state_dict`, :func:`resume_state`) holds everything the
+next step reads: P, the optimizer and its lr schedulers, every tensor and counter the
+strategy's exchange and averager keep (GTC residuals; BMUF's S, W_g, Δ and step in the block;
+PowerSGD's, top-k's and 1-bit SGD's error memories and PowerSGD's random state; worker 0's
+byte counts), the workers' RNG states and the loop's position inside the epoch. The strategy
+modules stay unaware of it (:func:`object_state` reads their objects' attributes), and a run
+resumed from it continues bit for bit (tests/cluster/test_simulated_faults.py).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
@@ -61,7 +74,7 @@ from tqdm.auto import tqdm
 
 from asrbench.cluster import cost
 from asrbench.data.dataset import make_loader, train_batches_per_epoch
-from asrbench.errors import ConfigError
+from asrbench.errors import CheckpointError, ConfigError
 from asrbench.model.module import AcousticModule
 from asrbench import strategies
 from asrbench.strategies import spec, spec_of
@@ -192,8 +205,170 @@ def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: i
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: the state of a strategy's simulation objects, as tensors and numbers
+# ---------------------------------------------------------------------------------------------
+_OBJECT, _OPTIMIZER, _NUMPY_RNG = "__object__", "__optimizer__", "__numpy_rng__"
+# Classes whose objects' attributes are state: the strategies' own, and torch's hook states (PowerSGDState).
+_STATE_MODULES = ("asrbench.", "torch.distributed.algorithms.")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _attribute_names(obj: Any) -> list[str]:
+    names = list(getattr(obj, "__dict__", {}))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else [n for n in slots if n not in ("__dict__", "__weakref__")]
+    return list(dict.fromkeys(names))
+
+
+class _Unsaved(Exception):
+    """A value that is not state (a callable, a process group, a view of P): its attribute is left as it is."""
+
+
+def _encode(value: Any, skip: Callable[[Any], bool], depth: int, attribute: bool = True) -> Any:
+    """`value` as checkpoint state; objects (nested, optimizers, RNGs) only as attributes, not in containers."""
+    if skip(value):
+        raise _Unsaved
+    if isinstance(value, _PLAIN):
+        return value
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, skip, depth, attribute=False) for v in value]
+        return items if isinstance(value, list) else tuple(items)  # torch.Size as a plain tuple
+    if isinstance(value, dict):
+        if not all(isinstance(k, (*_PLAIN, tuple)) for k in value):
+            raise _Unsaved
+        return {k: _encode(v, skip, depth, attribute=False) for k, v in value.items()}
+    if not attribute:
+        raise _Unsaved
+    if isinstance(value, torch.optim.Optimizer):
+        return {_OPTIMIZER: value.state_dict()}
+    if isinstance(value, np.random.RandomState):
+        kind, keys, pos, has_gauss, gauss = value.get_state()
+        return {_NUMPY_RNG: [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if depth > 0 and not callable(value) and type(value).__module__.startswith(_STATE_MODULES):
+        return {_OBJECT: object_state(value, skip, depth - 1)}
+    raise _Unsaved
+
+
+def object_state(obj: Any, skip: Callable[[Any], bool], depth: int = 4) -> dict[str, Any]:
+    """Every attribute of `obj` that is state, as tensors, numbers, strings and containers of them
+    (loadable with ``torch.load(weights_only=True)``): tensors, counters, dicts and lists of them,
+    torch optimizers (their state_dict), numpy RNGs, and the attributes of nested objects of
+    asrbench's and torch's hook classes. Callables, process groups, hook handles and whatever
+    `skip` names (the cluster's P, G, rows and optimizer, saved once by the cluster) are left out.
+    """
+    out: dict[str, Any] = {}
+    for name in _attribute_names(obj):
+        try:
+            out[name] = _encode(getattr(obj, name), skip, depth)
+        except (_Unsaved, AttributeError):
+            pass
+    return out
+
+
+def _decode(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device, copy=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _decode(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def load_object_state(obj: Any, state: Mapping[str, Any], device: torch.device) -> None:
+    """Write :func:`object_state`'s `state` back into `obj`: tensors in place where the shape
+    matches (whatever shares them keeps sharing), nested objects attribute by attribute."""
+    for name, value in state.items():
+        current = getattr(obj, name, None)
+        if isinstance(value, dict) and _OBJECT in value:
+            assert current is not None, f"{type(obj).__name__}.{name} holds no object to load state into"
+            load_object_state(current, value[_OBJECT], device)
+        elif isinstance(value, dict) and _OPTIMIZER in value:
+            current.load_state_dict(value[_OPTIMIZER])
+        elif isinstance(value, dict) and _NUMPY_RNG in value:
+            kind, keys, pos, has_gauss, gauss = value[_NUMPY_RNG]
+            current.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        elif _copy_in_place(current, value):
+            pass
+        elif not _same(current, value):
+            setattr(obj, name, _decode(value, current.device if torch.is_tensor(current) else device))
+
+
+def _copy_in_place(current: Any, value: Any) -> bool:
+    """Copy saved tensors into `current`'s own (a tensor, or a list, tuple or dict of them of the same
+    layout), so views of one another (e.g. per-tensor views of a residual) keep sharing; False otherwise."""
+    if torch.is_tensor(current) and torch.is_tensor(value):
+        if current.shape != value.shape or current.dtype != value.dtype:
+            return False
+        current.copy_(value)
+        return True
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)) and len(current) == len(value) \
+            and len(value) and all(torch.is_tensor(v) for v in value):
+        if not all(torch.is_tensor(c) and c.shape == v.shape and c.dtype == v.dtype for c, v in zip(current, value)):
+            return False
+        for c, v in zip(current, value):
+            c.copy_(v)
+        return True
+    return False
+
+
+def _same(current: Any, value: Any) -> bool:
+    """Whether a setting already holds the saved value (a shape, a hyper-parameter): left untouched."""
+    if torch.is_tensor(current) or torch.is_tensor(value):
+        return False
+    try:
+        return bool(current == value)
+    except (RuntimeError, TypeError, ValueError):  # containers of tensors
+        return False
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states (torch, CUDA, NumPy, Python), as tensors and numbers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next]}
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss_next))
+
+
+# ---------------------------------------------------------------------------------------------
 # The cluster
 # ---------------------------------------------------------------------------------------------
+class Diverged(FloatingPointError):
+    """A worker's loss or gradient, or the workers' parameters, hold NaN or inf: training cannot go on.
+
+    `step` is the optimizer step (counted from 1) that met it; str() names the step, the worker
+    and what was not finite."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"step {step}: {what}")
+        self.step = step
+
+
+def _finite(t: Tensor) -> bool:
+    """Whether every element of `t` is finite, without a t-sized temporary (max and min propagate NaN)."""
+    return bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all())
+
+
+def _first_nonfinite_row(rows: Tensor) -> int:
+    return int((~torch.isfinite(rows.amax(1) - rows.amin(1))).nonzero()[0])
+
+
 @dataclass
 class Timings:
     """Seconds spent in each part of the cluster's steps (all workers together)."""
@@ -304,6 +479,7 @@ class SimulatedCluster:
         if len(batches) != self.nodes:
             raise ValueError(f"train_step needs one batch per worker ({self.nodes}), got {len(batches)}")
         losses = self._local_gradients(batches)
+        self._check_finite(losses)
         t = self.timings
         t0 = time.perf_counter()
         if self.exchange is not None:
@@ -324,7 +500,73 @@ class SimulatedCluster:
         t.optimizer_s += t2 - t1
         t.averaging_s += time.perf_counter() - t2
         self.steps += 1
+        if not _finite(self.P):
+            raise Diverged(self.steps, f"the parameters of worker {_first_nonfinite_row(self.P)} hold NaN or inf "
+                                       f"after the exchange and the optimizer step")
         return losses
+
+    def _check_finite(self, losses: Tensor) -> None:
+        """Step 1's losses and gradients are finite, or :class:`Diverged` names the first worker whose are not."""
+        step = self.steps + 1
+        bad = (~torch.isfinite(losses)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise Diverged(step, f"the loss of worker {i} is {float(losses[i])}")
+        if not _finite(self.G):
+            raise Diverged(step, f"the gradient of worker {_first_nonfinite_row(self.G)} holds NaN or inf")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _not_state(self, value: Any) -> bool:
+        """What :func:`object_state` must not save from the strategy's objects: the model, P, G (and
+        views of them), the rows and the optimizer, which this cluster saves once itself."""
+        if id(value) in self._own or isinstance(value, nn.Module):
+            return True
+        if torch.is_tensor(value) and value.device == self.device:
+            ptr = value.untyped_storage().data_ptr()
+            return ptr in (self.P.untyped_storage().data_ptr(), self.G.untyped_storage().data_ptr())
+        return False
+
+    @property
+    def _own(self) -> set[int]:
+        return {id(x) for x in (self.P, self.G, self.optimizer, self.module, self.module.model, *self.rows,
+                                *self.binding.params)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step reads, as tensors and numbers (module docstring). Tensors of P and
+        the optimizer state are the live ones on the CPU: save them before the next step."""
+        def strategy_state(obj: Any) -> dict[str, Any] | None:
+            return None if obj is None else object_state(obj, self._not_state)
+
+        return {"format": 1, "strategy": self.kind, "nodes": self.nodes, "numel": self.numel,
+                "P": self.P.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "schedulers": [c.scheduler.state_dict() for c in self.schedulers],
+                "exchange": strategy_state(self.exchange), "averager": strategy_state(self.averager),
+                "steps": self.steps, "synced": self.synced, "batch_in_epoch": self.batch_in_epoch,
+                "timings": dataclasses.asdict(self.timings),
+                "worker_rng": None if self._rng is None else [list(r) for r in self._rng]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a cluster of the same strategy, workers and model."""
+        found = (state.get("strategy"), state.get("nodes"), state.get("numel"))
+        if found != (self.kind, self.nodes, self.numel):
+            raise CheckpointError(f"the checkpoint holds a simulated cluster of strategy={found[0]}, nodes={found[1]}, "
+                                  f"{found[2]} parameters; this run has strategy={self.kind}, nodes={self.nodes}, "
+                                  f"{self.numel}: resume with the settings it was written by")
+        self.P.copy_(state["P"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for config, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            config.scheduler.load_state_dict(saved)
+        for part, saved in ((self.exchange, state["exchange"]), (self.averager, state["averager"])):
+            assert (part is None) == (saved is None), "the same strategy simulates with the same parts"
+            if part is not None:
+                load_object_state(part, saved, self.device)
+        self.steps, self.synced = int(state["steps"]), bool(state["synced"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.timings = Timings(**state["timings"])
+        if state["worker_rng"] is not None:
+            self._rng = [(cpu.clone(), None if cuda is None else cuda.clone()) for cpu, cuda in state["worker_rng"]]
+        self.binding.bind(self.P[0])
 
     def end_epoch(self, epoch: int) -> None:
         """Step the epoch-wise lr schedulers, as Lightning does after each training epoch."""
@@ -502,12 +744,17 @@ class LoopConfig:
 
 @dataclass
 class FitOutcome:
+    """What the loop did, and where it stands (saved in checkpoints: a resumed loop starts there)."""
+
     steps: int = 0
     epochs: int = 0  # epochs begun (the last one may have stopped early)
     train_time_s: float = 0.0  # inside train_step, validation and data loading excluded
     fit_wall_s: float = 0.0
-    stopped_by: str = "max_epochs"
+    stopped_by: str = "max_epochs"  # max_epochs | max_steps | max_time | interrupted
     losses: list[float] = field(default_factory=list)  # mean over workers, per step
+    epoch: int = 0  # the epoch the next step belongs to
+    batch_in_epoch: int = 0  # batches of that epoch already trained
+    pending_validation: bool = False  # a validation came due and waits for a block end (BMUF)
 
 
 def worker_loaders(dataset: Dataset, nodes: int, *, batch_size: int, seed: int) -> list[Any]:
@@ -518,12 +765,20 @@ def worker_loaders(dataset: Dataset, nodes: int, *, batch_size: int, seed: int) 
 
 def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: int, loop: LoopConfig,
         on_step: Callable[[SimulatedCluster, Tensor, int, int], None] | None = None,
-        validate: Callable[[int, int], None] | None = None) -> FitOutcome:
+        validate: Callable[[int, int], None] | None = None, start: FitOutcome | None = None,
+        stop_requested: Callable[[], bool] | None = None, save: Callable[[FitOutcome], None] | None = None,
+        every_n_steps: int = 0) -> FitOutcome:
     """Train every worker on its shard, epoch by epoch, until max_epochs, max_steps or max_time.
 
     Each epoch calls ``set_epoch(epoch)`` on every worker's sampler the way Lightning's fit loop
     does (``_set_sampler_epoch``). `on_step(cluster, losses, step, epoch)` runs after each
     optimizer step (step counted from 1), `validate(epoch, step)` where Lightning would validate.
+
+    Checkpoints and interruptions: `save(outcome)` runs at every epoch end and, with
+    `every_n_steps`, after every n-th step, unless training ends there; `stop_requested()` is
+    asked after each step and, when true, ends the loop there (``stopped_by="interrupted"``).
+    `start` (a saved outcome, with the cluster loaded from the same checkpoint) continues at its
+    position: its epoch, skipping the batches of it already trained (no data is read for them).
     """
     loaders = worker_loaders(dataset, cluster.nodes, batch_size=batch_size, seed=seed)
     per_epoch = train_batches_per_epoch(len(dataset), batch_size=batch_size, world_size=cluster.nodes)
@@ -533,24 +788,36 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
     total = per_epoch * loop.max_epochs if loop.max_epochs is not None else None
     if loop.max_steps >= 0:
         total = loop.max_steps if total is None else min(total, loop.max_steps)
-    out = FitOutcome()
-    t_start = time.perf_counter()
-    bar = tqdm(total=total, desc=f"simulated {cluster.kind} x{cluster.nodes}", unit="step",
+    out = FitOutcome() if start is None else dataclasses.replace(start, losses=list(start.losses),
+                                                                 stopped_by="max_epochs")
+    assert out.batch_in_epoch < per_epoch, "a saved position lies inside an epoch"
+    t_start = time.perf_counter() - out.fit_wall_s
+    bar = tqdm(total=total, initial=out.steps, desc=f"simulated {cluster.kind} x{cluster.nodes}", unit="step",
                disable=not loop.enable_progress_bar, dynamic_ncols=True)
-    epoch = 0
-    stop = total == 0
-    pending = False
+    epoch = out.epoch
+    stop = total is not None and out.steps >= total
+    if stop and 0 <= loop.max_steps <= out.steps:
+        out.stopped_by = "max_steps"
+
+    def checkpoint() -> None:
+        out.fit_wall_s = time.perf_counter() - t_start
+        if save is not None:
+            save(out)
+
     while not stop and (loop.max_epochs is None or epoch < loop.max_epochs):
         for loader in loaders:
             _set_sampler_epoch(loader, epoch)
+            if out.batch_in_epoch:
+                loader.batch_sampler.resume_at(epoch, out.batch_in_epoch)
         iterators = [iter(loader) for loader in loaders]
-        out.epochs = epoch + 1
-        for batch_idx in range(per_epoch):
+        out.epoch, out.epochs = epoch, max(out.epochs, epoch + 1)
+        for batch_idx in range(out.batch_in_epoch, per_epoch):
             batches = [next(it) for it in iterators]
             t0 = time.perf_counter()
             losses = cluster.train_step(batches)
             out.train_time_s += time.perf_counter() - t0
             out.steps += 1
+            out.batch_in_epoch = batch_idx + 1
             out.losses.append(float(losses.mean()))
             bar.update(1)
             if out.steps % loop.log_every_n_steps == 0:
@@ -559,21 +826,57 @@ def fit(cluster: SimulatedCluster, dataset: Dataset, *, batch_size: int, seed: i
                 on_step(cluster, losses, out.steps, epoch)
             check_epoch = loop.check_val_every_n_epoch is None or (epoch + 1) % loop.check_val_every_n_epoch == 0
             due = validate is not None and check_epoch and (batch_idx + 1) % val_every == 0
-            pending = pending or due
-            if pending and (not cluster.blockwise or cluster.synced):
+            out.pending_validation = out.pending_validation or due
+            if out.pending_validation and (not cluster.blockwise or cluster.synced):
                 validate(epoch, out.steps)
-                pending = False
+                out.pending_validation = False
             if 0 <= loop.max_steps <= out.steps:
                 stop, out.stopped_by = True, "max_steps"
             elif loop.max_time_s is not None and time.perf_counter() - t_start >= loop.max_time_s:
                 stop, out.stopped_by = True, "max_time"
+            elif stop_requested is not None and stop_requested():
+                stop, out.stopped_by = True, "interrupted"
             if stop:
                 break
-        cluster.end_epoch(epoch)
-        epoch += 1
+            if every_n_steps and out.steps % every_n_steps == 0 and out.batch_in_epoch < per_epoch:
+                checkpoint()  # the epoch's end saves below
+        if out.batch_in_epoch == per_epoch:  # the epoch is complete (a stop mid-epoch keeps its position)
+            cluster.end_epoch(epoch)
+            epoch += 1
+            out.epoch, out.batch_in_epoch = epoch, 0
+            if not stop and (loop.max_epochs is None or epoch < loop.max_epochs):
+                checkpoint()
     bar.close()
     out.fit_wall_s = time.perf_counter() - t_start
     return out
+
+
+CHECKPOINT_KEY = "asrbench_simulated"  # checkpoint entry: the simulated cluster's exact state (resume_state)
+
+
+def _copied(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def resume_state(cluster: SimulatedCluster, outcome: FitOutcome, *, copy: bool = False) -> dict[str, Any]:
+    """A checkpoint's ``asrbench_simulated`` entry: the cluster (:meth:`SimulatedCluster.state_dict`),
+    the loop's position and counters (`outcome`) and this process's RNG states. With `copy`, no tensor
+    is shared with the live cluster (to keep it across later steps, e.g. BMUF's final block)."""
+    entry = {"cluster": cluster.state_dict(), "fit": dataclasses.asdict(outcome), "rng": rng_state(cluster.device)}
+    return _copied(entry) if copy else entry
+
+
+def load_resume_state(cluster: SimulatedCluster, entry: Mapping[str, Any]) -> FitOutcome:
+    """Load :func:`resume_state`'s `entry` into a freshly built `cluster`; returns the `start` of :func:`fit`."""
+    cluster.load_state_dict(entry["cluster"])
+    set_rng_state(entry["rng"], cluster.device)
+    return FitOutcome(**entry["fit"])
 
 
 # ---------------------------------------------------------------------------------------------
