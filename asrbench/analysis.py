@@ -47,12 +47,21 @@ def by_cell(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str) -> dict[C
 def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Sequence[int],
             strategies: Sequence[str], claim_metric: str = "wer", claims: Sequence[Claim] = CLAIMS,
             resamples: int = 1000, boot_seed: int = 0, alpha: float = stats.ALPHA,
-            mde_target: float = 0.02, stratify: bool = True) -> dict[str, Any]:
+            mde_target: float = 0.02, control: str | None = None,
+            warm_starts: Mapping[int, str | Path] | None = None, stratify: bool = True) -> dict[str, Any]:
     """Cells against the baseline, strategy pairs at each worker count, and the claims judged with
     Holm's correction over the claims (one family for "differs from 0", one for "differs from the
     paper's margin"). Effects are relative error changes (0.02 = 2 points); positive means the
     first-named side is better. Per claim, the seeds its MDE would need to reach `mde_target` on
-    this test set (stats.seeds_for: a projection from the measured spreads)."""
+    this test set (stats.seeds_for: a projection from the measured spreads).
+
+    `control` (e.g. sync SGD) is a strategy run at every worker count: the claims are judged a
+    second time with every cell read against the control at its own N (``claims_vs_control``), which
+    separates what a strategy costs from what N-times-larger steps cost. `warm_starts` (seed -> the
+    run dir every run of that seed continued from) gives the design's ceiling: a run that never left
+    its warm start scores the warm start's relative change, so no claim can show a larger margin, and
+    a paper margin above it is "not testable by this design" (never "excluded"); and each cell's
+    recovery, the fraction of the baseline's improvement over the warm start it achieved."""
     cells = by_cell(rows_by_seed, split)
     if BASELINE not in cells:
         raise ValueError(f"no baseline run has scores on {split}")
@@ -78,6 +87,10 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
         out["cells"].append(row)
     out["baseline"] = {m: float(np.mean([sc.rate(m) for sc in base.values()])) for m in metrics}
     out["baseline_per_seed"] = {m: {int(s): float(sc.rate(m)) for s, sc in base.items()} for m in metrics}
+    # every run's summed errors and counts per metric, so that the report can be recomputed from reproduce.json
+    out["errors_per_seed"] = {("single x1" if c == BASELINE else f"{c[0]} x{c[1]}"):
+                              {int(s): {m: [float(sc.errors[m].sum()), float(sc.counts[m].sum())] for m in metrics}
+                               for s, sc in runs.items()} for c, runs in cells.items()}
 
     # 2. strategies against each other at each worker count: rel(b) - rel(a), positive = a better
     out["pairs"] = []
@@ -93,20 +106,88 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
         for p, q in zip(out["pairs"], adj):
             p[m]["p_holm"] = q
 
-    # 3. the paper's claims on `claim_metric`
+    # 3. the design's room: the warm start's relative change (the ceiling) and each cell's recovery
+    warm = {int(s): sc for s, d in (warm_starts or {}).items()
+            if int(s) in base and (sc := load_scores(d, split)) is not None}
+    ceiling = None
+    if warm and claim_metric in metrics:
+        out["warm_start"] = warm_start_summary(warm, base, cells, metrics, claim_metric)
+        ceiling = out["warm_start"]["ceiling"]
+        recovery = out["warm_start"]["recovery"]
+        for row in out["cells"]:
+            row["recovery"] = recovery.get(f"{row['strategy']} x{row['nodes']}")
+
+    # 4. the paper's claims on `claim_metric`, against the baseline and (with a control) against it at each N
+    out["claims"] = judge_claims(claims, cells, base, index, claim_metric, nodes, alpha, mde_target, ceiling=ceiling)
+    out["control"] = control
+    if control and any(c[0] == control for c in cells):
+        ctrl_mean = {c[1]: float(np.mean([stats.relative(cells[c][s], base[s], claim_metric) for s in cells[c]]))
+                     for c in cells if c[0] == control}
+        out["claims_vs_control"] = judge_claims(claims, cells, base, index, claim_metric, nodes, alpha, mde_target,
+                                                control=control, ceiling=ceiling, control_mean=ctrl_mean)
+    return out
+
+
+def warm_start_summary(warm: Mapping[int, stats.Scores], base: Mapping[int, stats.Scores],
+                       cells: Mapping[Cell, Mapping[int, stats.Scores]], metrics: Sequence[str],
+                       claim_metric: str) -> dict[str, Any]:
+    """Per seed, the warm start's rates and its relative change against the baseline (the design's
+    ceiling on `claim_metric`: mean over seeds), and per cell the recovery, (rate(warm start) -
+    rate(cell)) / (rate(warm start) - rate(baseline)), mean over seeds: 1 is the baseline's whole
+    improvement over the shared start, 0 a run that learnt nothing after it."""
+    seeds = sorted(warm)
+    per_seed = {s: {m: float(warm[s].rate(m)) for m in metrics if m in warm[s].errors} for s in seeds}
+    rel = {s: float(stats.relative(warm[s], base[s], claim_metric)) for s in seeds}
+    recovery: dict[str, float] = {}
+    for (strategy, n), runs in cells.items():
+        vals = []
+        for s in seeds:
+            if s in runs:
+                gained = warm[s].rate(claim_metric) - base[s].rate(claim_metric)
+                if gained > 0:
+                    vals.append((warm[s].rate(claim_metric) - runs[s].rate(claim_metric)) / gained)
+        label = "single x1" if (strategy, n) == BASELINE else f"{strategy} x{n}"
+        recovery[label] = float(np.mean(vals)) if vals else math.nan
+    return {"seeds": seeds, "rates": per_seed, "rel": rel, "metric": claim_metric,
+            "ceiling": float(np.mean(list(rel.values()))), "recovery": recovery}
+
+
+NOT_TESTABLE = "not testable by this design"
+
+
+def judge_claims(claims: Sequence[Claim], cells: Mapping[Cell, Mapping[int, stats.Scores]],
+                 base: Mapping[int, stats.Scores], index: np.ndarray, metric: str, nodes: Sequence[int],
+                 alpha: float = stats.ALPHA, mde_target: float = 0.02, control: str | None = None,
+                 ceiling: float | None = None, control_mean: Mapping[int, float] | None = None) -> list[dict]:
+    """Each claim's paired difference, Holm-adjusted p-values (two families: against 0 and against the
+    paper's margin), MDE, seed projection and verdict. With `control`, every cell is read against the
+    control strategy at its own worker count (the baseline in a claim then stands for the control
+    itself). A paper margin above the design's ceiling (the warm start's relative change, less the
+    control's own change at the claim's largest N when read against the control) cannot be excluded:
+    that verdict reads "not testable by this design"."""
     judged = []
     for c in claims:
         text = c.describe(nodes)
         lower, higher = c.cells(nodes) or (None, ())
-        need = [x for x in (lower, *higher) if x != BASELINE]
+        need = [x for x in (lower, *higher) if x is not None and x != BASELINE]
+        if control:
+            need += [(control, x[1]) for x in need]
         if lower is None or any(x not in cells for x in need):
-            judged.append({"claim": text, "paper": c.paper_text(), "metric": claim_metric, "verdict": "not measured"})
+            judged.append({"claim": text, "paper": c.paper_text(), "metric": metric, "verdict": "not measured"})
             continue
         side = [None if lower == BASELINE else cells[lower]]
         others = [None if h == BASELINE else cells[h] for h in higher]
-        res = stats.effect(side, others, base, claim_metric, index, reference=c.margin)
-        judged.append({"claim": text, "paper": c.paper_text(), "paper_margin": c.margin, "metric": claim_metric}
-                      | res.as_dict())
+        controls = None
+        if control:
+            def ctrl(x: Cell):
+                return None if x == BASELINE else cells[(control, x[1])]
+            controls = ([ctrl(lower)], [ctrl(h) for h in higher])
+        res = stats.effect(side, others, base, metric, index, reference=c.margin, controls=controls)
+        room = ceiling
+        if room is not None and control:
+            room -= max(control_mean[x[1]] for x in (lower, *higher) if x != BASELINE)
+        judged.append({"claim": text, "paper": c.paper_text(), "paper_margin": c.margin, "metric": metric,
+                       "ceiling": room} | res.as_dict())
     measured = [j for j in judged if j.get("verdict") != "not measured"]
     for key, adj_key in (("p", "p_holm"), ("p_ref", "p_ref_holm")):
         adj = stats.holm([j[key] for j in measured], alpha)
@@ -114,6 +195,11 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
             j[adj_key] = q
     for j in measured:
         j["verdict"] = stats.verdict(j["mean"], j["p_holm"], j["p_ref_holm"], alpha)
+        margin, room = j.get("paper_margin"), j.get("ceiling")
+        j["testable"] = margin is None or room is None or not margin > room
+        if not j["testable"] and stats.EXCLUDES in j["verdict"]:
+            j["verdict"] = (NOT_TESTABLE if j["verdict"] == stats.EXCLUDES
+                            else j["verdict"].replace(stats.EXCLUDES, f"the paper's margin {NOT_TESTABLE}"))
         j["mde_holm"] = stats.mde(j["se"], j["n"], j["df"], alpha / max(len(measured), 1))
         j["mde_target"] = mde_target
         j["seeds_for_mde"] = stats.seeds_for(mde_target, j["sd_seeds"], j["se_boot"], alpha)
@@ -121,8 +207,7 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
                                                   alpha / max(len(measured), 1))
         j["mde_floor"] = stats.mde_floor(j["se_boot"], alpha)
         j["mde_floor_holm"] = stats.mde_floor(j["se_boot"], alpha / max(len(measured), 1))
-    out["claims"] = judged
-    return out
+    return judged
 
 
 def mean_sd(values: Sequence[float | None]) -> tuple[float, float]:

@@ -556,21 +556,77 @@ def claims_table(claims: Sequence[Mapping]) -> str:
     margin, the minimum detectable effect and the verdict."""
     target = next((j["mde_target"] for j in claims if j.get("mde_target") is not None), None)
     seeds_head = "" if target is None else f" seeds for an MDE of {target * 100:g} pts (α 0.05 / Holm) |"
-    lines = ["| claim | paper | metric | ours: difference [95% CI] | p vs 0 (Holm) | paper's margin | "
-             "p vs margin (Holm) | MDE (α 0.05 / Holm) |" + seeds_head + " verdict |",
-             "|" + "---|" * (9 + bool(seeds_head))]
+    ceiling = any(j.get("ceiling") is not None for j in claims)
+    ceiling_head = " design's ceiling |" if ceiling else ""
+    lines = ["| claim | paper | metric | ours: difference [95% CI] | p vs 0 (Holm) | paper's margin |" + ceiling_head
+             + " p vs margin (Holm) | MDE (α 0.05 / Holm) |" + seeds_head + " verdict |",
+             "|" + "---|" * (9 + bool(seeds_head) + ceiling)]
     for j in claims:
         if j.get("verdict") == "not measured":
-            lines.append(f"| {j['claim']} | {j['paper']} | {j.get('metric', '-').upper()} | - | - | - | - | - | "
-                         + ("- | " if seeds_head else "") + "not measured |")
+            lines.append(f"| {j['claim']} | {j['paper']} | {j.get('metric', '-').upper()} | - | - | - | "
+                         + ("- | " if ceiling else "") + "- | - | " + ("- | " if seeds_head else "") + "not measured |")
             continue
         margin = j.get("paper_margin")
         seeds = (f" {_seeds(j.get('seeds_for_mde'), j.get('mde_floor'), target)} / "
                  f"{_seeds(j.get('seeds_for_mde_holm'), j.get('mde_floor_holm'), target)} |" if seeds_head else "")
+        room = j.get("ceiling")
+        room_cell = (f" {'-' if room is None else f'{room * 100:+.1f} pts'} |" if ceiling else "")
         lines.append(
             f"| {j['claim']} | {j['paper']} | {j['metric'].upper()} | {_ci(j)} pts | {_p(j.get('p_holm'))} | "
-            f"{'-' if margin is None else f'{margin * 100:+.1f} pts'} | {_p(j.get('p_ref_holm'))} | "
+            f"{'-' if margin is None else f'{margin * 100:+.1f} pts'} |{room_cell} {_p(j.get('p_ref_holm'))} | "
             f"{_mde(j)} |{seeds} **{j['verdict']}** |")
+    return "\n".join(lines)
+
+
+def design_section(ev: Mapping, nodes: Sequence[int], metric: str = "wer") -> list[str]:
+    """What the design leaves room for: each seed's warm start (the shared start every run of the seed
+    continues from) against its baseline, the ceiling that makes, each cell's recovery of the baseline's
+    improvement over the warm start, and a flag when the control at the largest N recovers under half."""
+    ws = ev.get("warm_start")
+    if not ws:
+        return []
+    m = ws["metric"]
+    base = ev["baseline_per_seed"][m]
+    lines = [f"| seed | warm start {m.upper()} | baseline {m.upper()} | warm start vs baseline (relative) |",
+             "|---|---|---|---|"]
+    for s in ws["seeds"]:
+        rate = ws["rates"][s if s in ws["rates"] else str(s)][m]
+        b = base[s] if s in base else base[str(s)]
+        rel = ws["rel"][s if s in ws["rel"] else str(s)]
+        lines.append(f"| {s} | {rate * 100:.1f}% | {b * 100:.1f}% | {rel * 100:+.1f} pts |")
+    rec = ws["recovery"]
+    rec_lines = ["| cell | recovery of the baseline's improvement (mean over seeds) |", "|---|---|"]
+    rec_lines += [f"| {k} | {'-' if v is None or math.isnan(v) else f'{v:.0%}'} |" for k, v in rec.items()]
+    parts = ["## What the design can show", "",
+             f"Every run of a seed continues from that seed's warm start. A run that learnt nothing after it would "
+             f"score the warm start's relative change, so no claim can show a larger margin than that: the "
+             f"design's **ceiling** is {ws['ceiling'] * 100:+.1f} points of relative {m.upper()} (mean over "
+             f"seeds), and a paper margin above it is *{NOT_TESTABLE}*, never excluded.", "", "\n".join(lines), "",
+             "Recovery: (rate(warm start) - rate(run)) / (rate(warm start) - rate(baseline)), the share of the "
+             "baseline's own improvement over the shared start that a run achieved (1 = all of it).", "",
+             "\n".join(rec_lines), ""]
+    control = ev.get("control")
+    if control:
+        top = max(int(n) for n in nodes)
+        r = rec.get(f"{control} x{top}")
+        if r is not None and not math.isnan(r) and r < 0.5:
+            parts += [f"**Under-trained:** {control} at {top} workers recovers {r:.0%} of the baseline's "
+                      f"improvement, under half: at that N the comparison measures fewer, larger steps more than "
+                      f"the strategies; read the claims against {control} below.", ""]
+    return parts
+
+
+NOT_TESTABLE = "not testable by this design"
+
+
+def lr_search_table(lr_search: Mapping) -> str:
+    """The control's learning-rate candidates at each worker count: dev WER, the peak lr, the winner."""
+    lines = ["| workers | candidate overrides | peak lr | dev WER | test WER | steps | |", "|" + "---|" * 7]
+    for n, v in (lr_search.get("nodes") or {}).items():
+        for i, c in enumerate(v["candidates"]):
+            lr = "-" if c.get("lr") is None else f"{c['lr']:.2g}"
+            lines.append(f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {c['dev_wer'] * 100:.1f}% | "
+                         f"{c['test_wer'] * 100:.1f}% | {c['steps']:,} | {'**winner**' if i == v['winner'] else ''} |")
     return "\n".join(lines)
 
 
@@ -594,17 +650,22 @@ def _seeds(n: float | None, floor: float | None, target: float) -> str:
 
 def runs_table(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
     """Every run: seed, steps, WER per split, and the plateau test of its dev-loss curve."""
-    lines = ["| run | seed | steps | BMUF blocks | dev WER | " + " | ".join(f"{s} WER" for s in splits)
-             + " | dev loss: change over the last points [95% CI] | plateau |", "|" + "---|" * (7 + len(splits))]
+    lines = ["| run | seed | steps | peak lr | BMUF blocks | dev WER | " + " | ".join(f"{s} WER" for s in splits)
+             + f" | {splits[0]} WER from the warm start | dev loss: change over the last points [95% CI] | plateau |",
+             "|" + "---|" * (9 + len(splits))]
     for r in rows:
         pl = r.get("plateau") or {}
         change = ("-" if pl.get("rel_change") is None or math.isnan(pl["rel_change"]) else
                   f"{pl['rel_change'] * 100:+.1f}% [{pl['low'] * 100:+.1f}, {pl['high'] * 100:+.1f}] "
                   f"({pl['points']} points, steps {pl['from_step']:,}-{pl['to_step']:,})")
         blocks = r.get("bmuf_blocks")
+        lr = r.get("lr")
+        moved = (r.get("from_warm_start") or {}).get(splits[0])
         lines.append(f"| {r['strategy']} x{r['nodes']} | {r['seed']} | {r['steps']:,} | "
+                     f"{'-' if lr is None else f'{lr:.2g}'} | "
                      f"{'-' if blocks is None else f'{int(blocks):,}'} | {r['dev_wer'] * 100:.1f}% | "
                      + " | ".join(f"{r['eval'][s]['wer'] * 100:.1f}%" if s in r.get("eval", {}) else "-" for s in splits)
+                     + f" | {'-' if moved is None else f'{moved * 100:+.1f} pts'}"
                      + f" | {change} | {'yes' if pl.get('plateau') else 'no'} ({pl.get('trend', '-')}) |")
     return "\n".join(lines)
 
@@ -680,6 +741,15 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
         f"{len(main['seeds'])} seed{'s' if len(main['seeds']) != 1 else ''})", "",
         claims_table(main["claims"]), "",
     ]
+    control = result.get("control") or main.get("control")
+    if main.get("claims_vs_control"):
+        parts += [f"### The same claims against {control} at the same worker count", "",
+                  f"Every cell read against {control} at its own N: rel(cell) - rel({control} x N), seed by seed and "
+                  f"resample by resample; the baseline in a claim stands for {control} itself. This separates what "
+                  f"a strategy costs from what N-times-larger steps at this learning rate cost. Holm over these "
+                  f"claims; the ceiling is the warm start's, less {control}'s own change at the claim's largest N.", "",
+                  claims_table(main["claims_vs_control"]), ""]
+    parts += design_section(main, nodes)
     tested = sum(j.get("verdict") != "not measured" for j in main["claims"])
     if not tested:
         parts += ["No claim could be tested: each needs cells (strategies at worker counts) this run did not "
@@ -714,6 +784,15 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
         parts += ["## Beside other settings", "",
                   "Each claim's verdict in this run and in the other finished reproduce runs named by "
                   "`reproduce.compare_with`.", "", settings_table([(name, result), *others]), ""]
+    lr_search = result.get("lr_search") or {}
+    if lr_search.get("nodes"):
+        cost = (f"{lr_search.get('runs', '?')} runs, seed {lr_search.get('seed')}, "
+                f"{lr_search['run_s'] / 60:.1f} min of run time" if "run_s" in lr_search else "reused from an earlier run")
+        inherit = ", ".join(lr_search.get("inherit") or []) or "no other strategy"
+        parts += [f"## The learning-rate search ({lr_search.get('strategy')})", "",
+                  f"{lr_search.get('strategy')}'s learning rate at each worker count on dev WER ({cost}); the winner "
+                  f"at each N is {lr_search.get('strategy')}'s there and is inherited by {inherit}.", "",
+                  lr_search_table(lr_search), ""]
     if search:
         cost = (f"{search.get('runs', '?')} runs at {search.get('nodes')} workers, seed {search.get('seed')}, "
                 f"{search['run_s'] / 60:.1f} min of run time" if "run_s" in search else "reused from an earlier run")

@@ -34,6 +34,7 @@ from asrbench.data.features import FeatureConfig
 from asrbench.errors import ConfigError
 from asrbench.jobs import Job, Runner
 from asrbench.model.lstm import LSTMAcousticModel
+from asrbench.model.module import scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,28 @@ def load_reproduce(path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def finished_seeds(out: Path) -> list[int]:
+    """Seeds whose baseline an earlier invocation in `out` finished (``seed<k>/single/results.json``):
+    rerunning a reproduce with other seeds adds to them, and the report pools every seed found."""
+    found = []
+    for d in Path(out).glob("seed*"):
+        tail = d.name[len("seed"):]
+        if tail.isdigit() and (d / strategies.BASELINE / "results.json").is_file():
+            found.append(int(tail))
+    return sorted(found)
+
+
+def peak_lr(config: Mapping) -> float | None:
+    """The learning rate a run's optimizer started from after its lr scaling (optim.lr_scaling by N,
+    or by the workers one exchange combines), before warm-up and decay: what the report prints per cell."""
+    try:
+        cfg = OmegaConf.create(dict(config))
+        optim = experiment.inner_optim(cfg)
+        return scaled_lr(float(optim["lr"]), str(optim.get("lr_scaling", "none")), int(cfg.nodes))
+    except (KeyError, TypeError, ValueError, ConfigError, AttributeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Running it: warm starts, the knob search, the grid over strategies x workers x seeds
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +194,16 @@ def load_search(path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def load_lr_search(path: str | Path) -> dict:
+    """A finished lr search (lr_search.json, or the reproduce directory holding lr_search/lr_search.json)."""
+    p = Path(path)
+    p = p / "lr_search" / "lr_search.json" if (p / "lr_search" / "lr_search.json").is_file() else p
+    if not p.is_file():
+        raise ConfigError(f"reproduce.lr_search.reuse={path}: no lr_search.json there; point it at a finished "
+                          f"reproduce directory or its lr_search/lr_search.json")
+    return json.loads(p.read_text())
+
+
 def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     """The whole experiment; returns reproduce.json's content and writes report.md with its plots."""
 
@@ -178,6 +211,10 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     earlier = earlier_invocations(out)
     rc = cfg.reproduce
     seeds = [int(s) for s in rc.get("seeds") or [0]]
+    pooled = [s for s in finished_seeds(out) if s not in seeds] if rc.get("pool_seeds", True) else []
+    if pooled:  # seeds an earlier invocation here trained: reused, and pooled with this invocation's
+        log.info("seeds %s finished in %s before: pooled with reproduce.seeds=%s", pooled, out, seeds)
+        seeds += pooled
     epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
     if not 0 <= warm < epochs:
         raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
@@ -196,6 +233,18 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     for name in rc.strategies:  # any registered strategy; the baseline runs anyway
         if strategies.spec(name).name == strategies.BASELINE:
             raise ConfigError(f"reproduce.strategies lists {name}, the baseline every seed runs anyway; remove it")
+    control = rc.get("control")
+    if control is not None and control not in rc.strategies:
+        raise ConfigError(f"reproduce.control={control} must be one of reproduce.strategies={list(rc.strategies)}: "
+                          f"the control runs at every worker count beside the strategies it controls")
+    lr_cfg = rc.get("lr_search")
+    if lr_cfg and not control:
+        raise ConfigError("reproduce.lr_search needs reproduce.control (the strategy whose lr is searched at each N, "
+                          "e.g. sync); set it, or lr_search: null")
+    search_epochs = rc.get("search_epochs")
+    if search_epochs is not None and not (int(search_epochs) >= 1 and int(search_epochs) <= epochs - warm):
+        raise ConfigError(f"reproduce.search_epochs={search_epochs} must be a whole number in [1, reproduce.epochs - "
+                          f"warm_start_epochs = {epochs - warm}], or null for the grid's")
     # one W&B group per invocation (its directory's name): runs of different invocations stay apart
     common = [*rc.overrides, f"logger={cfg.run_logger}", f"experiment=reproduce-{out.name}",
               "trainer.enable_progress_bar=false",
@@ -224,6 +273,9 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                                    for s in seeds])
     start = {s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}
     rest = [f"trainer.max_epochs={epochs - warm}"]
+    # the searches' budget: the grid's, or `search_epochs` of it (then no search run stands in for a grid run)
+    same_budget = search_epochs is None or int(search_epochs) == epochs - warm
+    search_rest = rest if same_budget else [f"trainer.max_epochs={int(search_epochs)}"]
 
     # 2. fer=alignment: each seed's runs are scored against the forced alignment of that seed's own
     # warm start (one reference per seed: a run and its baseline share it)
@@ -242,23 +294,64 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                      out / f"seed{s}" / strategies.BASELINE)
                  for s in seeds]
 
-    # 3. the knob search at one worker count and seed, on dev; winners kept for every N
+    # 3. the control's learning rate at each N (e.g. base, base sqrt(N), base N, with warm-up), on dev;
+    # the strategies of lr_search.inherit take the control's winner at the same N
     search_cfg = rc.get("search")
+    reused_paths: dict[tuple[str, int, int], Path] = {}
+    lr_search: dict[str, Any] = {}
+    lr_winners: dict[int, list[str]] = {}
+    seed_s = int(search_cfg.seed) if search_cfg else seeds[0]
+    if lr_cfg and lr_cfg.get("reuse"):
+        lr_search = load_lr_search(to_absolute(lr_cfg.reuse))
+        lr_winners = {int(n): list(v["winner_overrides"]) for n, v in lr_search.get("nodes", {}).items()}
+    elif lr_cfg:
+        if seed_s not in seeds:
+            raise ConfigError(f"reproduce.search.seed={seed_s} must be one of reproduce.seeds={seeds}")
+        shared = [str(o) for o in lr_cfg.get("overrides") or []]
+        cands = [[str(o) for o in c] for c in lr_cfg.candidates]
+        lr_jobs = {int(n): [Job(f"lr search {control} x{n} #{i}: {' '.join(c)}",
+                                [*common, f"strategy={control}", f"nodes={n}", f"seed={seed_s}", *search_rest,
+                                 *start[seed_s], *fixed.get(control, []), *shared, *c, *job_type("lr_search")],
+                                out / "lr_search" / f"{control}_n{n}_{i}") for i, c in enumerate(cands)]
+                   for n in rc.nodes}
+        t_lr = time.perf_counter()
+        done = runner.run([j for js in lr_jobs.values() for j in js] + baselines)
+        lr_search = {"strategy": control, "seed": seed_s, "inherit": list(lr_cfg.get("inherit") or []), "nodes": {}}
+        for n, js in lr_jobs.items():
+            rows = [{"overrides": [*shared, *c], "dev_wer": done[j.name]["eval"]["dev"]["wer"],
+                     "test_wer": done[j.name]["wer"], "steps": done[j.name]["steps"], "run": str(j.path),
+                     "lr": peak_lr(done[j.name].get("config") or {}), "wall_s": done[j.name].get("wall_s")}
+                    for c, j in zip(cands, js)]
+            best = pick_winner(rows)
+            lr_winners[n] = rows[best]["overrides"]
+            if same_budget:
+                reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
+            lr_search["nodes"][n] = {"candidates": rows, "winner": best, "winner_overrides": lr_winners[n]}
+        lr_search["wall_s"] = time.perf_counter() - t_lr
+        lr_search["runs"] = sum(len(js) for js in lr_jobs.values())
+        lr_search["run_s"] = sum(c.get("wall_s") or 0.0 for v in lr_search["nodes"].values() for c in v["candidates"])
+        runinfo.write_json_atomic(out / "lr_search" / "lr_search.json", lr_search)
+    inherit_lr = {control, *(lr_search.get("inherit") or [])} if lr_winners else set()
+
+    def lr_at(strategy: str, n: int) -> list[str]:
+        return list(lr_winners.get(int(n), [])) if strategy in inherit_lr else []
+
+    # 4. the knob search at one worker count and seed, on dev; winners kept for every N
     winners: dict[str, list[str]] = {s: [] for s in rc.strategies}
     search: dict[str, Any] = {}
-    reused_paths: dict[tuple[str, int, int], Path] = {}
     if search_cfg and search_cfg.get("reuse"):
         search = load_search(to_absolute(search_cfg.reuse))
         winners |= {s: list(v["winner_overrides"]) for s, v in search["strategies"].items() if s in winners}
     elif search_cfg:
-        n_s, seed_s = int(search_cfg.nodes), int(search_cfg.seed)
+        n_s = int(search_cfg.nodes)
         if seed_s not in seeds:
             raise ConfigError(f"reproduce.search.seed={seed_s} must be one of reproduce.seeds={seeds}")
         grid = {s: [list(c) for c in search_cfg.grid.get(s, []) or []] for s in rc.strategies}
         inherit = {s: dict(v) for s, v in (search_cfg.get("inherit") or {}).items()}
         search = {"nodes": n_s, "seed": seed_s, "strategies": {}}
         t_search = time.perf_counter()
-        phases = [[s for s in rc.strategies if s not in inherit], [s for s in rc.strategies if s in inherit]]
+        tuned = [s for s in rc.strategies if s != control or grid.get(s)]  # the control is tuned by lr_search
+        phases = [[s for s in tuned if s not in inherit], [s for s in tuned if s in inherit]]
         for k, phase in enumerate(phases):
             jobs, cands, jobs_of = [], {}, {}
             for s in phase:
@@ -267,8 +360,9 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                 cands[s] = [inherited + c for c in grid[s]] or [inherited]
                 for i, cand in enumerate(cands[s]):
                     jobs_of.setdefault(s, []).append(Job(f"search {s} x{n_s} #{i}: {' '.join(cand) or 'defaults'}",
-                                    [*common, f"strategy={s}", f"nodes={n_s}", f"seed={seed_s}", *rest,
-                                     *start[seed_s], *fixed[s], *cand, *job_type("search")], out / "search" / f"{s}_{i}"))
+                                    [*common, f"strategy={s}", f"nodes={n_s}", f"seed={seed_s}", *search_rest,
+                                     *start[seed_s], *fixed[s], *lr_at(s, n_s), *cand, *job_type("search")],
+                                    out / "search" / f"{s}_{i}"))
                 jobs += jobs_of[s]
             done = runner.run(jobs + (baselines if k == 0 else []))
             for s in phase:
@@ -281,7 +375,8 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                 for row in rows:
                     row["over_density_cap"] = cap is not None and (row["density"] or 0.0) > float(cap)
                 winners[s] = rows[best]["overrides"]
-                reused_paths[(s, n_s, seed_s)] = Path(rows[best]["run"])
+                if same_budget:
+                    reused_paths[(s, n_s, seed_s)] = Path(rows[best]["run"])
                 search["strategies"][s] = {"candidates": rows, "winner": best, "winner_overrides": winners[s],
                                            "max_density": cap}
         search["wall_s"] = time.perf_counter() - t_search  # of this invocation: reused runs cost nothing
@@ -290,17 +385,18 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
         runinfo.write_json_atomic(out / "search" / "search.json", search)
     # (without a search of its own, the baselines run beside the grid below, not one by one before it)
 
-    # 4. every strategy x workers x seed, continuing from its seed's warm start
+    # 5. every strategy x workers x seed, continuing from its seed's warm start
     jobs = []
     for seed in seeds:
         for s in rc.strategies:
             for n in rc.nodes:
                 path = reused_paths.get((s, int(n), seed), out / f"seed{seed}" / run_name(s, int(n)))
                 jobs.append(Job(f"seed{seed} {s} x{n}", [*common, f"strategy={s}", f"nodes={n}", f"seed={seed}", *rest,
-                                                         *start[seed], *fixed[s], *winners[s], *job_type("grid")], path))
+                                                         *start[seed], *fixed[s], *lr_at(s, n), *winners[s],
+                                                         *job_type("grid")], path))
     done = runner.run(jobs + baselines)
 
-    # 5. per run: relative changes against its seed's baseline and the plateau test of its dev curve;
+    # 6. per run: relative changes against its seed's baseline and the plateau test of its dev curve;
     # then the paired statistics over seeds (asrbench.analysis) on the scored split and the others
     points, tolerance = int(rc.get("plateau_points", 6)), float(rc.get("plateau_tolerance", 0.02))
     within = float(rc.get("target_within", 0.05))
@@ -314,7 +410,12 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             res = report.with_relative(done[job.name], base)
             history = report.read_history(job.path)
             res |= {"plateau": stats.plateau(report.dev_curve(history), points, tolerance),
-                    "dev_wer": res["eval"]["dev"]["wer"], "run_dir": str(job.path)}
+                    "dev_wer": res["eval"]["dev"]["wer"], "run_dir": str(job.path),
+                    "lr": peak_lr(res.get("config") or {})}
+            if warm_results.get(f"seed{seed} warm start"):
+                w = warm_results[f"seed{seed} warm start"]
+                res["from_warm_start"] = {sp: res["eval"][sp]["wer"] - w["eval"][sp]["wer"]
+                                          for sp in res["eval"] if sp in w.get("eval", {})}
             report.add_time_to_target(res, history, base, within)
             rows.append(res)
             histories.append((res, history))
@@ -325,21 +426,25 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     evidence = {sp: analysis.analyse(rows_by_seed, sp, nodes, list(rc.strategies),
                                      claim_metric=str(rc.get("claim_metric", "wer")),
                                      resamples=int(rc.get("bootstrap_resamples", 1000)),
-                                     mde_target=float(rc.get("mde_target", 0.02)))
+                                     mde_target=float(rc.get("mde_target", 0.02)), control=control,
+                                     warm_starts={s: warm_dir[s] for s in seeds} if warm else None)
                 for sp in splits}
     first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != strategies.BASELINE]
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
     # itself rather than reusing another's) that the grid did not take over
     grid_paths = {j.path for j in jobs}
     searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
-                if reused_paths and Path(c["run"]) not in grid_paths]
+                if search_cfg and not search_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
+    searched += [c for v in lr_search.get("nodes", {}).values() for c in v["candidates"]
+                 if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
     every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *baselines])]
     wall = time.perf_counter() - t0
     return {"runs": len(every) + len(searched),
             "run_s": sum(r.get("wall_s") or 0.0 for r in every) + sum(c.get("wall_s") or 0.0 for c in searched),
             "seeds": seeds, "nodes": nodes, "rows_by_seed": rows_by_seed, "cells": analysis.cell_means(rows_by_seed),
             "split": split, "evidence": evidence, "claims": evidence[split]["claims"], "search": search,
-            "winners": winners, "histories": histories, "first_seed_rows": first,
+            "winners": winners, "lr_search": lr_search, "lr_winners": lr_winners, "control": control,
+            "histories": histories, "first_seed_rows": first,
             "warm_starts": {s: {k: r.get(k) for k in ("steps", "wer", "eval", "wall_s")} for s, r in
                             zip(seeds, [warm_results.get(f"seed{s} warm start") or {} for s in seeds])},
             "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall, "fer": fer,
@@ -382,6 +487,7 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
             f"data, the first {rc.get('warm_start_epochs') or 0} as one single-worker warm start per seed"
             f"{f' (`{chr(32).join(warm)}`)' if warm else ''} from which every run of that seed continues. "
             f"Overrides for every run: `{' '.join(rc.overrides)}`. Optimizer steps per run: {steps_text} workers. "
+            + _control_text(result) +
             f"Baseline, mean ± sd over seeds: {'; '.join(base)}. "
             f"{result['runs']} runs whose own wall times add up to {result['run_s'] / 60:.1f} min "
             f"({rc.get('parallel') or 1} at a time); this invocation took {result['wall_s'] / 60:.1f} min"
@@ -389,6 +495,22 @@ def describe_setup(cfg: Any, result: Mapping) -> str:
                f" and trained {trained} of them; the other {result['runs'] - trained} "
                f"an earlier invocation had finished, and their wall times are theirs.")
             + _earlier_text(earlier))
+
+
+def _control_text(result: Mapping) -> str:
+    """The setup's sentence on the control and its learning-rate search ("" without a control)."""
+    control = result.get("control")
+    if not control:
+        return ""
+    lr = result.get("lr_search") or {}
+    winners = result.get("lr_winners") or {}
+    if not winners:
+        return f"{control} runs at every worker count as the control. "
+    chosen = "; ".join(f"{n}: `{' '.join(o)}`" for n, o in sorted((int(k), v) for k, v in winners.items()))
+    inherit = ", ".join(x for x in lr.get("inherit") or [] if x != control)
+    return (f"{control} runs at every worker count as the control, at the learning rate a search on dev chose for "
+            f"each N ({chosen})" + (f", which {inherit} inherit{'s' if ',' not in inherit else ''} at the same N"
+                                   if inherit else "") + ". ")
 
 
 def _earlier_text(invocations: Sequence[Mapping]) -> str:

@@ -273,24 +273,35 @@ def relative(cell: Scores, base: Scores, metric: str, index: np.ndarray | None =
 
 def effect(lower: Sequence[RunScores | None], higher: Sequence[RunScores | None], baseline: RunScores, metric: str,
            index: np.ndarray, reference: float | None = None,
-           combine: Callable[[np.ndarray], np.ndarray] | None = None) -> Paired:
+           combine: Callable[[np.ndarray], np.ndarray] | None = None,
+           controls: tuple[Sequence[RunScores | None], Sequence[RunScores | None]] | None = None) -> Paired:
     """Paired difference, in relative error, of `higher` minus `lower` (positive: `lower` is better).
 
     Each side is a list of cells (seed -> Scores); None stands for the baseline itself (relative
     change 0). With several cells on a side, `combine` reduces them per seed and resample (the
-    higher side takes the best, np.min over cells, by default). Seeds are those every cell has.
+    higher side takes the best, np.min over cells, by default). `controls` (one list per side,
+    aligned with its cells) reads every cell against a control instead of against the baseline
+    alone: rel(cell) - rel(control) per seed and resample (None: no control), e.g. each strategy
+    against sync SGD at its own worker count. Seeds are those every cell and control has.
     """
-    cells = [c for c in (*lower, *higher) if c is not None]
+    ctrl_lower, ctrl_higher = controls or ([None] * len(lower), [None] * len(higher))
+    if len(ctrl_lower) != len(lower) or len(ctrl_higher) != len(higher):
+        raise ValueError("Arg `controls` must hold one entry per cell of each side")
+    cells = [c for c in (*lower, *higher, *ctrl_lower, *ctrl_higher) if c is not None]
     seeds = sorted(set(baseline).intersection(*[set(c) for c in cells]))
     if not seeds:
         raise ValueError("no seed has every cell of this comparison")
     combine = combine or (lambda a: a.min(axis=0))
 
-    def side(group: Sequence[RunScores | None], s: int, idx: np.ndarray | None):
-        vals = [np.zeros(len(idx)) if c is None and idx is not None else 0.0 if c is None
-                else relative(c[s], baseline[s], metric, idx) for c in group]
+    def rel(c: RunScores | None, s: int, idx: np.ndarray | None):
+        if c is None:
+            return np.zeros(len(idx)) if idx is not None else 0.0
+        return relative(c[s], baseline[s], metric, idx)
+
+    def side(group: Sequence[RunScores | None], ctrl: Sequence[RunScores | None], s: int, idx: np.ndarray | None):
+        vals = [rel(c, s, idx) - rel(k, s, idx) for c, k in zip(group, ctrl)]
         return combine(np.asarray(vals, dtype=float))
 
-    per_seed = [float(side(higher, s, None) - side(lower, s, None)) for s in seeds]
-    boot = np.mean([side(higher, s, index) - side(lower, s, index) for s in seeds], axis=0)
+    per_seed = [float(side(higher, ctrl_higher, s, None) - side(lower, ctrl_lower, s, None)) for s in seeds]
+    boot = np.mean([side(higher, ctrl_higher, s, index) - side(lower, ctrl_lower, s, index) for s in seeds], axis=0)
     return paired(per_seed, boot, reference)

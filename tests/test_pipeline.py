@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -138,18 +139,22 @@ def test_align_eval_and_ce_training(ctc_run, corpus):
 
 def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     out = tmp_path / "rep"
-    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=400)
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", f"hydra.run.dir={out}", timeout=900)
     md = (out / "report.md").read_text()
     search = json.loads((out / "search" / "search.json").read_text())
     assert [len(search["strategies"][s]["candidates"]) for s in ("gtc", "bmuf", "gtc_bmuf")] == [2, 1, 1]
     tau = search["strategies"]["gtc"]["winner_overrides"]
     assert search["strategies"]["gtc_bmuf"]["winner_overrides"][:1] == tau  # inherited from GTC's winner
+    # sync's lr searched at each N (2 candidates each), its winner the seed-0 sync cell; GTC inherits it
+    lr_search = json.loads((out / "lr_search" / "lr_search.json").read_text())
+    assert sorted(lr_search["nodes"]) == ["4", "8"] and lr_search["inherit"] == ["gtc"]
+    assert all(len(v["candidates"]) == 2 for v in lr_search["nodes"].values())
     for seed in (0, 1):
         assert (out / f"seed{seed}" / "warm_start" / "results.json").is_file()
-        for strategy in ("gtc", "bmuf", "gtc_bmuf"):
+        for strategy in ("sync", "gtc", "bmuf", "gtc_bmuf"):
             for nodes in (4, 8):
                 run = out / f"seed{seed}" / f"{strategy}_n{nodes}"
-                if seed == 0 and nodes == 4:  # the search's winner is this cell's run
+                if seed == 0 and (nodes == 4 or strategy == "sync"):  # a search's winner is this cell's run
                     assert not run.exists()
                     continue
                 res = json.loads((run / "results.json").read_text())
@@ -157,10 +162,17 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
                 assert res["config"]["init_from"].endswith(f"seed{seed}/warm_start")
                 # FER of the phone probe against the synthesiser's timings
                 assert res["config"]["data"]["phone_labels"] is True and res["config"]["data"]["alignments"] is None
-    for strategy in ("gtc", "bmuf", "gtc_bmuf"):
+                if strategy == "gtc":  # sync's winning lr at the same N
+                    won = lr_search["nodes"][str(nodes)]["winner_overrides"]
+                    assert res["config"]["optim"]["lr_scaling"] == won[-1].split("=")[1]
+    for strategy in ("sync", "gtc", "bmuf", "gtc_bmuf"):
         for nodes in (4, 8):
             assert re.search(rf"\| {strategy} \| {nodes} \| [0-9.]+% \|.*\[[-+0-9.]+, [-+0-9.]+\]", md)
-    assert "## The paper's claims (test_seen" in md and md.count("| trend: ") == 4  # the claims table's trends
+    # the claims again against sync at the same N, the design's ceiling from each seed's warm start, the lr search
+    assert "### The same claims against sync at the same worker count" in md and "design's ceiling" in md
+    assert "## What the design can show" in md and "## The learning-rate search (sync)" in md
+    assert "peak lr" in md and "WER from the warm start" in md
+    assert "## The paper's claims (test_seen" in md and md.count("| trend: ") == 8  # 4 trends in each claims table
     assert "## The knob search" in md and "**winner**" in md
     assert "## Projected to the paper's scale (lstm_paper, 22.0M parameters)" in md
     for png in ("tradeoff.png", "learning_curves.png", "speedup.png", "rel_wer.png", "bytes.png"):
@@ -186,6 +198,11 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
             expected = "disagrees" if j["mean"] <= 0 else "agrees; excludes the paper's effect" if ref_out else "agrees"
         else:
             expected = "excludes the paper's effect" if ref_out else "inconclusive"
+        if not j["testable"]:  # a paper margin above the design's ceiling (the warm start's) is never excluded
+            assert j["paper_margin"] > j["ceiling"]
+            expected = {"excludes the paper's effect": "not testable by this design",
+                        "agrees; excludes the paper's effect":
+                            "agrees; the paper's margin not testable by this design"}.get(expected, expected)
         assert j["verdict"] == expected, j
     # each measured claim projects the seeds its MDE needs for 2 points (stats.seeds_for), shown in the table
     assert all({"seeds_for_mde", "seeds_for_mde_holm", "mde_floor"} <= j.keys() for j in measured)
@@ -214,12 +231,25 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     assert (f"Earlier invocation in this directory: {first['wall_s'] / 60:.1f} min at commit "
             f"{str(first['git_commit'])[:7]} ({runs} runs trained).") in (out / "report.md").read_text()
     # one seed of the same runs (all reused): the report says its CIs are the test set's alone, and no "± nan"
-    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", "reproduce.seeds=[0]", f"hydra.run.dir={out}", timeout=120)
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", "reproduce.seeds=[0]", "reproduce.pool_seeds=false",
+             f"hydra.run.dir={out}", timeout=120)
     one = (out / "report.md").read_text()
     assert "**One seed:** every CI and p-value here holds the test set's noise alone" in one
     assert "WER" in one and "words, one seed)" in one and "nan%" not in one and "; 1 seed)" in one
     assert "nan" not in one.split("## The paper's claims")[1].split("**One seed:**")[0]  # no MDE without a spread
     assert one.count("Earlier invocation in this directory:") == 1  # re-renders that trained nothing are not listed
+    # seeds accumulate: an invocation naming seed 0 alone pools seed 1, which an earlier one finished here
+    asrbench("reproduce", "reproduce=tiny", "run_logger=csv", "reproduce.seeds=[0]", f"hydra.run.dir={out}", timeout=120)
+    pooled = json.loads((out / "reproduce.json").read_text())
+    assert pooled["seeds"] == [0, 1] and pooled["claims"] == json.loads(json.dumps(summary["claims"]))
+    # every claim's CI recomputed from what reproduce.json keeps: its per-seed differences, se_boot and df
+    from scipy import stats as sps
+    for j in (c for c in pooled["claims"] if c["verdict"] != "not measured"):
+        d = np.array(j["per_seed"])
+        se = np.sqrt(d.var(ddof=1) / len(d) + j["se_boot"] ** 2)
+        half = sps.t.ppf(0.975, j["df"]) * se if np.isfinite(j["df"]) else sps.norm.ppf(0.975) * se
+        assert (j["low"], j["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert set(pooled["evidence"]["test_seen"]["errors_per_seed"]) >= {"single x1", "sync x4", "gtc_bmuf x8"}
 
 
 def test_every_command_of_the_one_registry_runs_a_hydra_app():

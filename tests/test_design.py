@@ -1,0 +1,114 @@
+"""The fair-race design of `asrbench reproduce`: claims read against a control at the same N, the
+ceiling a shared warm start leaves, recovery, pooled seeds and the lr each run started from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asrbench import analysis, report, stats
+from asrbench.paper import Claim
+
+
+def _scores(errors, counts, ids=None) -> stats.Scores:
+    ids = ids or [f"s{i % 2}-1-{i}" for i in range(len(errors))]
+    return stats.Scores.from_table({"ids": ids, "wer_errors": errors, "wer_counts": counts})
+
+
+def _write(run: Path, sc_errors, counts) -> Path:
+    (run / "hyps").mkdir(parents=True)
+    ids = [f"s{i % 2}-1-{i}" for i in range(len(sc_errors))]
+    (run / "hyps" / "test_seen.scores.json").write_text(json.dumps(
+        {"ids": ids, "wer_errors": sc_errors, "wer_counts": counts}))
+    return run
+
+
+def test_effect_against_a_control_subtracts_the_control_seed_by_seed() -> None:
+    base = {0: _scores([10, 10], [50, 50]), 1: _scores([10, 10], [50, 50])}     # WER .20
+    sync = {0: _scores([12, 12], [50, 50]), 1: _scores([11, 11], [50, 50])}     # +20%, +10%
+    gtc = {0: _scores([13, 13], [50, 50]), 1: _scores([12, 12], [50, 50])}      # +30%, +20%
+    idx = stats.bootstrap_indices(2, 100, seed=0)
+    # "gtc below the baseline" read against sync: 0 - (rel(gtc) - rel(sync)) = -10 points on both seeds
+    res = stats.effect([gtc], [None], base, "wer", idx, controls=([sync], [None]))
+    assert res.per_seed == pytest.approx((-0.1, -0.1))
+    # a pair at one N is the same with or without the control (it cancels)
+    plain = stats.effect([sync], [gtc], base, "wer", idx)
+    ctrl = stats.effect([sync], [gtc], base, "wer", idx, controls=([sync], [sync]))
+    assert ctrl.per_seed == pytest.approx(plain.per_seed)
+    with pytest.raises(ValueError, match="one entry per cell"):
+        stats.effect([gtc], [None], base, "wer", idx, controls=([sync, sync], [None]))
+
+
+def test_a_margin_above_the_warm_starts_ceiling_is_not_testable(tmp_path) -> None:
+    """Warm start at WER .22 against a baseline at .20: the ceiling is +10 points. A claim whose paper margin
+    is 30 points that the data "exclude" reads "not testable by this design"; one with a 2-point margin keeps
+    its verdict."""
+    rows = {}
+    for s in (0, 1, 2):
+        base = _write(tmp_path / f"seed{s}" / "single", [10, 10], [50, 50])
+        a = _write(tmp_path / f"seed{s}" / "a", [10, 10 + s % 2], [50, 50])
+        b = _write(tmp_path / f"seed{s}" / "b", [10, 10 + (s + 1) % 2], [50, 50])
+        _write(tmp_path / f"seed{s}" / "warm", [11, 11], [50, 50])
+        rows[s] = [{"strategy": "single", "nodes": 1, "run_dir": str(base)},
+                   {"strategy": "a", "nodes": 4, "run_dir": str(a)}, {"strategy": "b", "nodes": 4, "run_dir": str(b)}]
+    claims = [Claim("{32}: a < b (big)", ("a", 0), (("b", 0),), 0.30),
+              Claim("{32}: a < b (small)", ("a", 0), (("b", 0),), 0.02)]
+    ev = analysis.analyse(rows, "test_seen", [4], ["a", "b"], claims=claims, resamples=200,
+                          warm_starts={s: tmp_path / f"seed{s}" / "warm" for s in rows})
+    assert ev["warm_start"]["ceiling"] == pytest.approx(0.10)
+    big, small = ev["claims"]
+    assert big["ceiling"] == pytest.approx(0.10) and not big["testable"]
+    assert stats.EXCLUDES not in big["verdict"] and analysis.NOT_TESTABLE in big["verdict"]
+    assert small["testable"] and analysis.NOT_TESTABLE not in small["verdict"]
+    # recovery: the baseline recovers all of the warm start's excess, a run at the warm start's WER none
+    assert ev["warm_start"]["recovery"]["single x1"] == pytest.approx(1.0)
+    assert 0 < ev["warm_start"]["recovery"]["a x4"] < 1
+    md = report.claims_table(ev["claims"])
+    assert "design's ceiling" in md and "+10.0 pts" in md and analysis.NOT_TESTABLE in md
+
+
+def test_claims_against_the_control_and_the_under_trained_flag(tmp_path) -> None:
+    rows = {}
+    for s in (0, 1):
+        base = _write(tmp_path / f"seed{s}" / "single", [10, 10], [50, 50])             # .20
+        sync = _write(tmp_path / f"seed{s}" / "sync", [14, 14 + s], [50, 50])           # ~.28-.29
+        gtc = _write(tmp_path / f"seed{s}" / "gtc", [14, 14 + s], [50, 50])             # as sync
+        _write(tmp_path / f"seed{s}" / "warm", [15, 15], [50, 50])                       # .30
+        rows[s] = [{"strategy": "single", "nodes": 1, "run_dir": str(base)},
+                   {"strategy": "sync", "nodes": 4, "run_dir": str(sync)},
+                   {"strategy": "gtc", "nodes": 4, "run_dir": str(gtc)}]
+    claims = [Claim("{32}: GTC below the baseline", ("gtc", 0), (("single", None),), None)]
+    ev = analysis.analyse(rows, "test_seen", [4], ["sync", "gtc"], claims=claims, resamples=200, control="sync",
+                          warm_starts={s: tmp_path / f"seed{s}" / "warm" for s in rows})
+    # against the baseline GTC is ~40% worse; against sync at the same N it costs nothing
+    assert ev["claims"][0]["mean"] < -0.3
+    assert ev["claims_vs_control"][0]["per_seed"] == pytest.approx((0.0, 0.0))
+    # sync recovers (30 - 28) / (30 - 20) = 20% and (30 - 29) / 10 = 10%: under half, flagged
+    assert ev["warm_start"]["recovery"]["sync x4"] == pytest.approx(0.15)
+    text = "\n".join(report.design_section(ev, [4]))
+    assert "**Under-trained:** sync at 4 workers recovers 15%" in text and "ceiling" in text
+
+
+def test_finished_seeds_are_pooled_and_peak_lr_reads_the_scaling(tmp_path) -> None:
+    from asrbench.reproduce import finished_seeds, peak_lr
+
+    for s in (0, 3):
+        (tmp_path / f"seed{s}" / "single").mkdir(parents=True)
+        (tmp_path / f"seed{s}" / "single" / "results.json").write_text("{}")
+    (tmp_path / "seed7" / "single").mkdir(parents=True)       # started, never finished
+    (tmp_path / "seedling").mkdir()
+    assert finished_seeds(tmp_path) == [0, 3]
+    cfg = {"nodes": 16, "strategy": {"name": "sync"},
+           "optim": {"name": "adam", "lr": 0.0003, "lr_scaling": "sqrt"}}
+    assert peak_lr(cfg) == pytest.approx(0.0012)
+    assert peak_lr(cfg | {"optim": cfg["optim"] | {"lr_scaling": "linear"}}) == pytest.approx(0.0048)
+    assert peak_lr({}) is None
+
+
+def test_lr_search_table_marks_the_winner_at_each_n() -> None:
+    md = report.lr_search_table({"nodes": {4: {"winner": 1, "candidates": [
+        {"overrides": ["optim.lr_scaling=none"], "lr": 3e-4, "dev_wer": 0.3, "test_wer": 0.31, "steps": 100},
+        {"overrides": ["optim.lr_scaling=sqrt"], "lr": 6e-4, "dev_wer": 0.28, "test_wer": 0.29, "steps": 100}]}}})
+    lines = md.splitlines()
+    assert "0.0006" in lines[3] and "**winner**" in lines[3] and "**winner**" not in lines[2]
