@@ -1,5 +1,6 @@
-"""Checkpoints a user can trust: what run wrote them, whether a new run may resume from them, a
-graceful Ctrl-C, and which checkpoint a failed run leaves behind.
+"""Checkpoints a user can trust: what run wrote them, whether a new run may resume from them (or
+which one `resume=auto` continues from), written whole or not at all, a graceful stop on Ctrl-C,
+SIGTERM or SIGUSR1, a stop on a diverged loss, and which checkpoint a failed run leaves behind.
 
 Resume rule (documented in README): a run resumes only from a checkpoint written by the same
 strategy with the same number of workers and the same model, criterion and input features.
@@ -9,9 +10,13 @@ is refused before any process starts, in one line naming the checkpoint and the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +25,11 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from omegaconf import DictConfig, OmegaConf
 
-from asrbench.errors import AsrbenchError, CheckpointError
+from asrbench.errors import AsrbenchError, CheckpointError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +39,14 @@ MUST_MATCH = ("strategy", "nodes", "model", "criterion", "input_dim", "phone_pro
 
 
 class Interrupted(AsrbenchError):
-    """The user stopped the run (Ctrl-C); a checkpoint was saved."""
+    """A stop signal (Ctrl-C, SIGTERM, SIGUSR1) stopped the run; a checkpoint was saved. The exit
+    status is :func:`stop_exit_code` of the signal (130 for Ctrl-C)."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = stop_exit_code(signum)
 
 
 def identity(cfg: DictConfig, input_dim: int, num_phones: int = 0) -> dict[str, Any]:
@@ -148,82 +160,267 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int | None] | None:
-    """The newest checkpoint in `ckpt_dir` and its global step (None when unreadable), or None."""
-    files = sorted(Path(ckpt_dir).glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if Path(ckpt_dir).is_dir() else []
-    if not files:
-        return None
-    path = files[-1]
+# ---------------------------------------------------------------- which checkpoint continues a run
+AUTO = "auto"  # resume=auto: the run dir's newest checkpoint if it has one, else a fresh start
+
+
+def _step_of(path: Path) -> int | None:
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    except Exception:
-        step = None
-    return path, step
+    except Exception:  # unreadable, or not a dictionary
+        return None
+    return int(step) if isinstance(step, int) else None
+
+
+def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int | None] | None:
+    """The newest checkpoint in `ckpt_dir` and its global step, or None when there is none.
+
+    Newest is the highest global step, then the latest written: an interrupted.ckpt taken mid-epoch
+    after the last epoch end's last.ckpt continues the run from further on. An unreadable file is
+    named (step None) only when no readable one exists."""
+    directory = Path(ckpt_dir)
+    files = [p for p in directory.glob("*.ckpt") if p.is_file()] if directory.is_dir() else []
+    if not files:
+        return None
+    steps = {p: _step_of(p) for p in files}
+    readable = [p for p in files if steps[p] is not None]
+    if readable:
+        path = max(readable, key=lambda p: (steps[p], p.stat().st_mtime))
+    else:
+        path = max(files, key=lambda p: p.stat().st_mtime)
+    return path, steps[path]
 
 
 def describe_last_checkpoint(ckpt_dir: Path) -> str:
     found = last_checkpoint(ckpt_dir)
     if found is None:
-        return "no checkpoint was written yet (checkpoint_every_n_steps=N writes them mid-epoch)"
+        return ("no checkpoint was written yet (last.ckpt is written at every epoch end, and every "
+                "checkpoint_every_n_steps steps when set)")
     path, step = found
     at = f" (step {step})" if step is not None else ""
     return f"last checkpoint {path}{at}: continue with resume={path}"
 
 
-class GracefulStop(L.Callback):
-    """Ctrl-C (SIGINT) stops training after the current step and saves a checkpoint.
+def restart_count() -> int:
+    """How often torchrun restarted this worker group (TORCHELASTIC_RESTART_COUNT; 0 outside torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
 
-    The signal only sets a flag. Every `check_every` steps the ranks agree on it (one all-reduce
-    of a single integer over the default group), so all of them stop after the same step and
-    save together: the checkpoint of a multi-process run is as consistent as any other (GTC
-    residuals and BMUF block state included). A second Ctrl-C interrupts at once, as usual.
+
+def auto_resume(run_dir: Path, expected: Mapping[str, Any]) -> Path | None:
+    """`resume=auto` (and a torchrun restart): the newest checkpoint of `<run_dir>/checkpoints`, checked
+    as `resume=` checks one, or None when the run dir has none yet (the run starts fresh)."""
+    found = last_checkpoint(Path(run_dir) / "checkpoints")
+    if found is None:
+        if launching_process():
+            log.info("resume=auto: no checkpoint in %s yet; starting from step 0", Path(run_dir) / "checkpoints")
+        return None
+    path = check_resume(found[0], expected)
+    if launching_process():
+        log.info("resume=auto: continuing from %s (step %s)", path, found[1])
+    return path
+
+
+# ---------------------------------------------------------------- writing checkpoints
+_WRITE_ADVICE = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota",
+                 errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EROFS: "make it writable",
+                 errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
+
+
+def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Write `checkpoint` to `path` through a temporary file in the same directory, flushed to disk,
+    and a rename: a resume, a kill or a full disk finds the previous complete file or the new one,
+    never half of one or an empty one. A disk fault is one :class:`OutputError` naming `path`."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)  # in memory first: torch's file writer reports a full disk without errno
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())  # else a crash soon after the rename can leave an empty file behind the new name
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        advice = _WRITE_ADVICE.get(err.errno, "check that directory")
+        kept = "the previous one is unchanged" if path.is_file() else "none was there before"
+        raise OutputError(f"{path}: the checkpoint could not be written ({err.strerror or err}; {kept}); {advice}, "
+                          f"or write the run elsewhere with hydra.run.dir=DIR") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with :func:`save_atomic` for writing (Lightning's own writes the
+    target file in place: a kill or a full disk mid-write left a truncated or empty last.ckpt)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        save_atomic(checkpoint, path)
+
+
+# ---------------------------------------------------------------- stopping: signals and divergence
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+_NO_BAD_STEP = 2**62  # the agreement's encoding of "no rank saw a non-finite loss"
+
+
+def stop_exit_code(signum: int) -> int:
+    """128 + the signal's number, as a shell reports a process that signal ended: 130 for Ctrl-C,
+    143 for SIGTERM, 138 for SIGUSR1. A job script tells a preempted run (143, 138) from a failed one
+    (2) and requeues it; the requeued job continues with resume=auto."""
+    return 128 + int(signum)
+
+
+class _FlagOnlySignals(_SignalConnector):
+    """Lightning's signal connector with :class:`Checkpointing`'s handler in place of Lightning's own.
+
+    Lightning's SIGTERM handler broadcasts a tensor from inside the handler, on whichever rank the
+    signal reaches and wherever that rank is: the ranks then wait in different collectives, and a
+    SIGTERMed 2-process run hung until the collective timeout and saved nothing. Here a stop signal
+    only sets a flag; :class:`Checkpointing` lets the ranks agree on it between steps."""
+
+    def __init__(self, trainer: L.Trainer, handler: Any) -> None:
+        super().__init__(trainer)
+        self.handler = handler
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False  # never set: Lightning's loops then raise no SIGTERMException of their own
+        self._original_handlers = self._get_current_signal_handlers()  # restored by teardown()
+        for signum in STOP_SIGNALS:
+            self._register_signal(signum, self.handler)
+
+
+class Checkpointing(L.Callback):
+    """When a fit writes checkpoints and when it stops early, the same way on every rank.
+
+    - ``last.ckpt`` at every epoch end, every `every_n_steps` steps (0: never mid-epoch) and at the
+      end of training; written atomically (:class:`AtomicCheckpointIO`).
+    - Ctrl-C (SIGINT), SIGTERM (what a scheduler sends on preemption, torchrun forwards it) and
+      SIGUSR1 (SLURM's ``--signal`` warning) only set a flag. At the next agreement point the
+      ranks stop after the same step and save ``interrupted.ckpt``, as exact as any other (GTC
+      residuals, BMUF block state and PowerSGD memory included); :attr:`stopped_by` says which
+      signal. A second Ctrl-C interrupts at once; a repeated SIGTERM (the scheduler's and
+      torchrun's) changes nothing.
+    - A non-finite training loss on any rank is noted on the device (no sync per step); at the next
+      agreement point every rank stops, :attr:`diverged` names the first such step and rank, and
+      nothing more is saved: the last checkpoint stays the last finite one.
+
+    Agreement points: every `check_every` steps (one all-reduce of two integers over the default
+    group), before every checkpoint, and at the end of training. A single worker stops on a signal
+    after the current step.
     """
 
-    def __init__(self, path: Path, check_every: int = 10) -> None:
-        self.path = Path(path)
+    def __init__(self, directory: Path, every_n_steps: int = 0, check_every: int = 10) -> None:
+        self.directory = Path(directory)
+        self.last_path = self.directory / "last.ckpt"
+        self.stop_path = self.directory / "interrupted.ckpt"
+        self.every_n_steps = max(0, int(every_n_steps))
         self.check_every = max(1, int(check_every))
-        self.requested = False
-        self.saved_step: int | None = None
-        self._previous: Any = None
+        self.signum = 0  # the first stop signal this process received (0: none)
+        self.stopped_by: int | None = None  # the signal the ranks agreed to stop on
+        self.saved_step: int | None = None  # the step of interrupted.ckpt
+        self.diverged: tuple[int, int] | None = None  # (step, rank) of the first non-finite training loss
+        self._first_bad: torch.Tensor | None = None  # this rank's first non-finite step, -1: none (on the device)
+        self._last_saved = -1  # the step last.ckpt was last written at
+        self._previous_sigint: Any = None
 
     @property
     def stopped(self) -> bool:
-        return self.saved_step is not None
+        return self.stopped_by is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or self.diverged is not None
+
+    # -- signals ----------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+        trainer._signal_connector = _FlagOnlySignals(trainer, self._handler)  # installed by the Trainer before its loop
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # a second Ctrl-C: at once
-        if launching_process():
-            log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # not reached: the first one unhooks itself
+            return
+        first = not self.signum
+        self.signum = self.signum or int(signum)
+        if signum == signal.SIGINT and threading.current_thread() is threading.main_thread():
+            previous = self._previous_sigint
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+        if first and launching_process():
+            again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
+            log.warning("%s: stopping after this step and saving a checkpoint%s", STOP_SIGNALS[signum], again)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+    # -- agreement --------------------------------------------------------------------------------
+    def _note_loss(self, outputs: Any, step: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all() & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def _agreed(self, trainer: L.Trainer) -> bool:
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+    def _agree(self, trainer: L.Trainer) -> tuple[int, tuple[int, int] | None]:
+        """(the largest stop signal any rank received, 0: none; (step, rank) of the earliest non-finite
+        loss of any rank, or None), by one all-reduce (MAX) of two integers."""
+        world, rank = max(1, trainer.world_size), trainer.global_rank
+        first = int(self._first_bad) if self._first_bad is not None and world == 1 else None
+        if world > 1 and dist.is_available() and dist.is_initialized():
             device = trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
-            flag = torch.tensor([int(self.requested)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item())
-        return self.requested
+            flags = torch.zeros(2, dtype=torch.long, device=device)
+            flags[0] = self.signum
+            if self._first_bad is not None:
+                bad = self._first_bad.to(device)
+                flags[1] = torch.where(bad >= 0, _NO_BAD_STEP - (bad * world + rank), torch.zeros_like(bad))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signum, code = (int(v) for v in flags.tolist())
+            return signum, (divmod(_NO_BAD_STEP - code, world) if code else None)
+        return self.signum, ((first, 0) if first is not None and first >= 0 else None)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.stopped or (trainer.global_step % self.check_every and not (trainer.world_size == 1 and self.requested)):
+    def _agreement_point(self, trainer: L.Trainer, save_last: bool) -> None:
+        signum, diverged = self._agree(trainer)
+        step = int(trainer.global_step)
+        if diverged is not None:
+            self.diverged = diverged
+            trainer.should_stop = True
+        elif signum:
+            trainer.save_checkpoint(str(self.stop_path))
+            self.stopped_by, self.saved_step = signum, step
+            trainer.should_stop = True
+        elif save_last and self._last_saved != step:
+            trainer.save_checkpoint(str(self.last_path))
+            self._last_saved = step
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        step = int(trainer.global_step)
+        self._note_loss(outputs, step)
+        if self.finished:
             return
-        if not self._agreed(trainer):
-            return
-        trainer.save_checkpoint(str(self.path))
-        self.saved_step = int(trainer.global_step)
-        trainer.should_stop = True
+        save = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        if save or step % self.check_every == 0 or (trainer.world_size == 1 and self.signum):
+            self._agreement_point(trainer, save)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.finished:
+            self._agreement_point(trainer, save_last=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.finished and self._last_saved != trainer.global_step:
+            self._agreement_point(trainer, save_last=True)
+
+    def divergence_message(self, lr: float) -> str:
+        """One line: where the loss stopped being finite and what to change."""
+        assert self.diverged is not None
+        step, rank = self.diverged
+        where = f" on rank {rank}" if rank else ""
+        return (f"the training loss is NaN or inf at step {step}{where}: the run diverged and was stopped, "
+                f"without results.json; lower optim.lr (this run: {lr:g}), warm it up (optim.warmup_steps) "
+                f"or clip gradients harder (trainer.gradient_clip_val)")

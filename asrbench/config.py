@@ -36,6 +36,7 @@ SCHEMA: dict[str, Knob] = {
     "deterministic": Knob(bool),
     "collective_timeout_s": Knob(float, 0, low_open=True),
     "checkpoint_every_n_steps": Knob(int, 0),
+    "stop_check_every_n_steps": Knob(int, 1),
     "optim.name": Knob(str, choices=("sgd", "adam", "adamw")),
     "optim.lr": Knob(float, 0, low_open=True),
     "optim.momentum": Knob(float, 0, 1, high_open=True),

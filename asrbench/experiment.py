@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from hydra.utils import to_absolute_path
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -383,18 +383,21 @@ class TrainerRunner:
         dm = SpeechDataModule(data.feats, data.frame_labels, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
                               cfg.num_workers, cfg.get("bucket_by_length", False))
         ckpt_dir = out_dir / "checkpoints"
-        ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True,
-                               every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_top_k=0)
-        stop = checkpoint.GracefulStop(ckpt_dir / "interrupted.ckpt")
+        # last.ckpt at every epoch end (and every checkpoint_every_n_steps), interrupted.ckpt on a stop
+        # signal, a stop on a diverged loss; Lightning's own ModelCheckpoint is off (with save_top_k=0 it
+        # wrote last.ckpt only when training ended)
+        guard = checkpoint.Checkpointing(ckpt_dir, every_n_steps=cfg.checkpoint_every_n_steps,
+                                         check_every=cfg.get("stop_check_every_n_steps", 10))
         if hasattr(strategy, "checkpoint_dir"):
             strategy.checkpoint_dir = str(ckpt_dir)
         progress = [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.get("enable_progress_bar", True) else []
         history = MetricsHistory(out_dir / "metrics.jsonl", cfg.trainer.get("log_every_n_steps", 10))
+        trainer_kw = {"enable_checkpointing": False} | OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer = L.Trainer(accelerator=self.accelerator, devices=self.devices, num_nodes=self.machines,
-                            strategy=strategy, logger=logger,
-                            callbacks=[ckpt, stop, checkpoint.RunIdentity(ident), *progress, history],
+                            strategy=strategy, logger=logger, plugins=[checkpoint.AtomicCheckpointIO()],
+                            callbacks=[guard, checkpoint.RunIdentity(ident), *progress, history],
                             default_root_dir=str(out_dir), use_distributed_sampler=False,
-                            deterministic=cfg.deterministic, **OmegaConf.to_container(cfg.trainer, resolve=True))
+                            deterministic=cfg.deterministic, **trainer_kw)
         t_fit = time.perf_counter()
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -404,9 +407,16 @@ class TrainerRunner:
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
             raise
         fit_s = time.perf_counter() - t_fit
-        if stop.stopped:
-            raise checkpoint.Interrupted(f"interrupted after step {stop.saved_step}: checkpoint {stop.path}; "
-                                         f"continue with resume={stop.path}")
+        if guard.diverged is not None:  # every rank stopped at the same step; rank 0 speaks for the run
+            if trainer.is_global_zero:
+                raise RunFailed(f"{guard.divergence_message(float(cfg.optim.lr))}; "
+                                f"{checkpoint.describe_last_checkpoint(ckpt_dir)}")
+            return None
+        if guard.stopped:
+            name = checkpoint.STOP_SIGNALS.get(guard.stopped_by, f"signal {guard.stopped_by}")
+            raise checkpoint.Interrupted(f"stopped by {name} after step {guard.saved_step}: checkpoint "
+                                         f"{guard.stop_path}; continue with resume={guard.stop_path} (or resume=auto "
+                                         f"with the same hydra.run.dir)", signum=guard.stopped_by)
         frames = all_frames(module.frames_seen, int(cfg.nodes), module.device)
         if not trainer.is_global_zero:
             return None
@@ -623,6 +633,24 @@ def make_runner(cfg: DictConfig, out_dir: Path) -> Runner:
     return SimulatedRunner(cfg, out_dir) if cfg.cluster.name == "simulated" else TrainerRunner(cfg, out_dir)
 
 
+def resume_checkpoint(cfg: DictConfig, out_dir: Path, ident: Mapping[str, Any]) -> str | None:
+    """The checkpoint this run continues from: ``resume=<checkpoint or run dir>``; ``resume=auto``, the
+    newest in `<out_dir>/checkpoints` if any (else a fresh start); a torchrun restart
+    (TORCHELASTIC_RESTART_COUNT > 0) without ``resume=`` counts as ``resume=auto``. Each is checked
+    against the run's identity before any process starts."""
+    resume = cfg.get("resume")
+    if not resume and checkpoint.restart_count() > 0:
+        if checkpoint.launching_process():
+            log.info("torchrun restart %d: resume=auto", checkpoint.restart_count())
+        resume = checkpoint.AUTO
+    if not resume:
+        return None
+    if str(resume) == checkpoint.AUTO:
+        found = checkpoint.auto_resume(out_dir, ident)
+        return str(found) if found is not None else None
+    return str(checkpoint.check_resume(to_absolute_path(str(resume)), ident))
+
+
 def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     """Train one run; rank 0 evaluates the final model and writes `<out_dir>/results.json`."""
     config.validate(cfg)  # every knob, before any data is read, process started or logger opened
@@ -633,7 +661,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict | None:
     # The phone probe's classes (data.phone_labels) come from the corpus's timings, generated if needed.
     phones = phone_set(cfg, progress=runner.progress)
     ident = checkpoint.identity(cfg, input_dim, len(phones) if phones else 0)
-    resume = str(checkpoint.check_resume(to_absolute_path(cfg.resume), ident)) if cfg.get("resume") else None
+    resume = resume_checkpoint(cfg, out_dir, ident)
     strategy = build_strategy(cfg.strategy, nodes=int(cfg.nodes), timeout_s=cfg.collective_timeout_s)
     # Built before the data is read: reading it leaves the global RNG alone (features fork it).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
