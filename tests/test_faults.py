@@ -90,7 +90,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(corp
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "interrupted after step" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and "stopped by Ctrl-C after step" in lines[0] and "Traceback" not in err
     ckpt = run / "checkpoints" / "interrupted.ckpt"
     assert ckpt.is_file() and f"resume={ckpt}" in lines[0]
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
