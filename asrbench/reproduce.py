@@ -184,24 +184,24 @@ def pick_winner(candidates: Sequence[Mapping], max_density: float | None = None)
     return min(eligible, key=lambda i: (candidates[i]["dev_wer"], i))
 
 
-def load_search(path: str | Path) -> dict:
-    """A finished search (search.json, or the reproduce directory holding search/search.json)."""
+def _load_finished(path: str | Path, name: str) -> dict:
+    """A finished search's <name>.json: the file, or the reproduce directory holding <name>/<name>.json."""
     p = Path(path)
-    p = p / "search" / "search.json" if (p / "search" / "search.json").is_file() else p
+    p = p / name / f"{name}.json" if (p / name / f"{name}.json").is_file() else p
     if not p.is_file():
-        raise ConfigError(f"reproduce.search.reuse={path}: no search.json there; point it at a finished "
-                          f"reproduce directory or its search/search.json")
+        raise ConfigError(f"reproduce.{name}.reuse={path}: no {name}.json there; point it at a finished "
+                          f"reproduce directory or its {name}/{name}.json")
     return json.loads(p.read_text())
+
+
+def load_search(path: str | Path) -> dict:
+    """A finished knob search (search.json, or the reproduce directory holding search/search.json)."""
+    return _load_finished(path, "search")
 
 
 def load_lr_search(path: str | Path) -> dict:
     """A finished lr search (lr_search.json, or the reproduce directory holding lr_search/lr_search.json)."""
-    p = Path(path)
-    p = p / "lr_search" / "lr_search.json" if (p / "lr_search" / "lr_search.json").is_file() else p
-    if not p.is_file():
-        raise ConfigError(f"reproduce.lr_search.reuse={path}: no lr_search.json there; point it at a finished "
-                          f"reproduce directory or its lr_search/lr_search.json")
-    return json.loads(p.read_text())
+    return _load_finished(path, "lr_search")
 
 
 def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
