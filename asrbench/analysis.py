@@ -21,7 +21,10 @@ from asrbench.paper import CLAIMS, Claim
 
 Cell = tuple[str, int]
 BASELINE: Cell = (strategies.BASELINE, 1)
-METRICS = ("wer", "cer", "fer")
+# every rate a run scores per utterance (hyps/<split>.scores.json), each judged by the same paired machinery:
+# word, character and frame error, sentence error, and the WER's substitutions, deletions and insertions
+# (each per reference word, so they add up to the WER); claims are decided on one (claim_metric)
+METRICS = ("wer", "cer", "fer", "ser", "sub", "del", "ins")
 
 
 def load_scores(run_dir: str | Path, split: str) -> stats.Scores | None:
@@ -67,7 +70,9 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
         raise ValueError(f"no baseline run has scores on {split}")
     base = cells[BASELINE]
     some = next(iter(base.values()))
-    metrics = [m for m in METRICS if all(m in sc.errors for c in cells.values() for sc in c.values())]
+    # the rates every run scored; a relative change against a baseline rate of 0 is undefined (no insertions)
+    metrics = [m for m in METRICS if all(m in sc.errors for c in cells.values() for sc in c.values())
+               and (m == claim_metric or all(sc.rate(m) > 0 for sc in base.values()))]
     # the same resample for every run; within speakers, the test set's main correlation (stats.bootstrap_indices)
     index = stats.bootstrap_indices(len(some.ids), resamples, seed=boot_seed,
                                     strata=stats.speakers(some.ids) if stratify else None)

@@ -518,30 +518,39 @@ def _p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def evidence_cells_table(ev: Mapping, nodes: Sequence[int]) -> str:
-    """Every cell against the baseline on one split: absolute error rates and relative changes with
-    their paired 95% CIs, beside the paper's figure at the same tier of workers."""
+SHOWN_METRICS = ("wer", "cer", "fer", "ser")  # the columns of the evidence tables, where a split scored them
+EDIT_METRICS = ("sub", "del", "ins")  # the WER's edit kinds, per reference word: their own table
 
-    metrics = ev["metrics"]
+
+def _shown(ev: Mapping, metrics: Sequence[str] | None) -> list[str]:
+    return [m for m in (metrics or SHOWN_METRICS) if m in ev["metrics"]]
+
+
+def evidence_cells_table(ev: Mapping, nodes: Sequence[int], metrics: Sequence[str] | None = None,
+                         paper: bool = True) -> str:
+    """Every cell against the baseline on one split: absolute error rates and relative changes with
+    their paired 95% CIs (of `metrics`, SHOWN_METRICS by default, those the split scored), beside the
+    paper's relative WER at the same tier of workers (with `paper`)."""
+    metrics = _shown(ev, metrics)
     head = ["strategy", "workers", *[f"{m.upper()}" for m in metrics],
-            *[f"rel. {m.upper()} [95% CI]" for m in metrics], "paper (tier)"]
+            *[f"rel. {m.upper()} [95% CI]" for m in metrics], *(["paper (tier)"] if paper else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = ev["baseline"]
     lines.append("| single | 1 | " + " | ".join(f"{base[m] * 100:.1f}%" for m in metrics) + " | "
-                 + " | ".join("0" for _ in metrics) + " | - |")
+                 + " | ".join("0" for _ in metrics) + (" | - |" if paper else " |"))
     tier = {int(n): p for n, p in zip(nodes, PAPER_NODES)}
     for c in ev["cells"]:
-        paper = tier.get(int(c["nodes"]))
+        at = tier.get(int(c["nodes"]))
+        paper_cell = ((f" {paper_rel_wer_text(c['strategy'], at)} (x{at}) |" if at else " - |") if paper else "")
         lines.append(f"| {c['strategy']} | {c['nodes']} | " + " | ".join(f"{c[f'{m}_abs'] * 100:.1f}%" for m in metrics)
-                     + " | " + " | ".join(_ci(c[m]) for m in metrics) + " | "
-                     + (f"{paper_rel_wer_text(c['strategy'], paper)} (x{paper})" if paper else "-") + " |")
+                     + " | " + " | ".join(_ci(c[m]) for m in metrics) + " |" + paper_cell)
     return "\n".join(lines)
 
 
-def pairs_table(ev: Mapping) -> str:
+def pairs_table(ev: Mapping, metrics: Sequence[str] | None = None) -> str:
     """Strategies against each other at each worker count: rel(b) - rel(a) in points with the paired
     95% CI and Holm's adjusted p over all pairs; positive: a is more accurate."""
-    metrics = ev["metrics"]
+    metrics = _shown(ev, metrics)
     head = ["workers", "a vs b", *[f"{m.upper()}: b - a [95% CI]" for m in metrics], *[f"p {m.upper()} (Holm)" for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in ev["pairs"]:
@@ -780,6 +789,7 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
                   "rel(b) - rel(a) in points: positive when a is more accurate; p adjusted by Holm over every "
                   "pair of one metric.", "",
                   pairs_table(e), ""]
+    parts += errors_section(result, split, nodes)
     if others:
         parts += ["## Beside other settings", "",
                   "Each claim's verdict in this run and in the other finished reproduce runs named by "
@@ -897,3 +907,29 @@ def edit_kinds_table(cells: Mapping[str, Mapping[int, stats.Scores]]) -> str:
                          + " | ".join(_fmt(float(_mean_rate(c, m)[0]), pct=True)
                                       for m in ("wer", "sub", "del", "ins", "ser")) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def errors_section(result: Mapping, split: str, nodes: Sequence[int]) -> list[str]:
+    """Where the errors are on the scored split: each cell's WER split into substitutions, deletions
+    and insertions with its SER, their relative changes against the baseline with paired CIs, and
+    each speaker's WER per cell (read from every run's per-utterance scores)."""
+    from asrbench import analysis  # numpy and scipy: loaded only for a reproduce report
+
+    scores = analysis.by_cell(result["rows_by_seed"], split)
+    order = [analysis.BASELINE, *((c["strategy"], int(c["nodes"])) for c in result["cells"])]
+    cells = {("single x1" if c == analysis.BASELINE else f"{c[0]} x{c[1]}"): scores[c]
+             for c in dict.fromkeys(order) if c in scores}
+    if not cells:
+        return []
+    ev = result["evidence"][split]
+    parts = [f"## Where the errors are: {split}", "",
+             "Each cell's WER split by kind of word edit (substitutions, deletions, insertions, each per "
+             "reference word, so they add up to the WER) and its sentence error rate (SER: the share of "
+             "utterances with any error), means over seeds.", "", edit_kinds_table(cells), ""]
+    if any(m in ev["metrics"] for m in EDIT_METRICS):
+        parts += ["Each edit kind's relative change against the same seed's baseline, with its paired 95% CI.", "",
+                  evidence_cells_table(ev, nodes, EDIT_METRICS, paper=False), ""]
+    parts += [f"### Per speaker: {split}", "",
+              "WER on each speaker's utterances, mean over seeds: with few test speakers one hard voice can carry "
+              "a cell's difference, and the bootstrap resamples within speakers.", "", speaker_table(cells), ""]
+    return parts

@@ -64,3 +64,25 @@ def test_analyse_resamples_within_speakers_unless_told_not_to(tmp_path) -> None:
     s, p = strat["cells"][0]["wer"], plain["cells"][0]["wer"]
     assert s["mean"] == p["mean"] == pytest.approx(0.0)  # the same 10 errors in 100 words
     assert math.isclose(s["se_boot"], 0.0, abs_tol=1e-12) and p["se_boot"] > 0.1
+
+
+def test_the_reproduce_report_has_the_edit_kinds_ser_and_speaker_tables(tmp_path) -> None:
+    """errors_section reads every run's scores: the edit kinds with SER, their CIs, one column per cell per speaker."""
+    def table(hyps: list[str]) -> dict:
+        return {"ids": IDS, **metrics.utterance_errors(REFS, hyps)}
+
+    rows = {s: [{"strategy": "single", "nodes": 1,
+                 "run_dir": _write(tmp_path, f"b{s}", table(["A X", "C", "E F G H", "Y"]))},
+                {"strategy": "gtc", "nodes": 4, "run_dir": _write(tmp_path, f"g{s}", table(["A", "C D X", "E Y G", ""]))}]
+            for s in (0, 1)}
+    ev = analysis.analyse(rows, "test_seen", [4], ["gtc"], claims=(), resamples=50)
+    assert ev["metrics"] == ["wer", "cer", "ser", "sub", "del", "ins"]
+    result = {"rows_by_seed": rows, "cells": [{"strategy": "single", "nodes": 1}, {"strategy": "gtc", "nodes": 4}],
+              "evidence": {"test_seen": ev}}
+    text = "\n".join(report.errors_section(result, "test_seen", [4]))
+    assert "| cell | seeds | WER | sub | del | ins | SER |" in text
+    assert "| gtc x4 | 2 | 50.0% | 12.5% | 25.0% | 12.5% | 100.0% |" in text
+    assert "| strategy | workers | SUB | DEL | INS | rel. SUB [95% CI] | rel. DEL [95% CI] | rel. INS [95% CI] |" in text
+    assert "| speaker | utterances | words | single x1 WER | gtc x4 WER |" in text
+    cells = report.evidence_cells_table(ev, [4]).splitlines()[0]
+    assert cells.startswith("| strategy | workers | WER | CER | SER | rel. WER [95% CI]") and "SUB" not in cells
