@@ -705,12 +705,16 @@ STATISTICS_NOTE = (
     "baseline and every distributed run continue, and every run is scored on the same utterances, so a "
     "comparison is paired twice: the difference is taken seed by seed, and the test set's own noise is "
     "the spread of the mean difference when the utterances are resampled with replacement, the same "
-    "resample for every run ({resamples} paired bootstrap resamples). The 95% CI is a t interval on "
+    "resample for every run ({resamples} paired bootstrap resamples{bootstrap}). The 95% CI is a t interval on "
     "sqrt(s_d^2 / n + se_boot^2) with Welch-Satterthwaite degrees of freedom (asrbench/stats.py). A "
     "claim's difference is the higher side minus the lower side, so a positive value is the paper's "
     "order. Its verdict uses Holm's correction over the {claims} claims tested: *agrees* / *disagrees* "
     "when the difference is non-zero after correction, *excludes the paper's effect* when it is not, but "
-    "the paper's margin is rejected after correction (a second Holm family), *inconclusive* otherwise. "
+    "the paper's margin is rejected after correction (a second Holm family), *inconclusive* otherwise; "
+    "*not testable by this design* replaces *excludes* when the paper's margin lies above the design's "
+    "ceiling, the warm start's mean relative change against the baseline: a run that learnt nothing after "
+    "the shared start would score that change, so no run can show a larger margin and the data cannot "
+    "exclude one. "
     "The MDE is the smallest true difference the claim's test finds with 80% power: at a = 0.05, and at "
     "the strictest Holm level (0.05 / {claims}). The seeds column projects, from each claim's measured seed "
     "spread and test-set noise, how many seeds its MDE would need to reach the target on this test set "
@@ -718,6 +722,20 @@ STATISTICS_NOTE = (
     "number of seeds, so a larger test set is the lever. The paper's margins were measured at 32 / 64 / 128 "
     "workers; here each claim is restated at this experiment's worker counts {nodes}, the same tiers "
     "smallest to largest.")
+
+
+def statistics_note(ev: Mapping, tested: int, nodes: Sequence[int]) -> str:
+    """STATISTICS_NOTE for one split's evidence: its resamples and how they were drawn, the claims tested."""
+    return STATISTICS_NOTE.format(resamples=ev["resamples"], claims=tested, nodes=" / ".join(map(str, nodes)),
+                                  bootstrap=BOOTSTRAP_NOTES.get(ev.get("bootstrap", "utterance"), ""))
+
+
+BOOTSTRAP_NOTES = {  # analysis.analyse's "bootstrap": how the utterances were resampled
+    "speaker-stratified": ", drawn within each speaker (stats.bootstrap_indices(strata=), the default "
+                          "analyse(stratify=True)): every speaker keeps its weight in every resample, so the "
+                          "interval reads 'on these speakers', not on a new set of them",
+    "utterance": ", drawn over all utterances (analyse(stratify=False))",
+}
 
 
 def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Mapping | None, setup: str,
@@ -768,7 +786,7 @@ def write_reproduce(out_dir: Path, result: Mapping, network: str, projection: Ma
                   "bootstrap over utterances). Nothing measures how far another seed would move a run, so a "
                   "verdict says what this test set can tell about these runs, not about the strategies; "
                   "the MDE and seeds columns need two seeds or more.", ""]
-    parts += [STATISTICS_NOTE.format(resamples=main["resamples"], claims=tested, nodes=" / ".join(map(str, nodes))), ""]
+    parts += [statistics_note(main, tested, nodes), ""]
     within = float(result.get("target_within", 0.05))
     parts += [f"## Every strategy: accuracy, bytes and time ({split})", "",
               f"Relative WER against the same seed's baseline with its paired 95% CI; bytes each worker sends per "

@@ -112,3 +112,13 @@ def test_lr_search_table_marks_the_winner_at_each_n() -> None:
         {"overrides": ["optim.lr_scaling=sqrt"], "lr": 6e-4, "dev_wer": 0.28, "test_wer": 0.29, "steps": 100}]}}})
     lines = md.splitlines()
     assert "0.0006" in lines[3] and "**winner**" in lines[3] and "**winner**" not in lines[2]
+
+
+def test_the_statistics_note_says_how_the_bootstrap_resamples_and_what_not_testable_means() -> None:
+    note = report.statistics_note({"resamples": 1000, "bootstrap": "speaker-stratified"}, 3, [4, 8, 16])
+    assert "1000 paired bootstrap resamples, drawn within each speaker (stats.bootstrap_indices(strata=)" in note
+    assert "analyse(stratify=True)" in note and "4 / 8 / 16" in note and "the 3 claims tested" in note
+    assert f"*{report.NOT_TESTABLE}* replaces *excludes* when the paper's margin lies above the design's ceiling" in note
+    assert "the warm start's mean relative change against the baseline" in note
+    old = report.statistics_note({"resamples": 200}, 1, [4])  # a reproduce.json from before the stratified bootstrap
+    assert "drawn over all utterances" in old and "{" not in old
