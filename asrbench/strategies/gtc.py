@@ -49,7 +49,8 @@ from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.comm import collective_error, is_rank_zero
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import FP32_BYTES, Collective, Simulation, StrategySpec, read_stats
-from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
+from asrbench.strategies.base import refuse_hook_keywords
+from asrbench.strategies.hooked import CommHookStrategy
 
 log = logging.getLogger(__name__)
 
@@ -601,7 +602,7 @@ def benchmark_codec(numel: int = 10_000_000, density: float = 0.01, repeats: int
 # ---------------------------------------------------------------------------------------------
 # Lightning strategy
 # ---------------------------------------------------------------------------------------------
-class GTCStrategy(AccountedDDPStrategy):
+class GTCStrategy(CommHookStrategy):
     """DDP with :func:`gtc_hook` on every bucket, on CPU (gloo) as on GPU (NCCL).
 
     Keywords: ``tau`` (τ, gradient units), ``max_density`` (warn above this fraction of elements
@@ -624,21 +625,21 @@ class GTCStrategy(AccountedDDPStrategy):
     """
 
     registry_name = "asrbench_gtc"
+    hook = staticmethod(gtc_hook)
 
     def __init__(self, tau: float = DEFAULT_TAU, max_density: float | None = 0.1, pass_through: bool = False,
                  bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True, density_warn_interval: int = 100,
                  dense_warmup_steps: int = 0, tau_units: str = "gradient", timeout: timedelta | float | None = None,
                  **kwargs: Any) -> None:
         refuse_hook_keywords(kwargs, "GTCStrategy registers its own DDP communication hook")
-        self._gtc_state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
-                                   density_warn_interval=density_warn_interval,
-                                   dense_warmup_steps=dense_warmup_steps, tau_units=tau_units)
+        state = GTCState(None, tau=tau, max_density=max_density, pass_through=pass_through,
+                         density_warn_interval=density_warn_interval, dense_warmup_steps=dense_warmup_steps,
+                         tau_units=tau_units)
         if rank_zero_only.rank == 0:  # every rank builds one; the launching process (rank 0) says it
             log.info("GTC config: tau = %s (%s units); max_density = %s; pass_through = %s; dense_warmup_steps = %s",
                      tau, tau_units, max_density, pass_through, dense_warmup_steps)
         gtc_kernel.load()  # built here, in the launching process, before any worker waits on a collective
-        super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
-                         gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+        self._init_hook(state, timeout, bucket_cap_mb, gradient_as_bucket_view, **kwargs)
 
     def _frozen_adam_denominator(self, p: Tensor) -> Tensor | None:
         """For ``tau_units="rms"``: the optimizer's frozen sqrt(v̂) + ε of `p` (None before it freezes)."""
@@ -650,28 +651,19 @@ class GTCStrategy(AccountedDDPStrategy):
 
     @property
     def gtc_state(self) -> GTCState:
-        return self._gtc_state
+        return self._hook_state
 
-    @property
-    def comm_stats(self) -> CommStats:
-        return self._gtc_state.comm_stats
-
-    def _register_ddp_hooks(self) -> None:
-        """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
-        self._gtc_state.bind_parameters(self.model.module.parameters())
-        self._gtc_state.scale_of = self._frozen_adam_denominator
-        self.register_comm_hook(gtc_hook, self._gtc_state)
+    def _bind_hook_state(self) -> None:
+        super()._bind_hook_state()
+        self._hook_state.scale_of = self._frozen_adam_denominator
 
     def comm_metrics(self) -> dict[str, float]:
         metrics = super().comm_metrics()
-        metrics["tau"] = self._gtc_state.tau
+        metrics["tau"] = self._hook_state.tau
         return metrics
 
     rank_state_key = CHECKPOINT_KEY
     rank_state_what = "GTC residuals"
-
-    def rank_local_state(self) -> GTCState:
-        return self._gtc_state
 
 
 GTCStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_gtc")

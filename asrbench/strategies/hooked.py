@@ -396,7 +396,47 @@ def compressed_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.
 # ---------------------------------------------------------------------------------------------
 # The Lightning strategy
 # ---------------------------------------------------------------------------------------------
-class HookedStrategy(AccountedDDPStrategy):
+class CommHookStrategy(AccountedDDPStrategy):
+    """DDP with one communication hook and its state on every bucket, on CPU (gloo) as on GPU (NCCL).
+
+    The wiring every hook strategy shares (GTC's and the compressors' of :class:`HookedStrategy`):
+    a subclass sets ``hook`` and calls :meth:`_init_hook` from its ``__init__``; the hook state's
+    ``bind_parameters`` fixes the canonical order of its memory before the hook is registered, on
+    every device type (Lightning's DDPStrategy registers one only on CUDA). The state is this
+    rank's checkpointed state (``rank_local_state``) and holds the CommStats.
+    """
+
+    hook: Callable[..., Any]
+
+    def _init_hook(self, state: Any, timeout: timedelta | float | None, bucket_cap_mb: float,
+                   gradient_as_bucket_view: bool, **kwargs: Any) -> None:
+        """Keep `state` for the hook, then DDPStrategy's ``__init__`` with the rest."""
+        self._hook_state = state
+        super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
+                         gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    @property
+    def hook_state(self) -> Any:
+        return self._hook_state
+
+    @property
+    def comm_stats(self) -> CommStats:
+        return self._hook_state.comm_stats
+
+    def _bind_hook_state(self) -> None:
+        """Before the hook is registered: bind the state to the model's parameters."""
+        self._hook_state.bind_parameters(self.model.module.parameters())
+
+    def _register_ddp_hooks(self) -> None:
+        """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
+        self._bind_hook_state()
+        self.register_comm_hook(type(self).hook, self._hook_state)
+
+    def rank_local_state(self) -> Any:
+        return self._hook_state
+
+
+class HookedStrategy(CommHookStrategy):
     """DDP with a compressor's hook on every bucket, on CPU (gloo) as on GPU (NCCL).
 
     A subclass sets ``compressor`` (the class) and a docstring; it is registered in Lightning's
@@ -425,29 +465,12 @@ class HookedStrategy(AccountedDDPStrategy):
                  timeout: timedelta | float | None = None, **kwargs: Any) -> None:
         refuse_hook_keywords(kwargs, f"{type(self).__name__} registers its own DDP communication hook")
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in self.compressor.knobs}
-        self._hook_state = self.state_class(compressor=self.compressor(**own), warmup_steps=warmup_steps)
-        super().__init__(timeout=timeout, bucket_cap_mb=bucket_cap_mb,
-                         gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
-
-    @property
-    def hook_state(self) -> HookState:
-        return self._hook_state
-
-    @property
-    def comm_stats(self) -> CommStats:
-        return self._hook_state.comm_stats
-
-    def _register_ddp_hooks(self) -> None:
-        """Unlike DDPStrategy (CUDA only), register the hook on every device type."""
-        self._hook_state.bind_parameters(self.model.module.parameters())
-        self.register_comm_hook(type(self).hook, self._hook_state)
+        state = self.state_class(compressor=self.compressor(**own), warmup_steps=warmup_steps)
+        self._init_hook(state, timeout, bucket_cap_mb, gradient_as_bucket_view, **kwargs)
 
     def comm_metrics(self) -> dict[str, float]:
         c = self._hook_state.compressor
         return super().comm_metrics() | {f"{c.name}_{k}": float(v) for k, v in c.settings().items()}
-
-    def rank_local_state(self) -> HookState:
-        return self._hook_state
 
 
 def _with_compressor_keywords(init: Callable[..., None], compressor: type[Compressor]) -> Callable[..., None]:
