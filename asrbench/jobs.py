@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from asrbench import experiment, runinfo
-from asrbench.errors import OutputError
+from asrbench.errors import OutputError, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ def _train_job(conf_dir: str, overrides: list[str], run_dir: str, threads: int |
             cfg = compose("train", overrides=overrides)
         # the overrides the run is trained with, beside its results: reuse checks them (why_not_reusable)
         runinfo.write_json_atomic(path / JOB_FILE, {"overrides": list(overrides)})
-        return experiment.train(cfg, path)
+        try:
+            return experiment.train(cfg, path)
+        except FloatingPointError as err:  # the simulated cluster's Diverged: a non-finite loss, gradient or parameter
+            raise RunFailed(f"the run diverged at {err}, without results.json; lower optim.lr, warm it up "
+                            f"(optim.warmup_steps) or clip gradients harder (trainer.gradient_clip_val)") from None
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -66,18 +70,48 @@ class Job:
 
 
 JOB_FILE = "job.json"  # the job's overrides, written beside results.json before the run trains
+FAILED_FILE = "failed.json"  # a job that may fail and did (RunFailed: it diverged): its overrides and why
 LOCK_FILE = ".lock"  # held (flock) by the invocation running jobs in a directory; holds its pid
 # what a reused run must hold: the keys the reproduce report reads
 REQUIRED_KEYS = ("strategy", "nodes", "seed", "steps", "wer", "eval", "config")
 
 
+# keys that label a run without changing what it trains (the W&B group, which reproduce names after its
+# directory): left out of a job's identity, so that a moved or copied reproduce directory keeps its runs
+LABEL_KEYS = frozenset({"experiment", "logger.job_type"})
+
+
 def _effective(overrides: Sequence[str]) -> dict[str, str]:
-    """Each key's last override (``+key`` and ``key`` the same key, ``~key`` as itself): what the
-    composed config depends on, order and repeats aside."""
+    """Each key's last override (``+key`` and ``key`` the same key, ``~key`` as itself), labels aside
+    (LABEL_KEYS): what the composed config depends on, order and repeats aside."""
     out: dict[str, str] = {}
     for o in OverridesParser.create().parse_overrides(list(overrides)):
-        out[("~" if o.is_delete() else "") + o.key_or_group] = o.input_line
+        if o.key_or_group not in LABEL_KEYS:
+            out[("~" if o.is_delete() else "") + o.key_or_group] = o.input_line
     return out
+
+
+def _moved(recorded: Any, wanted: Any, root: Path | None) -> bool:
+    """Whether `recorded` is the path `wanted` names under `root` (the reproduce directory), as it was
+    when that directory lay elsewhere: <old root>/seed0/warm_start for <root>/seed0/warm_start."""
+    if root is None or not isinstance(recorded, str) or not isinstance(wanted, str) or not wanted.startswith("/"):
+        return False
+    try:
+        rel = Path(wanted).relative_to(root).as_posix()
+    except ValueError:
+        return False
+    return rel != "." and recorded.endswith("/" + rel)
+
+
+def _overrides_differ(recorded: Sequence[str], wanted: Sequence[str], root: Path | None) -> str | None:
+    """The first override on which a job's recorded overrides and its wanted ones differ (a path under
+    `root` that only moved with it aside), or None."""
+    old, new = _effective(recorded), _effective(wanted)
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a != b and not (a and b and _moved(a.split("=", 1)[1], b.split("=", 1)[1], root)):
+            return a if a is not None else b
+    return None
 
 
 def _lookup(config: Mapping, key: str) -> tuple[bool, Any]:
@@ -89,13 +123,13 @@ def _lookup(config: Mapping, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _config_mismatch(overrides: Sequence[str], config: Mapping) -> str | None:
+def _config_mismatch(overrides: Sequence[str], config: Mapping, root: Path | None = None) -> str | None:
     """The first override whose value the recorded (resolved) config contradicts, or None. A group
     override (``strategy=gtc``) is checked against the group's ``name``; keys the config lacks,
-    deletions and interpolations are left to job.json."""
+    deletions, interpolations, labels and paths that moved with `root` are left to job.json."""
     last = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(list(overrides))}
     for o in last.values():  # a key given twice takes its last value
-        if o.is_delete() or o.package:
+        if o.is_delete() or o.package or o.key_or_group in LABEL_KEYS:
             continue
         value = o.value()
         if isinstance(value, str) and "${" in value:
@@ -107,7 +141,7 @@ def _config_mismatch(overrides: Sequence[str], config: Mapping) -> str | None:
             if not isinstance(value, str) or "name" not in recorded:
                 continue
             recorded = recorded["name"]
-        if recorded != value:
+        if recorded != value and not _moved(recorded, value, root):
             return f"{o.key_or_group}={recorded!r} recorded where the job sets {o.input_line}"
     return None
 
@@ -125,12 +159,13 @@ def _non_finite(results: Mapping) -> str | None:
     return next(walk(fields, ""), None)
 
 
-def why_not_reusable(job: Job) -> str | None:
+def why_not_reusable(job: Job, root: Path | None = None) -> str | None:
     """Why `job`'s results.json cannot stand for the job (None: it can). Reused are only results that
     parse, hold the keys the report reads, record a finished run (no non-finite loss or error rate)
     and are this job's: the overrides in job.json, when the run wrote one, equal the job's, and the
     recorded config agrees with every override it can check (a run finished before job.json existed
-    is judged by the latter alone)."""
+    is judged by the latter alone). Labels (LABEL_KEYS) are not compared, and a path under `root` (the
+    reproduce directory) matches the same path under the directory's earlier place."""
     path = job.path / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -149,17 +184,26 @@ def why_not_reusable(job: Job) -> str | None:
     recorded_job = job.path / JOB_FILE
     if recorded_job.is_file():
         try:
-            recorded = _effective(json.loads(recorded_job.read_text())["overrides"])
+            differ = _overrides_differ(json.loads(recorded_job.read_text())["overrides"], job.overrides, root)
         except (ValueError, KeyError, TypeError) as err:
             return f"{JOB_FILE} unreadable ({type(err).__name__})"
-        wanted = _effective(job.overrides)
-        diff = sorted(set(recorded.items()) ^ set(wanted.items()))
-        if diff:
-            return f"trained with other overrides ({JOB_FILE}: {diff[0][1]!r} differs)"
+        if differ:
+            return f"trained with other overrides ({JOB_FILE}: {differ!r} differs)"
     if not isinstance(results["config"], Mapping):
         return "results.json's config is not a mapping"
-    mismatch = _config_mismatch(job.overrides, results["config"])
+    mismatch = _config_mismatch(job.overrides, results["config"], root)
     return f"results.json is another run's: {mismatch}" if mismatch else None
+
+
+def recorded_failure(job: Job, root: Path | None = None) -> str | None:
+    """Why `job` failed when an earlier invocation trained it with the same overrides (its failed.json),
+    or None: a diverged search candidate is not trained again."""
+    try:
+        failed = json.loads((job.path / FAILED_FILE).read_text())
+        same = _overrides_differ(failed["overrides"], job.overrides, root) is None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(failed.get("error")) if same and not (job.path / "results.json").exists() else None
 
 
 def results_value(results: Mapping, dotted: str) -> Any:
@@ -217,7 +261,12 @@ class Runner:
 
     `lock`: the invocation's directory, held for the Runner's life (:func:`lock_directory`). Progress
     counts every job this Runner trained over all its `run` calls: a bar on a terminal, and one log
-    line per finished job with the ETA either way (CI, log files)."""
+    line per finished job with the ETA either way (CI, log files).
+
+    A job `run` may let fail (a search candidate) and that stops on RunFailed (it diverged) is left
+    out of what `run` returns, its reason in `failed` and in its directory's failed.json, which a later
+    invocation reuses rather than train it again; any other failed job stops the invocation with one
+    line naming it."""
 
     def __init__(self, conf_dir: str | Path, parallel: int, threads: int | None = 1,
                  lock: str | Path | None = None) -> None:
@@ -225,6 +274,9 @@ class Runner:
             raise ValueError("Args `parallel` and `threads` must be positive values")
         self.conf_dir, self.parallel, self.threads = str(conf_dir), parallel, threads
         self.trained: set[str] = set()  # the jobs this invocation trained (the rest were finished before)
+        self.failed: dict[str, str] = {}  # job name -> why it failed, of the jobs allowed to
+        self.failures = 0  # jobs this invocation trained that failed
+        self.root = Path(lock).absolute() if lock is not None else None  # a path under it may have moved with it
         self.lock_fd = lock_directory(Path(lock)) if lock is not None else None
         self.queued = 0  # jobs given to train, over every run() call
         self.wall_s: list[float] = []  # the wall times of those finished
@@ -240,18 +292,26 @@ class Runner:
         self.close()
 
     def progress(self) -> str:
-        remaining = self.queued - len(self.wall_s)
-        return progress_line(len(self.wall_s), self.queued, time.perf_counter() - self.t0,
+        finished = len(self.wall_s) + self.failures
+        remaining = self.queued - finished
+        return progress_line(finished, self.queued, time.perf_counter() - self.t0,
                              eta_s(self.wall_s, remaining, self.parallel))
 
-    def run(self, jobs: Sequence[Job]) -> dict[str, dict]:
+    def run(self, jobs: Sequence[Job], may_fail: Collection[str] = ()) -> dict[str, dict]:
+        """The results of every job by name, training those not finished before; a job named in
+        `may_fail` that failed is left out (its reason in `failed`)."""
         done: dict[str, dict] = {}
         todo = []
         for job in jobs:
-            if job.name in done or job.name in {j.name for j in todo}:
+            if job.name in done or job.name in self.failed or job.name in {j.name for j in todo}:
+                continue
+            why_failed = recorded_failure(job, self.root) if job.name in may_fail else None
+            if why_failed is not None:
+                log.info("%s: failed before (%s), not trained again", job.name, why_failed)
+                self.failed[job.name] = why_failed
                 continue
             if (job.path / "results.json").is_file():
-                why = why_not_reusable(job)
+                why = why_not_reusable(job, self.root)
                 if why is None:
                     log.info("%s: finished before, reused", job.name)
                     done[job.name] = json.loads((job.path / "results.json").read_text())
@@ -276,7 +336,13 @@ class Runner:
             try:
                 for future in as_completed(futures):
                     job = futures[future]
-                    res = done[job.name] = future.result()
+                    try:
+                        res = done[job.name] = future.result()
+                    except RunFailed as err:
+                        self._failed(job, err, may_fail)
+                        bar.update(1)
+                        bar.set_postfix_str(self.progress())
+                        continue
                     self.trained.add(job.name)
                     self.wall_s.append(float(res.get("wall_s") or 0.0))
                     bar.update(1)
@@ -288,3 +354,12 @@ class Runner:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         return done
+
+    def _failed(self, job: Job, err: RunFailed, may_fail: Collection[str]) -> None:
+        """Record a job that may fail and did (failed.json); stop on any other in one line naming it."""
+        if job.name not in may_fail:
+            raise RunFailed(f"{job.name} ({job.path}): {err}") from None
+        self.failures += 1
+        self.failed[job.name] = str(err)
+        runinfo.write_json_atomic(job.path / FAILED_FILE, {"overrides": list(job.overrides), "error": str(err)})
+        log.warning("%s: failed (%s); %s", job.name, err, self.progress())

@@ -400,9 +400,7 @@ def search_table(search: Mapping) -> str:
             dens = "-" if c.get("density") is None else f"{c['density'] * 100:.1f}%"
             if c.get("over_density_cap"):
                 dens += f" (over the cap of {v['max_density'] * 100:g}%)"
-            lines.append(f"| {s} | `{' '.join(c['overrides']) or '(defaults)'}` | {c['dev_wer'] * 100:.1f}% | "
-                         f"{c['test_wer'] * 100:.1f}% | {dens} | {c['steps']:,} | "
-                         f"{'**winner**' if i == v['winner'] else ''} |")
+            lines.append(f"| {s} | `{' '.join(c['overrides']) or '(defaults)'}` | {_candidate(c, i == v['winner'], dens)} |")
     return "\n".join(lines)
 
 
@@ -634,9 +632,17 @@ def lr_search_table(lr_search: Mapping) -> str:
     for n, v in (lr_search.get("nodes") or {}).items():
         for i, c in enumerate(v["candidates"]):
             lr = "-" if c.get("lr") is None else f"{c['lr']:.2g}"
-            lines.append(f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {c['dev_wer'] * 100:.1f}% | "
-                         f"{c['test_wer'] * 100:.1f}% | {c['steps']:,} | {'**winner**' if i == v['winner'] else ''} |")
+            lines.append(f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {_candidate(c, i == v['winner'])} |")
     return "\n".join(lines)
+
+
+def _candidate(c: Mapping, winner: bool, density: str | None = None) -> str:
+    """A search candidate's cells: dev WER, test WER, its density (when given), steps and whether it won;
+    a diverged one (no dev WER) reads 'diverged' and 'not eligible'."""
+    dens = "" if density is None else f" {density} |"
+    if c.get("dev_wer") is None:
+        return f"diverged | - |{dens} - | not eligible (diverged)"
+    return f"{c['dev_wer'] * 100:.1f}% | {c['test_wer'] * 100:.1f}% |{dens} {c['steps']:,} | {'**winner**' if winner else ''}"
 
 
 def _mde(j: Mapping) -> str:

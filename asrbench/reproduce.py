@@ -31,7 +31,7 @@ from asrbench.cluster import cost
 from asrbench.cluster.cost import load_compute_profile, load_network
 from asrbench.data import text
 from asrbench.data.features import FeatureConfig
-from asrbench.errors import ConfigError
+from asrbench.errors import ConfigError, RunFailed
 from asrbench.jobs import Job, Runner
 from asrbench.model.lstm import LSTMAcousticModel
 from asrbench.model.module import scaled_lr
@@ -172,16 +172,37 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def pick_winner(candidates: Sequence[Mapping], max_density: float | None = None) -> int:
-    """The candidate with the lowest dev WER (the first of equals) among those that sent at most
-    `max_density` of the gradient elements per step (a compressor sending more is not compressing:
-    GTC at 15% density sends 1.8x a dense all-reduce's bytes at 16 workers); when none did, the one
-    that sent the least. Test sets are never looked at."""
-    eligible = [i for i, c in enumerate(candidates)
-                if max_density is None or c.get("density") is None or c["density"] <= max_density]
+def pick_winner(candidates: Sequence[Mapping], max_density: float | None = None) -> int | None:
+    """The candidate with the lowest dev WER (the first of equals) among those that finished (a
+    diverged one has no dev WER) and sent at most `max_density` of the gradient elements per step (a
+    compressor sending more is not compressing: GTC at 15% density sends 1.8x a dense all-reduce's
+    bytes at 16 workers); when none finished within the cap, the finished one that sent the least;
+    None when every candidate diverged. Test sets are never looked at."""
+    finished = [i for i, c in enumerate(candidates) if c.get("dev_wer") is not None]
+    if not finished:
+        return None
+    eligible = [i for i in finished
+                if max_density is None or candidates[i].get("density") is None or candidates[i]["density"] <= max_density]
     if not eligible:
-        return min(range(len(candidates)), key=lambda i: (candidates[i]["density"], i))
+        return min(finished, key=lambda i: (candidates[i]["density"], i))
     return min(eligible, key=lambda i: (candidates[i]["dev_wer"], i))
+
+
+def candidate_row(job: Job, overrides: Sequence[str], res: Mapping | None, failed: str | None) -> dict:
+    """One search candidate as search.json and lr_search.json keep it: its dev and test WER, steps, peak
+    lr, density and wall time, or, when it diverged (no results), None for each and the reason."""
+    if res is None:
+        return {"overrides": list(overrides), "dev_wer": None, "test_wer": None, "steps": None, "run": str(job.path),
+                "lr": None, "density": None, "wall_s": None, "eligible": False, "reason": f"diverged: {failed}"}
+    return {"overrides": list(overrides), "dev_wer": res["eval"]["dev"]["wer"], "test_wer": res["wer"],
+            "steps": res["steps"], "run": str(job.path), "lr": peak_lr(res.get("config") or {}),
+            "density": _density(res), "wall_s": res.get("wall_s"), "eligible": True, "reason": None}
+
+
+def no_winner(what: str, rows: Sequence[Mapping]) -> RunFailed:
+    """The one line that stops an invocation whose every candidate of one search diverged."""
+    return RunFailed(f"every candidate of the {what} diverged ({len(rows)} runs; the first: "
+                     f"{rows[0]['reason'].removeprefix('diverged: ')}); give it smaller learning rates or more warm-up")
 
 
 def _load_finished(path: str | Path, name: str) -> dict:
@@ -315,14 +336,17 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                                 out / "lr_search" / f"{control}_n{n}_{i}") for i, c in enumerate(cands)]
                    for n in rc.nodes}
         t_lr = time.perf_counter()
-        done = runner.run([j for js in lr_jobs.values() for j in js] + baselines)
+        candidates = [j for js in lr_jobs.values() for j in js]
+        done = runner.run(candidates + baselines, may_fail={j.name for j in candidates})
         lr_search = {"strategy": control, "seed": seed_s, "inherit": list(lr_cfg.get("inherit") or []), "nodes": {}}
         for n, js in lr_jobs.items():
-            rows = [{"overrides": [*shared, *c], "dev_wer": done[j.name]["eval"]["dev"]["wer"],
-                     "test_wer": done[j.name]["wer"], "steps": done[j.name]["steps"], "run": str(j.path),
-                     "lr": peak_lr(done[j.name].get("config") or {}), "wall_s": done[j.name].get("wall_s")}
+            rows = [candidate_row(j, [*shared, *c], done.get(j.name), runner.failed.get(j.name))
                     for c, j in zip(cands, js)]
+            for row in rows:
+                row.pop("density")
             best = pick_winner(rows)
+            if best is None:
+                raise no_winner(f"learning-rate search of {control} x{n}", rows)
             lr_winners[n] = rows[best]["overrides"]
             if same_budget:
                 reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
@@ -364,16 +388,20 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                                      *start[seed_s], *fixed[s], *lr_at(s, n_s), *cand, *job_type("search")],
                                     out / "search" / f"{s}_{i}"))
                 jobs += jobs_of[s]
-            done = runner.run(jobs + (baselines if k == 0 else []))
+            done = runner.run(jobs + (baselines if k == 0 else []), may_fail={j.name for j in jobs})
             for s in phase:
-                rows = [{"overrides": cand, "dev_wer": done[j.name]["eval"]["dev"]["wer"],
-                         "test_wer": done[j.name]["wer"], "steps": done[j.name]["steps"], "run": str(j.path),
-                         "density": _density(done[j.name]), "wall_s": done[j.name].get("wall_s")}
+                rows = [candidate_row(j, cand, done.get(j.name), runner.failed.get(j.name))
                         for cand, j in zip(cands[s], jobs_of[s])]
+                for row in rows:
+                    row.pop("lr")
                 cap = search_cfg.get("max_density")
                 best = pick_winner(rows, None if cap is None else float(cap))
+                if best is None:
+                    raise no_winner(f"knob search of {s} x{n_s}", rows)
                 for row in rows:
                     row["over_density_cap"] = cap is not None and (row["density"] or 0.0) > float(cap)
+                    if row["over_density_cap"]:
+                        row["eligible"], row["reason"] = False, f"sends more than max_density={float(cap):g}"
                 winners[s] = rows[best]["overrides"]
                 if same_budget:
                     reused_paths[(s, n_s, seed_s)] = Path(rows[best]["run"])

@@ -122,3 +122,26 @@ def test_the_statistics_note_says_how_the_bootstrap_resamples_and_what_not_testa
     assert "the warm start's mean relative change against the baseline" in note
     old = report.statistics_note({"resamples": 200}, 1, [4])  # a reproduce.json from before the stratified bootstrap
     assert "drawn over all utterances" in old and "{" not in old
+
+
+def test_a_diverged_search_candidate_is_not_eligible_and_all_diverged_stops_in_one_line(tmp_path) -> None:
+    from asrbench import reproduce
+    from asrbench.jobs import Job
+
+    res = {"eval": {"dev": {"wer": 0.3}}, "wer": 0.31, "steps": 100, "wall_s": 5.0, "config": {},
+           "elements_sent_per_step": 5, "elements_total_per_step": 100}
+    job = Job("search gtc x4 #0", [], tmp_path / "gtc_0")
+    rows = [reproduce.candidate_row(job, ["optim.lr=1"], None, "step 3: the loss of worker 0 is nan"),
+            reproduce.candidate_row(job, ["optim.lr=0.1"], res, None)]
+    assert rows[0]["eligible"] is False and rows[0]["reason"] == "diverged: step 3: the loss of worker 0 is nan"
+    assert rows[1]["eligible"] is True and rows[1]["density"] == 0.05
+    assert reproduce.pick_winner(rows) == 1 and reproduce.pick_winner(rows, max_density=0.01) == 1
+    assert reproduce.pick_winner(rows[:1]) is None
+    err = reproduce.no_winner("knob search of gtc x4", rows[:1])
+    assert str(err) == ("every candidate of the knob search of gtc x4 diverged (1 runs; the first: step 3: the loss "
+                        "of worker 0 is nan); give it smaller learning rates or more warm-up")
+    table = report.search_table({"strategies": {"gtc": {"candidates": rows, "winner": 1, "max_density": None}}})
+    assert "| gtc | `optim.lr=1` | diverged | - | - | - | not eligible (diverged) |" in table
+    assert "| gtc | `optim.lr=0.1` | 30.0% | 31.0% | 5.0% | 100 | **winner** |" in table
+    lr = report.lr_search_table({"nodes": {4: {"candidates": rows, "winner": 1}}})
+    assert "| 4 | `optim.lr=1` | - | diverged | - | - | not eligible (diverged) |" in lr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from asrbench import jobs
-from asrbench.errors import OutputError
+from asrbench.errors import OutputError, RunFailed
 from asrbench.jobs import Job, Runner
 
 
@@ -36,9 +36,11 @@ def trained(monkeypatch):
         path = Path(run_dir)
         path.mkdir(parents=True, exist_ok=True)
         (path / jobs.JOB_FILE).write_text(json.dumps({"overrides": overrides}))
+        calls.append(path)
+        if "optim.lr=1e6" in overrides:  # a diverged run: RunFailed, no results.json
+            raise RunFailed("the training loss is NaN or inf at step 3: the run diverged and was stopped")
         res = fake_results(overrides)
         (path / "results.json").write_text(json.dumps(res))
-        calls.append(path)
         return res
 
     monkeypatch.setattr(jobs, "_train_job", train)
@@ -154,3 +156,55 @@ def test_progress_line_and_a_log_line_per_finished_job_without_a_terminal(tmp_pa
     assert [line.split("; ")[1].split(",")[0] for line in lines] == ["1/2 jobs trained", "2/2 jobs trained",
                                                                      "3/3 jobs trained"]
     assert lines[0].endswith("ETA 0:03") and lines[-1].endswith("ETA 0:00")  # 3 s per fake job
+
+
+def test_a_job_allowed_to_fail_is_recorded_and_not_trained_again_any_other_stops_in_one_line(tmp_path, trained):
+    diverges = Job("lr search x2 #1", ["strategy=sync", "nodes=2", "seed=0", "optim.lr=1e6"], tmp_path / "sync_n2_1")
+    runner = Runner("conf", parallel=2)
+    done = runner.run([*grid(tmp_path), diverges], may_fail={diverges.name})
+    assert set(done) == {"single", "gtc x2", "bmuf x2"} and "at step 3" in runner.failed[diverges.name]
+    recorded = json.loads((diverges.path / jobs.FAILED_FILE).read_text())
+    assert recorded["overrides"] == diverges.overrides and "diverged" in recorded["error"]
+    again = Runner("conf", parallel=2)
+    assert set(again.run([*grid(tmp_path), diverges], may_fail={diverges.name})) == set(done)
+    assert len(trained) == 4 and diverges.name in again.failed  # reused, failure included
+    # a grid job (not allowed to fail) stops the invocation, one line naming the job and its directory
+    with pytest.raises(RunFailed) as err:
+        Runner("conf", parallel=1).run([diverges])
+    assert str(err.value).startswith(f"lr search x2 #1 ({diverges.path}): the training loss is NaN")
+    assert "\n" not in str(err.value)
+
+
+def test_a_moved_reproduce_directory_keeps_its_runs(tmp_path, trained):
+    """The W&B group (experiment=) names the directory and init_from= points into it: a copied
+    directory is the same experiment, and its runs are reused."""
+    def jobs_in(root: Path) -> list[Job]:
+        return [Job(j.name, [*j.overrides, f"experiment=reproduce-{root.name}", f"init_from={root}/seed0/warm_start"],
+                    root / j.path.name) for j in grid(tmp_path)]
+
+    old, new = tmp_path / "old", tmp_path / "copy"
+    Runner("conf", parallel=1, lock=old).run(jobs_in(old))
+    import shutil
+    shutil.copytree(old, new)
+    again = Runner("conf", parallel=1, lock=new)
+    again.run(jobs_in(new))
+    assert len(trained) == 3 and not again.trained
+    # a path that is not the same one under the directory is another run
+    other = [Job(j.name, [*j.overrides[:-1], f"init_from={new}/seed1/warm_start"], j.path) for j in jobs_in(new)]
+    assert "other overrides" in jobs.why_not_reusable(other[0], new)
+
+
+def test_a_diverged_simulated_run_is_run_failed_in_one_line(tmp_path, monkeypatch):
+    """The simulated cluster raises Diverged (a FloatingPointError) in the job's process: the job turns it
+    into RunFailed, which reaches the invocation whole (a Diverged does not unpickle)."""
+    from asrbench.cluster.simulated import Diverged
+
+    def diverge(cfg, path):
+        raise Diverged(7, "the loss of worker 1 is nan")
+
+    monkeypatch.setattr(jobs.experiment, "train", diverge)
+    conf = Path(jobs.__file__).resolve().parent.parent / "conf"
+    with pytest.raises(RunFailed) as err:
+        jobs._train_job(str(conf), ["strategy=sync", "nodes=2"], str(tmp_path / "run"), None)
+    assert str(err.value).startswith("the run diverged at step 7: the loss of worker 1 is nan, without results.json")
+    assert not (tmp_path / "run" / "results.json").exists()
