@@ -20,24 +20,24 @@ Wire format of one element (step 3): bit 31 is the sign (1 = -τ), bits 0-30 the
 in its bucket, so a word is ``index | (sign << 31)`` read as an int32 and a negative word is a
 negative update. A bucket therefore holds at most 2**31 elements (DDP buckets are ~25 MB).
 
-The core (:func:`encode`, :func:`decode`, :func:`pack`, :func:`unpack`) works on plain tensors
-with no process group, so a simulated cluster can run it for many logical workers;
-:func:`exchange` holds the two collectives; :func:`gtc_hook` wires them into DDP and
-:class:`GTCStrategy` into Lightning.
+The core (:func:`encode`, :func:`decode`, :func:`pack`, :func:`unpack`, in
+:mod:`asrbench.strategies.gtc_codec`) works on plain tensors with no process group, so a
+simulated cluster can run it for many logical workers; :func:`exchange` (there too) holds the
+two collectives; :class:`GTCState` (:mod:`asrbench.strategies.gtc_state`) keeps each rank's
+residuals; :func:`gtc_hook` wires them into DDP and :class:`GTCStrategy` into Lightning. Every
+name stays importable from this module.
 """
 from __future__ import annotations
 
 import logging
 import math
-import struct
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
@@ -45,424 +45,26 @@ from torch import Tensor
 from asrbench.knobs import Knob
 from asrbench.errors import ConfigError
 from asrbench.strategies import gtc_kernel
-from asrbench.strategies.accounting import CommStats
-from asrbench.strategies.comm import collective_error, is_rank_zero
+from asrbench.strategies.base import refuse_hook_keywords
+from asrbench.strategies.comm import collective_error
 from asrbench.strategies.contract import synchronize as _synchronize
 from asrbench.strategies.contract import FP32_BYTES, Collective, Simulation, StrategySpec, read_stats
-from asrbench.strategies.base import refuse_hook_keywords
+# The codec and the state live in their own modules; every name stays importable from here.
+from asrbench.strategies.gtc_codec import (INDEX_MASK, MAX_BUCKET_NUMEL, DEFAULT_TAU, TAU_UNITS,  # noqa: F401
+                                           NonFiniteGradientError, _cpu_kernel, _flatnonzero, _float32_bits,
+                                           accumulate, decode, encode, exchange, pack, quantum, select,
+                                           subtract_sent, unpack)
+from asrbench.strategies.gtc_state import GTCState
 from asrbench.strategies.hooked import CommHookStrategy
 
 log = logging.getLogger(__name__)
 
-MAX_BUCKET_NUMEL = 2**31  # 31 index bits per word
-INDEX_MASK = 0x7FFFFFFF
 CHECKPOINT_KEY = "asrbench_gtc"  # checkpoint entry with every rank's residual
-DEFAULT_TAU = 0.001  # keep in step with conf/strategy/gtc.yaml
-TAU_UNITS = ("gradient", "rms")  # τ as Strom's (gradient units) or per element in units of Adam's frozen RMS
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient (hence the residual r) holds NaN or inf."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Core: steps 1-4 and 6 on flat tensors, no process group
-# ---------------------------------------------------------------------------------------------
-def pack(index: Tensor, negative: Tensor) -> Tensor:
-    """Step 3: one int32 word per element, ``index | (negative << 31)``; indices must be < 2**31."""
-    words = index.to(torch.int32)
-    return words.bitwise_or_(negative.to(torch.int32).bitwise_left_shift_(31))
-
-
-def unpack(words: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of :func:`pack`: (int64 element indices, bool "value is -τ")."""
-    return words.bitwise_and(INDEX_MASK).long(), words < 0
-
-
-def quantum(negative: Tensor, tau: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The value an element carries on the wire: -τ where `negative`, else +τ."""
-    return torch.where(negative, -tau, tau).to(dtype)
-
-
-def _flatnonzero(mask: Tensor) -> Tensor:
-    """Ascending indices of the True elements of a flat bool tensor.
-
-    On CPU, first finds the 8-byte blocks holding any True (an int64 view, 8 flags per word),
-    then the flags inside those blocks only: at 1 % density about 2x faster than nonzero().
-    """
-    n = mask.numel()
-    head = n - n % 8
-    if mask.device.type != "cpu" or head == 0 or mask.storage_offset() % 8:
-        return mask.nonzero().view(-1)
-    blocks = torch.ne(mask[:head].view(torch.int64), 0).nonzero().view(-1)
-    inside = mask[:head].view(-1, 8).index_select(0, blocks).view(-1).nonzero().view(-1)
-    index = blocks.index_select(0, inside >> 3).mul_(8).add_(inside & 7)
-    if head < n:
-        index = torch.cat([index, mask[head:].nonzero().view(-1).add_(head)])
-    return index
-
-
-def accumulate(residual: Tensor, grad: Tensor) -> None:
-    """Step 1: r <- r + g."""
-    residual.add_(grad)
-
-
-def _float32_bits(x: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-def select(residual: Tensor, tau: float, scratch: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """Step 2: indices i with |r_i| >= τ.
-
-    For fp32 r the test runs on the IEEE-754 bits: clearing the sign bit gives |r_i|, and
-    non-negative floats order like their bit patterns read as integers. NaN and inf (exponent all
-    ones) always pass, so the sent values are the only ones :func:`encode` checks for them.
-    """
-    if residual.dtype != torch.float32:
-        return _flatnonzero(torch.lt(residual.abs(), tau).logical_not_())
-    bits = scratch.view(torch.int32) if scratch is not None else None
-    magnitude = torch.bitwise_and(residual.view(torch.int32), INDEX_MASK, out=bits) if bits is not None \
-        else torch.bitwise_and(residual.view(torch.int32), INDEX_MASK)
-    mask = torch.ge(magnitude, _float32_bits(tau), out=mask) if mask is not None \
-        else torch.ge(magnitude, _float32_bits(tau))
-    return _flatnonzero(mask)
-
-
-def subtract_sent(residual: Tensor, index: Tensor, values: Tensor, negative: Tensor, tau: float) -> None:
-    """Step 4: r_i <- r_i - (±τ) for the sent elements; everything else stays in r."""
-    residual.scatter_(0, index, values.sub_(quantum(negative, tau, values.dtype)))
-
-
-def encode(residual: Tensor, grad: Tensor, tau: float, *, scratch: Tensor | None = None,
-           mask: Tensor | None = None, kernel: bool = True) -> Tensor:
-    """Steps 1-4 for one worker and one flat bucket: update `residual` in place, return the words.
-
-    `scratch` (float, like `residual`) and `mask` (bool) are optional preallocated work buffers of
-    the same length; `scratch` may be `grad` itself, which is read first. On CPU with fp32 tensors
-    the one-pass kernel of :mod:`asrbench.strategies.gtc_kernel` runs instead (same result; it
-    needs neither buffer) unless `kernel` is False or it cannot be built. Raises
-    :class:`NonFiniteGradientError` when r holds NaN/inf (checked on the selected values only:
-    :func:`select` always selects non-finite elements).
-    """
-    if residual.numel() > MAX_BUCKET_NUMEL:
-        raise ValueError(f"A GTC bucket holds {residual.numel()} elements but a word has 31 index bits "
-                         f"(at most {MAX_BUCKET_NUMEL}); lower `bucket_cap_mb`")
-    built = _cpu_kernel(residual, grad) if kernel else None
-    if built is not None:  # the same steps 1-4 in one pass (asrbench.strategies.gtc_kernel)
-        words, nonfinite = built.encode(residual, grad, float(tau))
-        if nonfinite:
-            raise NonFiniteGradientError("non-finite gradient elements")
-        return words
-    accumulate(residual, grad)
-    index = select(residual, tau, scratch, mask)
-    values = residual.index_select(0, index)
-    if not bool(torch.isfinite(values).all()):
-        raise NonFiniteGradientError(f"{int((~torch.isfinite(values)).sum())} non-finite gradient elements")
-    negative = values < 0
-    words = pack(index, negative)
-    subtract_sent(residual, index, values, negative, tau)
-    return words
-
-
-def _cpu_kernel(residual: Tensor, grad: Tensor) -> Any:
-    """The one-pass C++ encoder where it applies (fp32, contiguous, on CPU) and could be built, else None."""
-    if not (residual.device.type == grad.device.type == "cpu" and residual.dtype == grad.dtype == torch.float32
-            and residual.is_contiguous() and grad.is_contiguous() and residual.numel() == grad.numel()):
-        return None
-    return gtc_kernel.load()
-
-
-def decode(words: Tensor | Sequence[Tensor], lengths: Tensor | Sequence[int] | None, numel: int, tau: float,
-           out: Tensor | None = None) -> Tensor:
-    """Step 6: the mean over workers of their decoded messages, written into `out` (or a new tensor).
-
-    `words` is either the gathered (N, L_max) matrix of messages padded to the longest, with
-    `lengths` (N,) giving each worker's true length, or a sequence of N one-dimensional messages
-    (`lengths` None). Each message adds ±τ at its indices and the sum is divided by N, computed as
-    adding ±τ/N (no pass over the bucket; exact when N is a power of two, else within rounding).
-    """
-    if isinstance(words, Tensor) and words.dim() == 2:
-        workers, lmax = words.shape
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=words.device).view(-1, 1)
-            words = words[torch.arange(lmax, device=words.device).view(1, -1) < lengths]
-        flat = words.reshape(-1)
-    elif isinstance(words, Tensor):
-        workers, flat = 1, words if lengths is None else words[: int(torch.as_tensor(lengths).reshape(-1)[0])]
-    else:
-        workers = len(words)
-        flat = torch.cat(list(words)) if workers else torch.empty(0, dtype=torch.int32)
-    if workers < 1:
-        raise ValueError("decode needs the messages of at least one worker")
-    index, negative = unpack(flat)
-    if index.numel() and int(index.max()) >= numel:
-        raise ValueError(f"a GTC message addresses element {int(index.max())} of a {numel}-element bucket: "
-                         f"the workers' buckets differ (same model and bucket_cap_mb on every rank?)")
-    out = torch.zeros(numel, dtype=torch.float32, device=flat.device) if out is None else out.zero_()
-    return out.scatter_add_(0, index, quantum(negative, tau / workers, out.dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 5: the collectives, in one place
-# ---------------------------------------------------------------------------------------------
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def exchange(words: Tensor, nonfinite: bool, group: dist.ProcessGroup | None = None
-             ) -> tuple[Tensor, torch.futures.Future[Tensor] | None]:
-    """Step 5: all_gather the headers (length, non-finite flag), 8 bytes per worker, blocking; then
-    start the all_gather of the messages padded to the longest.
-
-    Returns the (N, 2) headers and a future of the (N, L_max) padded messages, or None when no
-    worker sent anything or one reported non-finite values (then no message is exchanged).
-    """
-    world = dist.get_world_size(group)
-    header = torch.tensor([words.numel(), int(nonfinite)], dtype=torch.int32, device=words.device)
-    headers = header.new_empty(world * 2)
-    _all_gather_single(headers, header, group=group)
-    headers = headers.view(world, 2)
-    lmax = int(headers[:, 0].max())
-    if lmax == 0 or bool(headers[:, 1].any()):
-        return headers, None
-    padded = words.new_empty(world * lmax)
-    work = _all_gather_single(padded, F.pad(words, (0, lmax - words.numel())), group=group, async_op=True)
-    return headers, work.get_future().then(lambda fut: (fut.value(), padded.view(world, lmax))[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # DDP communication hook
 # ---------------------------------------------------------------------------------------------
-class GTCState:
-    r"""Hyper-parameters, per-bucket residuals and the step counter of :func:`gtc_hook`.
-
-    ``tau`` (τ) is the threshold in gradient units. ``max_density`` (0 < d <= 1, or None): warn,
-    at most once every ``density_warn_interval`` steps, when a step sends more than this fraction
-    of the elements (τ is too small for the gradients). ``pass_through`` sends the gradient dense
-    with an all-reduce instead (plain DDP; for equivalence tests). ``dense_warmup_steps``: the
-    first that many steps (counted by ``iter``, which a checkpoint keeps) are sent dense the same
-    way and leave r at 0; GTC starts after them. ``tau_units="rms"`` gives element i the threshold
-    τ d_i with d = ``scale_of(p)`` per parameter p, Adam's sqrt(v̂) + ε once frozen at the end of
-    the warm-up (:mod:`asrbench.model.optim`). ``parameters`` fixes the canonical order in which residuals are checkpointed (the model's parameters; without it, the
-    order in which buckets first show them).
-
-    Residuals are rank-local. DDP rebuilds its buckets after the first step (a new order and
-    split), so each residual is stored with its bucket's parameter layout and moved, once, when a
-    layout changes; :meth:`state_dict` holds them in the canonical order.
-    """
-
-    __slots__ = [
-        "process_group",
-        # Hyper-parameters.
-        "tau",
-        "max_density",
-        "density_warn_interval",
-        "pass_through",
-        "dense_warmup_steps",
-        "tau_units",
-        "scale_of",
-        # Per-bucket memory (rank-local): residual r, a bool work mask, the parameter layout.
-        "residuals",
-        "masks",
-        "layouts",
-        "_slots",
-        "_owner",
-        "_pending",
-        # Iteration counter.
-        "iter",
-        # Statistics.
-        "comm_stats",
-        "hook_calls",
-        "_step_sent",
-        "_step_total",
-        "_last_warn_iter",
-    ]
-
-    def __init__(self, process_group: dist.ProcessGroup | None = None, tau: float = DEFAULT_TAU,
-                 max_density: float | None = None, pass_through: bool = False,
-                 parameters: Iterable[Tensor] | None = None, density_warn_interval: int = 100,
-                 dense_warmup_steps: int = 0, tau_units: str = "gradient",
-                 scale_of: Callable[[Tensor], Tensor | None] | None = None) -> None:
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= torch.finfo(torch.float32).tiny):
-            raise ValueError(f"Arg `tau` (Strom's threshold τ, gradient units) must be a positive value "
-                             f"(a normal fp32 number), got {tau}")
-        if max_density is not None and not 0 < max_density <= 1:
-            raise ValueError(f"Arg `max_density` must be in (0, 1] (a fraction of the elements) or None, "
-                             f"got {max_density}")
-        if density_warn_interval < 1:
-            raise ValueError(f"Arg `density_warn_interval` must be a positive value, got {density_warn_interval}")
-        if not (isinstance(dense_warmup_steps, int) and dense_warmup_steps >= 0):
-            raise ValueError(f"Arg `dense_warmup_steps` (steps sent dense before GTC starts) must be a non-negative "
-                             f"integer, got {dense_warmup_steps!r}")
-        if tau_units not in TAU_UNITS:
-            raise ValueError(f"Arg `tau_units` must be one of {TAU_UNITS}, got {tau_units!r}")
-        self.process_group = process_group
-        self.tau = float(tau)
-        self.max_density = max_density
-        self.density_warn_interval = int(density_warn_interval)
-        self.pass_through = bool(pass_through)
-        self.dense_warmup_steps = int(dense_warmup_steps)
-        self.tau_units = tau_units
-        self.scale_of = scale_of
-        self.residuals: dict[int, Tensor] = {}
-        self.masks: dict[int, Tensor] = {}
-        self.layouts: dict[int, tuple[int, ...]] = {}
-        self._slots: dict[int, tuple[int, int]] = {}  # id(param) -> (offset, numel) in the canonical order
-        self._owner: dict[int, int] = {}  # id(param) -> index of the bucket whose residual holds it
-        self._pending: Tensor | None = None  # canonical residual not yet moved into buckets
-        self.iter = 0
-        self.comm_stats = CommStats(world_size=1)
-        self.hook_calls = 0
-        self._step_sent = 0
-        self._step_total = 0
-        self._last_warn_iter: int | None = None
-        if parameters is not None:
-            self.bind_parameters(parameters)
-
-    # -- canonical layout -------------------------------------------------------------------
-    def bind_parameters(self, parameters: Iterable[Tensor]) -> None:
-        """Fix the canonical order (and size) of the checkpointed residual: these parameters in order."""
-        params = [p for p in parameters if p.requires_grad]
-        if self.residuals:
-            self._pending = self.canonical_residual()
-            self._clear_buckets()
-        offset, slots = 0, {}
-        for p in params:
-            slots[id(p)] = (offset, p.numel())
-            offset += p.numel()
-        self._slots = slots
-        if self._pending is not None and self._pending.numel() != offset:
-            raise ValueError(f"the GTC residual to restore has {self._pending.numel()} elements but the model's "
-                             f"trainable parameters have {offset}: the checkpoint is of another model")
-
-    @property
-    def canonical_numel(self) -> int:
-        return sum(n for _, n in self._slots.values())
-
-    def canonical_residual(self) -> Tensor:
-        """This rank's residual over all bound parameters in the canonical order (fp32, on its device)."""
-        device = next(iter(self.residuals.values())).device if self.residuals else torch.device("cpu")
-        out = torch.zeros(self.canonical_numel, dtype=torch.float32, device=device)
-        if self._pending is not None:  # parameters first seen after it was made are missing from its end
-            out[: self._pending.numel()].copy_(self._pending)
-        for b, layout in self.layouts.items():
-            start = 0
-            for pid in layout:
-                offset, n = self._slots[pid]
-                out[offset:offset + n] = self.residuals[b][start:start + n]
-                start += n
-        return out
-
-    def _clear_buckets(self) -> None:
-        self.residuals.clear()
-        self.masks.clear()
-        self.layouts.clear()
-        self._owner.clear()
-
-    def memory(self, bucket: dist.GradBucket) -> tuple[Tensor, Tensor]:
-        """The bucket's residual r and work mask, allocated on first sight and moved if DDP rebuilt buckets."""
-        b = bucket.index()
-        params = bucket.parameters()
-        layout = tuple(id(p) for p in params)
-        if self.layouts.get(b) == layout:
-            return self.residuals[b], self.masks[b]
-        if b in self.layouts or any(self._owner.get(pid, b) != b for pid in layout):
-            # DDP rebuilt its buckets: gather every residual in the canonical order, then re-split.
-            self._pending = self.canonical_residual()
-            self._clear_buckets()
-        for p in params:  # parameters first seen here (no bound order) go to the end
-            if id(p) not in self._slots:
-                self._slots[id(p)] = (self.canonical_numel, p.numel())
-        buffer = bucket.buffer()
-        assert sum(p.numel() for p in params) == buffer.numel(), "GTC expects dense, unpadded buckets"
-        if self._pending is not None:
-            pending = self._pending.to(buffer.device)
-            pieces = [pending[o:o + n] if o + n <= pending.numel() else torch.zeros(n, device=buffer.device)
-                      for o, n in (self._slots[pid] for pid in layout)]
-            residual = torch.cat(pieces) if pieces else torch.zeros(0, device=buffer.device)
-        else:
-            residual = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
-        self.residuals[b] = residual
-        self.masks[b] = torch.empty(buffer.numel(), dtype=torch.bool, device=buffer.device)
-        self.layouts[b] = layout
-        self._owner.update(dict.fromkeys(layout, b))
-        if self._pending is not None and len(self._owner) == len(self._slots):
-            self._pending = None  # every parameter's residual lives in a bucket again
-        return residual, self.masks[b]
-
-    # -- step counter and statistics ----------------------------------------------------------
-    def element_scale(self, params: Sequence[Tensor]) -> Tensor | None:
-        """With ``tau_units="rms"``: the flat per-element scale d of these parameters (τ_i = τ d_i), else None.
-
-        d is ``scale_of(p)`` (asrbench.model.optim.FrozenVarianceAdam.denominator: Adam's frozen
-        sqrt(v̂) + ε), the same on every rank because v was learnt from all-reduced gradients.
-        """
-        if self.tau_units != "rms":
-            return None
-        pieces = [self.scale_of(p) for p in params] if self.scale_of is not None else [None]
-        if any(piece is None for piece in pieces):
-            raise RuntimeError(f"GTC step {self.iter}: tau_units=rms scales τ by Adam's frozen second moment, which "
-                               f"is not frozen yet: set optim.freeze_variance_after <= strategy.dense_warmup_steps")
-        return torch.cat([piece.reshape(-1) for piece in pieces])  # type: ignore[union-attr]
-
-    def sends_dense(self) -> bool:
-        """Whether this step all-reduces the dense gradient: ``pass_through``, or still in the dense warm-up."""
-        return self.pass_through or self.iter < self.dense_warmup_steps
-
-    def record_bucket(self, elements_sent: int, elements_total: int, is_last: bool) -> None:
-        """Count a bucket's elements; on the step's last bucket close the step (and maybe warn)."""
-        self._step_sent += elements_sent
-        self._step_total += elements_total
-        if not is_last:
-            return
-        self.comm_stats.record_elements(self._step_sent, self._step_total)
-        self.comm_stats.step()
-        density = self._step_sent / max(self._step_total, 1)
-        if (not self.sends_dense() and self.max_density is not None and density > self.max_density
-                and (self._last_warn_iter is None or self.iter - self._last_warn_iter >= self.density_warn_interval)
-                and is_rank_zero()):
-            log.warning("GTC step %d sent %.2f%% of the gradient elements (max_density %.2f%%): tau = %g is small "
-                        "for these gradients; raise it (warned at most every %d steps)", self.iter, 100 * density,
-                        100 * self.max_density, self.tau, self.density_warn_interval)
-            self._last_warn_iter = self.iter
-        self._step_sent = self._step_total = 0
-        self.iter += 1
-
-    # -- checkpointing --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Rank-local state as tensors and plain numbers (loads with ``weights_only=True``)."""
-        return {"iter": self.iter, "tau": self.tau, "residual": self.canonical_residual().cpu(),
-                "comm_stats": self.comm_stats.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        residual = state["residual"]
-        if self._slots and residual.numel() != self.canonical_numel:
-            raise ValueError(f"the GTC residual to restore has {residual.numel()} elements but the model's "
-                             f"trainable parameters have {self.canonical_numel}: the checkpoint is of another model")
-        if float(state.get("tau", self.tau)) != self.tau and is_rank_zero():
-            log.warning("GTC residuals were saved with tau = %s and resume with tau = %s", state["tau"], self.tau)
-        self._clear_buckets()
-        self._pending = residual.detach().to(torch.float32).clone()
-        self.iter = int(state["iter"])
-        self.comm_stats.load_state_dict(state["comm_stats"])
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the process group; residuals travel in the canonical order."""
-        state = {slot: getattr(self, slot) for slot in self.__slots__
-                 if slot not in ("process_group", "scale_of", "residuals", "masks", "layouts", "_owner", "_slots",
-                                 "_pending")}
-        state["_pending"] = self.canonical_residual().cpu() if (self.residuals or self._pending is not None) else None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """The process group becomes the default one (None) and ``scale_of`` None; call
-        :meth:`bind_parameters` again (and set ``scale_of`` for ``tau_units="rms"``)."""
-        self.process_group = None
-        self.scale_of = None
-        self.residuals, self.masks, self.layouts, self._owner, self._slots = {}, {}, {}, {}, {}
-        for slot, value in state.items():
-            setattr(self, slot, value)
-
-
 def _world(state: GTCState) -> tuple[dist.ProcessGroup | None, int]:
     return state.process_group, dist.get_world_size(state.process_group)
 
