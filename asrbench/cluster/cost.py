@@ -322,8 +322,9 @@ def straggler_factor(frames: Sequence[Sequence[float]], group_size: int, block_s
     return slowest / mean_work if mean_work > 0 else 1.0
 
 
-def schedule(strategy: str, n: int, stats: Mapping[str, Any]) -> tuple[int, int]:
-    """(g, K) of a strategy's waiting: who waits for whom every step, and every how many steps all do."""
+def waits(strategy: str, n: int, stats: Mapping[str, Any]) -> tuple[int, int]:
+    """(g, K) of a strategy's waiting: who waits for whom every step, and every how many steps all do
+    (its spec's ``waiting``; not its ``schedule``, the collectives :func:`comm_parts` prices)."""
     return _spec(strategy).waiting(stats, n)
 
 

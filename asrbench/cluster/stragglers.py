@@ -63,6 +63,6 @@ def with_stragglers(speedup: float, nodes: int, factor: float) -> float:
 
 def strategy_factors(lengths: Sequence[int], nodes: int, batch_size: int, schedules: Mapping[str, Mapping[str, Any]],
                      *, sampler: str = "random", epochs: int = 1, seed: int = 0) -> dict[str, float]:
-    """The straggler factor of each strategy's schedule (cost.schedule of its stats) on one dealing."""
+    """The straggler factor of each strategy's waiting (cost.waits of its stats) on one dealing."""
     frames = sampler_frames(lengths, nodes, batch_size, sampler=sampler, epochs=epochs, seed=seed)
-    return {s: cost.straggler_factor(frames, *cost.schedule(s, nodes, stats)) for s, stats in schedules.items()}
+    return {s: cost.straggler_factor(frames, *cost.waits(s, nodes, stats)) for s, stats in schedules.items()}

@@ -120,7 +120,7 @@ def test_step_time_charges_the_slowest_worker():
     net = cost.load_network("paper")
     stats = {"model_bytes": 4e6, "block_size": 2.0}
     even = cost.step_time("bmuf", 0.2, stats, 4, net)
-    factor = cost.straggler_factor(FRAMES, *cost.schedule("bmuf", 4, stats))
+    factor = cost.straggler_factor(FRAMES, *cost.waits("bmuf", 4, stats))
     slow = cost.step_time("bmuf", 0.2, stats | {"straggler_factor": factor}, 4, net)
     assert even["straggler_s"] == 0.0
     assert slow["straggler_s"] == pytest.approx(0.2 * (90 / MEAN_WORK - 1))
@@ -129,7 +129,7 @@ def test_step_time_charges_the_slowest_worker():
     assert even["total_s"] == pytest.approx(0.2 + comm)
     assert slow["total_s"] == pytest.approx(0.2 * 90 / MEAN_WORK + comm)  # only the compute is stretched
     assert slow["comm_s"] == even["comm_s"]
-    assert cost.schedule("sync", 4, {}) == (4, 1) and cost.schedule("gtc_bmuf", 8, {"group_size": 2,
-                                                                                     "block_size": 3}) == (2, 3)
+    assert cost.waits("sync", 4, {}) == (4, 1) and cost.waits("gtc_bmuf", 8, {"group_size": 2,
+                                                                               "block_size": 3}) == (2, 3)
     with pytest.raises(ValueError, match="straggler_factor"):
         cost.step_time("sync", 0.2, {"dense_bytes_per_worker_per_step": 1.0, "straggler_factor": 0.5}, 4, net)
