@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_workers, run_workers_outcomes
+from lightning_harness import RankProbe, TinyLSTM, fit_two_ranks, load_rank
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
 
 from asrbench.errors import CheckpointError
 from asrbench.strategies.comm import CollectiveError
@@ -472,63 +472,26 @@ def test_a_failed_dead_or_hung_worker_is_named_in_bounded_time(how, expected):
 # ---------------------------------------------------------------------------------------------
 # Lightning: GTCStrategy on CPU with 2 processes
 # ---------------------------------------------------------------------------------------------
-class TinyLSTM(pl.LightningModule):
-    def __init__(self, fail_rank: int | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lstm = nn.LSTM(8, 48, batch_first=True)
-        self.head = nn.Linear(48, 4)
-        self.fail_rank = fail_rank
-
-    def training_step(self, batch, batch_idx):
-        if self.global_rank == self.fail_rank and self.global_step == 2:
-            raise ValueError(f"injected failure on rank {self.global_rank}")
-        x, y = batch
-        out, _ = self.lstm(x)
-        loss = nn.functional.cross_entropy(self.head(out[:, -1]), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=False)
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log_dict({f"comm/{k}": v for k, v in self.trainer.strategy.comm_metrics().items()}, on_step=True)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
-
-    def train_dataloader(self):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(128, 5, 8, generator=gen)
-        y = x[:, :, :4].sum(1).argmax(1)
-        return DataLoader(TensorDataset(x, y), batch_size=16)
-
-
-class Probe(pl.Callback):
+class Probe(RankProbe):
     """Writes each rank's view (residuals, losses, hook calls, parameters) under `out_dir`."""
 
     def __init__(self, out_dir: Path, tag: str, save_at_epoch: int | None = None) -> None:
-        self.out_dir, self.tag, self.save_at_epoch = out_dir, tag, save_at_epoch
+        super().__init__(out_dir, tag, save_at_epoch)
         self.losses: list[float] = []
 
-    def _dump(self, trainer, name, obj):
-        torch.save(obj, self.out_dir / f"{self.tag}_{name}_rank{trainer.global_rank}.pt")
+    def memory(self, trainer):
+        return trainer.strategy.gtc_state.canonical_residual().cpu()
 
-    def on_train_start(self, trainer, pl_module):
-        self._dump(trainer, "start", {"residual": trainer.strategy.gtc_state.canonical_residual().cpu(),
-                                      "iter": trainer.strategy.gtc_state.iter})
+    def start(self, trainer):
+        return {"residual": self.memory(trainer), "iter": trainer.strategy.gtc_state.iter}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.save_at_epoch:
-            trainer.save_checkpoint(self.out_dir / "mid.ckpt")
-            self._dump(trainer, "saved", trainer.strategy.gtc_state.canonical_residual().cpu())
-
-    def on_train_end(self, trainer, pl_module):
+    def end(self, trainer, pl_module):
         state = trainer.strategy.gtc_state
-        self._dump(trainer, "end", {"params": [p.detach().clone() for p in pl_module.parameters()],
-                                    "losses": self.losses, "hook_calls": state.hook_calls,
-                                    "summary": trainer.strategy.comm_summary()})
+        return {"params": [p.detach().clone() for p in pl_module.parameters()], "losses": self.losses,
+                "hook_calls": state.hook_calls, "summary": trainer.strategy.comm_summary()}
 
 
 STRATEGY_TIMEOUT_S = 20  # the Lightning runs' collective timeout
@@ -538,15 +501,12 @@ LAUNCH_ALLOWANCE_S = 60  # two forkserver workers setting up Lightning and train
 def _fit(tmp_path: Path, tag: str, *, epochs: int, ckpt: Path | None = None, save_at_epoch: int | None = None,
          fail_rank: int | None = None) -> pl.Trainer:
     strategy = GTCStrategy(tau=2e-3, start_method="forkserver", timeout=STRATEGY_TIMEOUT_S)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Probe(tmp_path, tag, save_at_epoch)], default_root_dir=tmp_path)
-    trainer.fit(TinyLSTM(fail_rank), ckpt_path=ckpt)
-    return trainer
+    return fit_two_ranks(tmp_path, strategy, Probe(tmp_path, tag, save_at_epoch), TinyLSTM(fail_rank),
+                         epochs=epochs, ckpt=ckpt)
 
 
 def _load(tmp_path: Path, tag: str, name: str, rank: int):
-    return torch.load(tmp_path / f"{tag}_{name}_rank{rank}.pt", weights_only=False)
+    return load_rank(tmp_path, tag, name, rank, weights_only=False)
 
 
 @pytest.mark.slow

@@ -6,70 +6,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from lightning_harness import RankProbe, TinyLSTM, fit_two_ranks, load_rank
 
 from asrbench.strategies.powersgd import CHECKPOINT_KEY, PowerSGDStrategy, powersgd_state_dict
 
 STRATEGY_TIMEOUT_S = 30
 
 
-class TinyLSTM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lstm = nn.LSTM(8, 48, batch_first=True)
-        self.head = nn.Linear(48, 4)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        out, _ = self.lstm(x)
-        return nn.functional.cross_entropy(self.head(out[:, -1]), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
-
-    def train_dataloader(self):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(128, 5, 8, generator=gen)
-        y = x[:, :, :4].sum(1).argmax(1)
-        return DataLoader(TensorDataset(x, y), batch_size=16)
-
-
-class Probe(pl.Callback):
+class Probe(RankProbe):
     """Writes each rank's PowerSGD memory (at the start, at the saved epoch end) and final parameters."""
 
-    def __init__(self, out_dir: Path, tag: str, save_at_epoch: int | None = None) -> None:
-        self.out_dir, self.tag, self.save_at_epoch = out_dir, tag, save_at_epoch
-
-    def _dump(self, trainer, name, obj):
-        torch.save(obj, self.out_dir / f"{self.tag}_{name}_rank{trainer.global_rank}.pt")
-
-    def on_train_start(self, trainer, pl_module):
-        self._dump(trainer, "start", powersgd_state_dict(trainer.strategy.hook_state.powersgd))
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.save_at_epoch:
-            trainer.save_checkpoint(self.out_dir / "mid.ckpt")
-            self._dump(trainer, "saved", powersgd_state_dict(trainer.strategy.hook_state.powersgd))
-
-    def on_train_end(self, trainer, pl_module):
-        self._dump(trainer, "end", [p.detach().clone() for p in pl_module.parameters()])
+    def memory(self, trainer):
+        return powersgd_state_dict(trainer.strategy.hook_state.powersgd)
 
 
 def _fit(tmp_path: Path, tag: str, *, ckpt: Path | None = None, save_at_epoch: int | None = None) -> None:
     strategy = PowerSGDStrategy(rank=2, warmup_steps=2, start_method="forkserver", timeout=STRATEGY_TIMEOUT_S)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Probe(tmp_path, tag, save_at_epoch)], default_root_dir=tmp_path)
-    trainer.fit(TinyLSTM(), ckpt_path=ckpt)
+    fit_two_ranks(tmp_path, strategy, Probe(tmp_path, tag, save_at_epoch), TinyLSTM(log_comm=False), epochs=3,
+                  ckpt=ckpt)
 
 
-def _load(tmp_path: Path, tag: str, name: str, rank: int):
-    return torch.load(tmp_path / f"{tag}_{name}_rank{rank}.pt", weights_only=True)
+_load = load_rank
 
 
 @pytest.mark.slow
