@@ -37,13 +37,21 @@ class RowBinding:
         """`row` (n,) cut into tensors shaped like the parameters (views)."""
         return [v.view(s) for v, s in zip(row.split(self.sizes), self.shapes)]
 
+    def cut(self, stacked: Tensor) -> list[list[Tensor]]:
+        """Every row of `stacked` (N, n) cut into parameter-shaped views, once (for :meth:`bind_views`)."""
+        return [self.views(row) for row in stacked.unbind(0)]
+
     @torch.no_grad()
     def bind(self, row: Tensor, grad_row: Tensor | None = None) -> None:
         """Make the model's parameters views of `row` and, if given, its gradients views of `grad_row`."""
-        grads = self.views(grad_row) if grad_row is not None else [None] * len(self.params)
-        for p, value, grad in zip(self.params, self.views(row), grads):
+        self.bind_views(self.views(row), self.views(grad_row) if grad_row is not None else None)
+
+    @torch.no_grad()
+    def bind_views(self, values: Sequence[Tensor], grads: Sequence[Tensor] | None = None) -> None:
+        """:meth:`bind` with the views already cut (:meth:`cut`): the model's parameters become `values`."""
+        for i, (p, value) in enumerate(zip(self.params, values)):
             p.data = value
-            p.grad = grad
+            p.grad = grads[i] if grads is not None else None
 
 
 class _WorkerRows:
@@ -118,10 +126,10 @@ def clip_rows(grads: Tensor, binding: RowBinding, max_norm: float, group_size: i
         if hi == lo:
             continue
         block = grads[:, lo:hi]
-        shapes = binding.shapes[a:b]
-        norms = torch.stack([torch.nn.utils.get_total_norm([v.view(sh) for v, sh in
-                                                            zip(block[i].split(binding.sizes[a:b]), shapes)])
-                             for i in range(0, workers, group_size)])
+        sizes, shapes = binding.sizes[a:b], binding.shapes[a:b]
+        # every group's tensors at once: the norms torch.nn.utils.get_total_norm takes of one worker's
+        views = [v.view(sh) for i in range(0, workers, group_size) for v, sh in zip(block[i].split(sizes), shapes)]
+        tensor_norms = torch.stack(torch._foreach_norm(views, 2.0)).view(-1, b - a)
+        norms = torch.linalg.vector_norm(tensor_norms, 2.0, dim=1)
         coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         block.view(-1, group_size, hi - lo).mul_(coef.view(-1, 1, 1))
-

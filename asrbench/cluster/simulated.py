@@ -110,6 +110,15 @@ def _first_nonfinite_row(rows: Tensor) -> int:
     return int((~torch.isfinite(rows.amax(1) - rows.amin(1))).nonzero()[0])
 
 
+def _copy_state(source: dict[str, Any], target: dict[str, Any]) -> None:
+    """One parameter's optimizer state written into another's: tensors in place where they exist."""
+    for key, value in source.items():
+        if torch.is_tensor(value) and torch.is_tensor(target.get(key)) and target[key].shape == value.shape:
+            target[key].copy_(value)
+        else:
+            target[key] = value.clone() if torch.is_tensor(value) else value
+
+
 @dataclass
 class Timings:
     """Seconds spent in each part of the cluster's steps (all workers together)."""
@@ -169,6 +178,10 @@ class SimulatedCluster:
         self.batch_in_epoch = 0
         self.timings = Timings()
         self._rng = self._worker_rng_states(module.model)
+        self._P_views, self._G_views = self.binding.cut(self.P), self.binding.cut(self.G)
+        # Rows of a group stay equal without an averager (equal start, equal exchanged gradients): the
+        # optimizer steps each group's first row and the others copy it (step_representatives).
+        self.step_representatives = self.averager is None and self.group_size > 1
         self.binding.bind(self.P[0])
 
     def _worker_rng_states(self, model: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
@@ -202,7 +215,7 @@ class SimulatedCluster:
         t.worker_frames.append([int(b["feats"].shape[0] * b["feats"].shape[1]) for b in batches])
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            self.binding.bind(self.P[i], self.G[i])
+            self.binding.bind_views(self._P_views[i], self._G_views[i])
             _synchronize(self.device)
             t0 = time.perf_counter()
             with self._worker_rng(i):
@@ -229,7 +242,10 @@ class SimulatedCluster:
         t1 = time.perf_counter()
         if self.clip_val is not None:
             clip_rows(self.G, self.binding, self.clip_val, self.group_size, self.clip_algorithm, self.clip_split)
-        self.optimizer.step()
+        if self.step_representatives:
+            self._step_representatives()
+        else:
+            self.optimizer.step()
         _synchronize(self.device)
         t2 = time.perf_counter()
         if self.averager is not None:
@@ -245,6 +261,28 @@ class SimulatedCluster:
             raise Diverged(self.steps, f"the parameters of worker {_first_nonfinite_row(self.P)} hold NaN or inf "
                                        f"after the exchange and the optimizer step")
         return losses
+
+    @torch.no_grad()
+    def _step_representatives(self) -> None:
+        """Step 4 where the rows of each group of g are equal (sync, gtc): the optimizer steps the
+        first row of each group alone (the others' gradients hidden from it, so it skips them), then
+        every other row copies its representative's parameters and optimizer state. Adam, AdamW
+        and SGD update each row from its own values alone, so this equals stepping all N rows."""
+        g, n = self.group_size, self.numel
+        followers = [(row, row.grad) for i, row in enumerate(self.rows) if i % g]
+        for row, _ in followers:
+            row.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for row, grad in followers:
+                row.grad = grad
+        groups = self.P.view(-1, g, n)
+        groups[:, 1:].copy_(groups[:, :1].expand(-1, g - 1, n))
+        state = self.optimizer.state
+        for i, row in enumerate(self.rows):
+            if i % g:
+                _copy_state(state[self.rows[i - i % g]], state[row])
 
     def _check_finite(self, losses: Tensor) -> None:
         """Step 1's losses and gradients are finite, or :class:`Diverged` names the first worker whose are not."""
@@ -325,7 +363,7 @@ class SimulatedCluster:
 
     def bind_worker(self, i: int) -> None:
         """Point the model at worker i's current parameters (no copy)."""
-        self.binding.bind(self.P[i])
+        self.binding.bind_views(self._P_views[i])
 
     @property
     def blockwise(self) -> bool:
