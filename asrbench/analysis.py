@@ -98,18 +98,7 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
                                for s, sc in runs.items()} for c, runs in cells.items()}
 
     # 2. strategies against each other at each worker count: rel(b) - rel(a), positive = a better
-    out["pairs"] = []
-    for n in nodes:
-        for a, b in itertools.combinations(strategies, 2):
-            if (a, n) in cells and (b, n) in cells:
-                row = {"nodes": int(n), "a": a, "b": b}
-                for m in metrics:
-                    row[m] = stats.effect([cells[(a, n)]], [cells[(b, n)]], base, m, index).as_dict()
-                out["pairs"].append(row)
-    for m in metrics:  # Holm over all pairwise comparisons of one metric
-        adj = stats.holm([p[m]["p"] for p in out["pairs"]], alpha)
-        for p, q in zip(out["pairs"], adj):
-            p[m]["p_holm"] = q
+    out["pairs"] = strategy_pairs(cells, base, index, nodes, strategies, metrics, alpha)
 
     # 3. the design's room: the warm start's relative change (the ceiling) and each cell's recovery
     warm = {int(s): sc for s, d in (warm_starts or {}).items()
@@ -131,6 +120,26 @@ def analyse(rows_by_seed: Mapping[int, Sequence[Mapping]], split: str, nodes: Se
         out["claims_vs_control"] = judge_claims(claims, cells, base, index, claim_metric, nodes, alpha, mde_target,
                                                 control=control, ceiling=ceiling, control_mean=ctrl_mean)
     return out
+
+
+def strategy_pairs(cells: Mapping[Cell, Mapping[int, stats.Scores]], base: Mapping[int, stats.Scores],
+                   index: np.ndarray, nodes: Sequence[int], strategies: Sequence[str], metrics: Sequence[str],
+                   alpha: float = stats.ALPHA) -> list[dict]:
+    """Every pair of strategies at each worker count that has both: rel(b) - rel(a) per metric (positive:
+    a is more accurate), with Holm's adjusted p over all pairs of one metric."""
+    pairs = []
+    for n in nodes:
+        for a, b in itertools.combinations(strategies, 2):
+            if (a, n) in cells and (b, n) in cells:
+                row = {"nodes": int(n), "a": a, "b": b}
+                for m in metrics:
+                    row[m] = stats.effect([cells[(a, n)]], [cells[(b, n)]], base, m, index).as_dict()
+                pairs.append(row)
+    for m in metrics:
+        adj = stats.holm([p[m]["p"] for p in pairs], alpha)
+        for p, q in zip(pairs, adj):
+            p[m]["p_holm"] = q
+    return pairs
 
 
 def warm_start_summary(warm: Mapping[int, stats.Scores], base: Mapping[int, stats.Scores],

@@ -9,111 +9,31 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
 from asrbench import analysis, experiment, report, runinfo, stats, strategies
-from asrbench.cluster import cost
-from asrbench.cluster.cost import load_compute_profile, load_network
-from asrbench.data import text
-from asrbench.data.features import FeatureConfig
 from asrbench.errors import ConfigError, RunFailed
-from asrbench.jobs import Job, Runner
-from asrbench.model.lstm import LSTMAcousticModel
+from asrbench.jobs import Job, Runner  # noqa: F401 (Runner: imported from here too)
 from asrbench.model.module import scaled_lr
+from asrbench.reproduce_projection import (FP32_BYTES, model_parameters, paper_projection,  # noqa: F401 (re-exported)
+                                           project, size_keys)
 
 log = logging.getLogger(__name__)
 
 
 def run_name(strategy: str, nodes: int) -> str:
     return f"{strategy}_n{nodes}"
-
-
-FP32_BYTES = 4
-
-
-def size_keys() -> tuple[str, ...]:
-    """Cost-model statistics that grow with the number of parameters (every strategy's ``size_keys``;
-    densities are kept)."""
-    keys = ["dense_bytes_per_worker_per_step"]
-    for entry in strategies.registry().values():
-        keys += [k for k in entry.size_keys if k not in keys]
-    return tuple(keys)
-
-
-def model_parameters(model_cfg: Mapping, input_dim: int) -> int:
-    """Parameters of the acoustic model `model_cfg` (a conf/model entry), counted without memory."""
-
-    with torch.device("meta"):
-        model = LSTMAcousticModel(input_dim, text.vocab_size(), **{k: v for k, v in model_cfg.items() if k != "name"})
-    return sum(p.numel() for p in model.parameters())
-
-
-def project(rows: Sequence[Mapping], network: Mapping, profile: Mapping, parameters: int,
-            overlap: float = 0.0) -> list[dict]:
-    """Each run's speedup re-predicted for a model of `parameters` on the profile's device.
-
-    What a run measured that does not depend on the model size is kept: the strategy, N, K,
-    the group size and the fraction of gradient elements GTC sent. Byte and element counts scale
-    with the parameter count; compute, GTC encode and decode rate come from `profile` (seconds
-    per worker step on the target GPU). The step time is then the same cost model as a run's own
-    prediction (asrbench.cluster.cost.step_time).
-    """
-
-    compute = float(profile["compute_s_per_worker_step"])
-    out = []
-    for r in rows:
-        model = r.get("cost_model")
-        if not model:
-            continue
-        stats = dict(model["stats"])
-        scale = parameters / (stats["dense_bytes_per_worker_per_step"] / FP32_BYTES)
-        for key in size_keys():
-            if key in stats:
-                stats[key] *= scale
-        gtc = "gtc_msg_bytes_mean" in stats
-        if gtc and profile.get("decode_rate"):
-            stats["decode_rate"] = float(profile["decode_rate"])
-        encode = float(profile.get("gtc_encode_s_per_worker_step", 0.0)) if gtc else 0.0
-        step = cost.step_time(r["strategy"], compute + encode, stats, r["nodes"], network, overlap=overlap)
-        out.append({"strategy": r["strategy"], "nodes": r["nodes"], "parameters": parameters,
-                    "compute_s": compute, "comm_s": step["comm_s"], "step_s": step["total_s"],
-                    "comm_parts": cost.comm_parts(r["strategy"], stats, r["nodes"], network),
-                    "predicted_speedup": cost.speedup(r["nodes"], step["total_s"],
-                                                      compute + cost.step_overhead(network, strategies.BASELINE))})
-    return out
-
-
-def paper_projection(cfg: Any, results: Sequence[Mapping], conf_dir: str | Path) -> dict | None:
-    """The runs' speedups re-costed at the paper's model size (cfg.projection; null to skip)."""
-
-    proj = cfg.get("projection")
-    if not proj or not results:
-        return None
-    model_file = Path(conf_dir) / "model" / f"{proj.model}.yaml"
-    if not model_file.is_file():
-        raise ConfigError(f"projection.model={proj.model}: no {model_file}; name a preset of conf/model/")
-    model_cfg = OmegaConf.to_container(OmegaConf.load(model_file), resolve=True)
-    input_dim = FeatureConfig(**results[0]["config"]["features"]).dim
-    parameters = model_parameters(model_cfg, input_dim)
-    profile = load_compute_profile(proj.compute_profile)
-    rows = project(results, load_network(cfg.network), profile, parameters, overlap=float(proj.get("overlap", 0.0)))
-    return {"model": proj.model, "parameters": parameters, "profile": str(proj.compute_profile),
-            "compute_profile": profile, "network": cfg.network, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,17 +145,8 @@ def load_lr_search(path: str | Path) -> dict:
     return _load_finished(path, "lr_search")
 
 
-def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
-    """The whole experiment; returns reproduce.json's content and writes report.md with its plots."""
-
-    t0 = time.perf_counter()
-    earlier = earlier_invocations(out)
-    rc = cfg.reproduce
-    seeds = [int(s) for s in rc.get("seeds") or [0]]
-    pooled = [s for s in finished_seeds(out) if s not in seeds] if rc.get("pool_seeds", True) else []
-    if pooled:  # seeds an earlier invocation here trained: reused, and pooled with this invocation's
-        log.info("seeds %s finished in %s before: pooled with reproduce.seeds=%s", pooled, out, seeds)
-        seeds += pooled
+def check_config(rc: Any) -> None:
+    """Refuse, in one line naming the key, a reproduce configuration the steps below cannot run."""
     epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
     if not 0 <= warm < epochs:
         raise ConfigError(f"reproduce.warm_start_epochs={warm} must be in [0, reproduce.epochs={epochs})")
@@ -258,180 +169,254 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     if control is not None and control not in rc.strategies:
         raise ConfigError(f"reproduce.control={control} must be one of reproduce.strategies={list(rc.strategies)}: "
                           f"the control runs at every worker count beside the strategies it controls")
-    lr_cfg = rc.get("lr_search")
-    if lr_cfg and not control:
+    if rc.get("lr_search") and not control:
         raise ConfigError("reproduce.lr_search needs reproduce.control (the strategy whose lr is searched at each N, "
                           "e.g. sync); set it, or lr_search: null")
     search_epochs = rc.get("search_epochs")
     if search_epochs is not None and not (int(search_epochs) >= 1 and int(search_epochs) <= epochs - warm):
         raise ConfigError(f"reproduce.search_epochs={search_epochs} must be a whole number in [1, reproduce.epochs - "
                           f"warm_start_epochs = {epochs - warm}], or null for the grid's")
+    if fer_kind(rc) not in (None, False, "phones", "alignment"):
+        raise ConfigError(f"reproduce.fer={rc.get('fer')} is unknown; use phones (a phone probe against the "
+                          f"synthesiser's timings), alignment (forced alignment with each seed's warm start) or false")
+
+
+def fer_kind(rc: Any) -> Any:
+    """reproduce.fer: phones, alignment, or none (true: the older name of alignment)."""
+    return "alignment" if rc.get("fer") is True else rc.get("fer")
+
+
+SINGLE = [f"strategy={strategies.BASELINE}", "nodes=1"]
+
+
+@dataclass
+class Plan:
+    """What the steps of one invocation share: its configuration and directory, the job runner, the
+    seeds, and the overrides each kind of job is built from."""
+
+    rc: Any  # cfg.reproduce
+    out: Path
+    runner: Runner
+    seeds: list[int]
+    common: list[str]  # every job's overrides
+    logger: str  # cfg.run_logger
+    warm: int  # warm-start epochs (0: none)
+    warm_dir: dict[int, Path]  # seed -> its warm start's run dir
+    start: dict[int, list[str]]  # seed -> what its runs continue from (init_from=, and data.alignments=)
+    rest: list[str]  # the grid's epochs after the warm start
+    search_rest: list[str]  # the searches' epochs
+    same_budget: bool  # the searches train as long as the grid: a winner stands in for its grid run
+    control: str | None
+    fer: Any
+    fixed: dict[str, list[str]] = field(default_factory=dict)  # strategy -> reproduce.strategy_overrides
+    baselines: list[Job] = field(default_factory=list)
+    lr_winners: dict[int, list[str]] = field(default_factory=dict)  # N -> the control's winning lr overrides
+    inherit_lr: set[str] = field(default_factory=set)  # the strategies that take them
+    reused_paths: dict[tuple[str, int, int], Path] = field(default_factory=dict)  # a search winner's grid run
+
+    def job_type(self, kind: str) -> list[str]:
+        """W&B's job_type of a run: warm_start, lr_search, search, baseline, grid."""
+        return [f"logger.job_type={kind}"] if self.logger == "wandb" else []
+
+    def lr_at(self, strategy: str, n: int) -> list[str]:
+        """The learning-rate overrides `strategy` runs with at `n` workers (the control's winner there)."""
+        return list(self.lr_winners.get(int(n), [])) if strategy in self.inherit_lr else []
+
+    def search_seed(self) -> int:
+        search = self.rc.get("search")
+        seed = int(search.seed) if search else self.seeds[0]
+        if seed not in self.seeds:
+            raise ConfigError(f"reproduce.search.seed={seed} must be one of reproduce.seeds={self.seeds}")
+        return seed
+
+
+def make_plan(cfg: Any, out: Path, conf_dir: str | Path) -> Plan:
+    """Check the configuration, pool the seeds finished here before, hold the directory, and read the
+    corpus and features once, before any run."""
+    rc = cfg.reproduce
+    check_config(rc)
+    seeds = [int(s) for s in rc.get("seeds") or [0]]
+    pooled = [s for s in finished_seeds(out) if s not in seeds] if rc.get("pool_seeds", True) else []
+    if pooled:  # seeds an earlier invocation here trained: reused, and pooled with this invocation's
+        log.info("seeds %s finished in %s before: pooled with reproduce.seeds=%s", pooled, out, seeds)
+        seeds += pooled
+    epochs, warm = int(rc.epochs), int(rc.get("warm_start_epochs") or 0)
+    search_epochs = rc.get("search_epochs")
     # one W&B group per invocation (its directory's name): runs of different invocations stay apart
     common = [*rc.overrides, f"logger={cfg.run_logger}", f"experiment=reproduce-{out.name}",
               "trainer.enable_progress_bar=false",
               "cluster=simulated", f"cluster.network={cfg.network}"]
-    def job_type(kind: str) -> list[str]:  # W&B's job_type of a run: warm_start, search, baseline, grid
-        return [f"logger.job_type={kind}"] if cfg.run_logger == "wandb" else []
-
     threads = rc.get("threads_per_run")
     runner = Runner(conf_dir, int(rc.get("parallel") or os.cpu_count() or 1), int(threads) if threads else None, lock=out)
     experiment.load_features(compose("train", overrides=common))  # corpus and features once, before any run
-    single = [f"strategy={strategies.BASELINE}", "nodes=1"]
-    fer = "alignment" if rc.get("fer") is True else rc.get("fer")  # true: the older name of alignment
-    if fer not in (None, False, "phones", "alignment"):
-        raise ConfigError(f"reproduce.fer={fer} is unknown; use phones (a phone probe against the synthesiser's "
-                          f"timings), alignment (forced alignment with each seed's warm start) or false")
+    fer = fer_kind(rc)
     if fer == "phones":  # every run, the warm starts included, trains the probe beside its CTC model
         common.append("data.phone_labels=true")
-
-    # 1. one single-worker warm start per seed; every run of that seed continues from it
     warm_dir = {s: out / f"seed{s}" / "warm_start" for s in seeds}
-    warm_results: dict[str, dict] = {}
-    if warm:
-        warm_over = [str(o) for o in rc.get("warm_start_overrides") or []]
-        warm_results = runner.run([Job(f"seed{s} warm start", [*common, *single, f"seed={s}", f"trainer.max_epochs={warm}",
-                                                            *warm_over, *job_type("warm_start")], warm_dir[s])
-                                   for s in seeds])
-    start = {s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}
     rest = [f"trainer.max_epochs={epochs - warm}"]
     # the searches' budget: the grid's, or `search_epochs` of it (then no search run stands in for a grid run)
     same_budget = search_epochs is None or int(search_epochs) == epochs - warm
-    search_rest = rest if same_budget else [f"trainer.max_epochs={int(search_epochs)}"]
+    return Plan(rc=rc, out=out, runner=runner, seeds=seeds, common=common, logger=str(cfg.run_logger), warm=warm,
+                warm_dir=warm_dir, start={s: [f"init_from={warm_dir[s]}"] if warm else [] for s in seeds}, rest=rest,
+                search_rest=rest if same_budget else [f"trainer.max_epochs={int(search_epochs)}"],
+                same_budget=same_budget, control=rc.get("control"), fer=fer)
 
-    # 2. fer=alignment: each seed's runs are scored against the forced alignment of that seed's own
-    # warm start (one reference per seed: a run and its baseline share it)
-    if fer == "alignment" and warm:
-        for s in seeds:
-            align_dir = out / "align" / f"seed{s}"
+
+def train_warm_starts(plan: Plan) -> dict[str, dict]:
+    """Step 1: one single-worker warm start per seed; every run of that seed continues from it. With
+    fer=alignment, each seed's runs are then scored against the forced alignment of that seed's own
+    warm start (one reference per seed: a run and its baseline share it). Returns the warm starts' results."""
+    if not plan.warm:
+        return {}
+    warm_over = [str(o) for o in plan.rc.get("warm_start_overrides") or []]
+    results = plan.runner.run([Job(f"seed{s} warm start", [*plan.common, *SINGLE, f"seed={s}",
+                                                           f"trainer.max_epochs={plan.warm}", *warm_over,
+                                                           *plan.job_type("warm_start")], plan.warm_dir[s])
+                               for s in plan.seeds])
+    if plan.fer == "alignment":
+        for s in plan.seeds:
+            align_dir = plan.out / "align" / f"seed{s}"
             if not (align_dir / "align.json").is_file():
-                log.info("== frame labels: forced alignment with %s", warm_dir[s])
-                env = os.environ | {"OMP_NUM_THREADS": str(runner.parallel)}
-                subprocess.run([sys.executable, "-m", "asrbench.cli", "align", f"run={warm_dir[s]}",
+                log.info("== frame labels: forced alignment with %s", plan.warm_dir[s])
+                env = os.environ | {"OMP_NUM_THREADS": str(plan.runner.parallel)}
+                subprocess.run([sys.executable, "-m", "asrbench.cli", "align", f"run={plan.warm_dir[s]}",
                                 f"hydra.run.dir={align_dir}"], check=True, env=env, stdout=subprocess.DEVNULL)
-            start[s].append(f"data.alignments={align_dir}")
+            plan.start[s].append(f"data.alignments={align_dir}")
+    return results
 
-    fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
-    baselines = [Job(f"seed{s} single", [*common, *single, f"seed={s}", *rest, *start[s], *job_type("baseline")],
-                     out / f"seed{s}" / strategies.BASELINE)
-                 for s in seeds]
 
-    # 3. the control's learning rate at each N (e.g. base, base sqrt(N), base N, with warm-up), on dev;
-    # the strategies of lr_search.inherit take the control's winner at the same N
-    search_cfg = rc.get("search")
-    reused_paths: dict[tuple[str, int, int], Path] = {}
+def lr_search_step(plan: Plan) -> dict[str, Any]:
+    """Step 3: the control's learning rate at each N (e.g. base, base sqrt(N), base N, with warm-up), on
+    dev; the strategies of lr_search.inherit take the control's winner at the same N (plan.lr_winners).
+    A candidate that diverged is not eligible; every candidate at one N diverged stops the invocation.
+    Returns lr_search.json's content ({} without a search)."""
+    lr_cfg, control = plan.rc.get("lr_search"), plan.control
     lr_search: dict[str, Any] = {}
-    lr_winners: dict[int, list[str]] = {}
-    seed_s = int(search_cfg.seed) if search_cfg else seeds[0]
     if lr_cfg and lr_cfg.get("reuse"):
         lr_search = load_lr_search(to_absolute(lr_cfg.reuse))
-        lr_winners = {int(n): list(v["winner_overrides"]) for n, v in lr_search.get("nodes", {}).items()}
+        plan.lr_winners = {int(n): list(v["winner_overrides"]) for n, v in lr_search.get("nodes", {}).items()}
     elif lr_cfg:
-        if seed_s not in seeds:
-            raise ConfigError(f"reproduce.search.seed={seed_s} must be one of reproduce.seeds={seeds}")
+        seed_s = plan.search_seed()
         shared = [str(o) for o in lr_cfg.get("overrides") or []]
         cands = [[str(o) for o in c] for c in lr_cfg.candidates]
         lr_jobs = {int(n): [Job(f"lr search {control} x{n} #{i}: {' '.join(c)}",
-                                [*common, f"strategy={control}", f"nodes={n}", f"seed={seed_s}", *search_rest,
-                                 *start[seed_s], *fixed.get(control, []), *shared, *c, *job_type("lr_search")],
-                                out / "lr_search" / f"{control}_n{n}_{i}") for i, c in enumerate(cands)]
-                   for n in rc.nodes}
+                                [*plan.common, f"strategy={control}", f"nodes={n}", f"seed={seed_s}", *plan.search_rest,
+                                 *plan.start[seed_s], *plan.fixed.get(control, []), *shared, *c,
+                                 *plan.job_type("lr_search")],
+                                plan.out / "lr_search" / f"{control}_n{n}_{i}") for i, c in enumerate(cands)]
+                   for n in plan.rc.nodes}
         t_lr = time.perf_counter()
         candidates = [j for js in lr_jobs.values() for j in js]
-        done = runner.run(candidates + baselines, may_fail={j.name for j in candidates})
+        done = plan.runner.run(candidates + plan.baselines, may_fail={j.name for j in candidates})
         lr_search = {"strategy": control, "seed": seed_s, "inherit": list(lr_cfg.get("inherit") or []), "nodes": {}}
         for n, js in lr_jobs.items():
-            rows = [candidate_row(j, [*shared, *c], done.get(j.name), runner.failed.get(j.name))
+            rows = [candidate_row(j, [*shared, *c], done.get(j.name), plan.runner.failed.get(j.name))
                     for c, j in zip(cands, js)]
             for row in rows:
                 row.pop("density")
             best = pick_winner(rows)
             if best is None:
                 raise no_winner(f"learning-rate search of {control} x{n}", rows)
-            lr_winners[n] = rows[best]["overrides"]
-            if same_budget:
-                reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
-            lr_search["nodes"][n] = {"candidates": rows, "winner": best, "winner_overrides": lr_winners[n]}
+            plan.lr_winners[n] = rows[best]["overrides"]
+            if plan.same_budget:
+                plan.reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
+            lr_search["nodes"][n] = {"candidates": rows, "winner": best, "winner_overrides": plan.lr_winners[n]}
         lr_search["wall_s"] = time.perf_counter() - t_lr
         lr_search["runs"] = sum(len(js) for js in lr_jobs.values())
         lr_search["run_s"] = sum(c.get("wall_s") or 0.0 for v in lr_search["nodes"].values() for c in v["candidates"])
-        runinfo.write_json_atomic(out / "lr_search" / "lr_search.json", lr_search)
-    inherit_lr = {control, *(lr_search.get("inherit") or [])} if lr_winners else set()
+        runinfo.write_json_atomic(plan.out / "lr_search" / "lr_search.json", lr_search)
+    plan.inherit_lr = {control, *(lr_search.get("inherit") or [])} if plan.lr_winners else set()
+    return lr_search
 
-    def lr_at(strategy: str, n: int) -> list[str]:
-        return list(lr_winners.get(int(n), [])) if strategy in inherit_lr else []
 
-    # 4. the knob search at one worker count and seed, on dev; winners kept for every N
-    winners: dict[str, list[str]] = {s: [] for s in rc.strategies}
-    search: dict[str, Any] = {}
-    if search_cfg and search_cfg.get("reuse"):
+def knob_search_step(plan: Plan) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Step 4: the knob search at one worker count and seed, on dev; winners kept for every N. Strategies
+    that inherit a knob from another's winner are searched after it. Returns search.json's content ({}
+    without a search) and each strategy's winning overrides."""
+    search_cfg = plan.rc.get("search")
+    winners: dict[str, list[str]] = {s: [] for s in plan.rc.strategies}
+    if not search_cfg:
+        return {}, winners
+    if search_cfg.get("reuse"):
         search = load_search(to_absolute(search_cfg.reuse))
         winners |= {s: list(v["winner_overrides"]) for s, v in search["strategies"].items() if s in winners}
-    elif search_cfg:
-        n_s = int(search_cfg.nodes)
-        if seed_s not in seeds:
-            raise ConfigError(f"reproduce.search.seed={seed_s} must be one of reproduce.seeds={seeds}")
-        grid = {s: [list(c) for c in search_cfg.grid.get(s, []) or []] for s in rc.strategies}
-        inherit = {s: dict(v) for s, v in (search_cfg.get("inherit") or {}).items()}
-        search = {"nodes": n_s, "seed": seed_s, "strategies": {}}
-        t_search = time.perf_counter()
-        tuned = [s for s in rc.strategies if s != control or grid.get(s)]  # the control is tuned by lr_search
-        phases = [[s for s in tuned if s not in inherit], [s for s in tuned if s in inherit]]
-        for k, phase in enumerate(phases):
-            jobs, cands, jobs_of = [], {}, {}
-            for s in phase:
-                inherited = [o for src, keys in inherit.get(s, {}).items() for o in winners.get(src, [])
-                             if _key(o) in set(keys)]
-                cands[s] = [inherited + c for c in grid[s]] or [inherited]
-                for i, cand in enumerate(cands[s]):
-                    jobs_of.setdefault(s, []).append(Job(f"search {s} x{n_s} #{i}: {' '.join(cand) or 'defaults'}",
-                                    [*common, f"strategy={s}", f"nodes={n_s}", f"seed={seed_s}", *search_rest,
-                                     *start[seed_s], *fixed[s], *lr_at(s, n_s), *cand, *job_type("search")],
-                                    out / "search" / f"{s}_{i}"))
-                jobs += jobs_of[s]
-            done = runner.run(jobs + (baselines if k == 0 else []), may_fail={j.name for j in jobs})
-            for s in phase:
-                rows = [candidate_row(j, cand, done.get(j.name), runner.failed.get(j.name))
-                        for cand, j in zip(cands[s], jobs_of[s])]
-                for row in rows:
-                    row.pop("lr")
-                cap = search_cfg.get("max_density")
-                best = pick_winner(rows, None if cap is None else float(cap))
-                if best is None:
-                    raise no_winner(f"knob search of {s} x{n_s}", rows)
-                for row in rows:
-                    row["over_density_cap"] = cap is not None and (row["density"] or 0.0) > float(cap)
-                    if row["over_density_cap"]:
-                        row["eligible"], row["reason"] = False, f"sends more than max_density={float(cap):g}"
-                winners[s] = rows[best]["overrides"]
-                if same_budget:
-                    reused_paths[(s, n_s, seed_s)] = Path(rows[best]["run"])
-                search["strategies"][s] = {"candidates": rows, "winner": best, "winner_overrides": winners[s],
-                                           "max_density": cap}
-        search["wall_s"] = time.perf_counter() - t_search  # of this invocation: reused runs cost nothing
-        search["runs"] = sum(len(v["candidates"]) for v in search["strategies"].values())
-        search["run_s"] = sum(c.get("wall_s") or 0.0 for v in search["strategies"].values() for c in v["candidates"])
-        runinfo.write_json_atomic(out / "search" / "search.json", search)
-    # (without a search of its own, the baselines run beside the grid below, not one by one before it)
+        return search, winners
+    n_s, seed_s = int(search_cfg.nodes), plan.search_seed()
+    grid = {s: [list(c) for c in search_cfg.grid.get(s, []) or []] for s in plan.rc.strategies}
+    inherit = {s: dict(v) for s, v in (search_cfg.get("inherit") or {}).items()}
+    search: dict[str, Any] = {"nodes": n_s, "seed": seed_s, "strategies": {}}
+    t_search = time.perf_counter()
+    tuned = [s for s in plan.rc.strategies if s != plan.control or grid.get(s)]  # the control: by lr_search
+    phases = [[s for s in tuned if s not in inherit], [s for s in tuned if s in inherit]]
+    for k, phase in enumerate(phases):
+        jobs, cands, jobs_of = [], {}, {}
+        for s in phase:
+            inherited = [o for src, keys in inherit.get(s, {}).items() for o in winners.get(src, [])
+                         if _key(o) in set(keys)]
+            cands[s] = [inherited + c for c in grid[s]] or [inherited]
+            jobs_of[s] = [Job(f"search {s} x{n_s} #{i}: {' '.join(cand) or 'defaults'}",
+                              [*plan.common, f"strategy={s}", f"nodes={n_s}", f"seed={seed_s}", *plan.search_rest,
+                               *plan.start[seed_s], *plan.fixed[s], *plan.lr_at(s, n_s), *cand,
+                               *plan.job_type("search")],
+                              plan.out / "search" / f"{s}_{i}") for i, cand in enumerate(cands[s])]
+            jobs += jobs_of[s]
+        done = plan.runner.run(jobs + (plan.baselines if k == 0 else []), may_fail={j.name for j in jobs})
+        for s in phase:
+            search["strategies"][s] = judge_candidates(plan, s, n_s, cands[s], jobs_of[s], done,
+                                                     search_cfg.get("max_density"))
+            winners[s] = search["strategies"][s]["winner_overrides"]
+            if plan.same_budget:
+                best = search["strategies"][s]["winner"]
+                plan.reused_paths[(s, n_s, seed_s)] = Path(search["strategies"][s]["candidates"][best]["run"])
+    search["wall_s"] = time.perf_counter() - t_search  # of this invocation: reused runs cost nothing
+    search["runs"] = sum(len(v["candidates"]) for v in search["strategies"].values())
+    search["run_s"] = sum(c.get("wall_s") or 0.0 for v in search["strategies"].values() for c in v["candidates"])
+    runinfo.write_json_atomic(plan.out / "search" / "search.json", search)
+    return search, winners
 
-    # 5. every strategy x workers x seed, continuing from its seed's warm start
+
+def judge_candidates(plan: Plan, strategy: str, nodes: int, cands: Sequence[Sequence[str]], jobs: Sequence[Job],
+                     done: Mapping[str, dict], cap: Any) -> dict[str, Any]:
+    """One strategy's knob-search entry: its candidates (a diverged one, or one over the density cap, not
+    eligible, with the reason) and the winner; every candidate diverged stops the invocation."""
+    rows = [candidate_row(j, cand, done.get(j.name), plan.runner.failed.get(j.name)) for cand, j in zip(cands, jobs)]
+    for row in rows:
+        row.pop("lr")
+    best = pick_winner(rows, None if cap is None else float(cap))
+    if best is None:
+        raise no_winner(f"knob search of {strategy} x{nodes}", rows)
+    for row in rows:
+        row["over_density_cap"] = cap is not None and (row["density"] or 0.0) > float(cap)
+        if row["over_density_cap"]:
+            row["eligible"], row["reason"] = False, f"sends more than max_density={float(cap):g}"
+    return {"candidates": rows, "winner": best, "winner_overrides": rows[best]["overrides"], "max_density": cap}
+
+
+def grid_jobs(plan: Plan, winners: Mapping[str, list[str]]) -> list[Job]:
+    """Step 5: every strategy x workers x seed, continuing from its seed's warm start (a search winner's
+    run stands in for its grid run when the search trained as long)."""
     jobs = []
-    for seed in seeds:
-        for s in rc.strategies:
-            for n in rc.nodes:
-                path = reused_paths.get((s, int(n), seed), out / f"seed{seed}" / run_name(s, int(n)))
-                jobs.append(Job(f"seed{seed} {s} x{n}", [*common, f"strategy={s}", f"nodes={n}", f"seed={seed}", *rest,
-                                                         *start[seed], *fixed[s], *lr_at(s, n), *winners[s],
-                                                         *job_type("grid")], path))
-    done = runner.run(jobs + baselines)
+    for seed in plan.seeds:
+        for s in plan.rc.strategies:
+            for n in plan.rc.nodes:
+                path = plan.reused_paths.get((s, int(n), seed), plan.out / f"seed{seed}" / run_name(s, int(n)))
+                jobs.append(Job(f"seed{seed} {s} x{n}", [*plan.common, f"strategy={s}", f"nodes={n}", f"seed={seed}",
+                                                         *plan.rest, *plan.start[seed], *plan.fixed[s],
+                                                         *plan.lr_at(s, n), *winners[s], *plan.job_type("grid")], path))
+    return jobs
 
-    # 6. per run: relative changes against its seed's baseline and the plateau test of its dev curve;
-    # then the paired statistics over seeds (asrbench.analysis) on the scored split and the others
+
+def score_runs(plan: Plan, done: Mapping[str, dict], jobs: Sequence[Job],
+               warm_results: Mapping[str, dict]) -> tuple[dict[int, list[dict]], list]:
+    """Step 6: per run, the relative changes against its seed's baseline, the plateau test of its dev
+    curve, its peak lr, its change from the warm start and its time to target; and every run's history."""
+    rc = plan.rc
     points, tolerance = int(rc.get("plateau_points", 6)), float(rc.get("plateau_tolerance", 0.02))
     within = float(rc.get("target_within", 0.05))
     rows_by_seed: dict[int, list[dict]] = {}
     histories = []
-    for seed in seeds:
-        base_job = next(j for j in baselines if j.name == f"seed{seed} single")
+    for seed in plan.seeds:
+        base_job = next(j for j in plan.baselines if j.name == f"seed{seed} single")
         base = done[base_job.name]
         rows = []
         for job in [base_job, *(j for j in jobs if j.name.startswith(f"seed{seed} "))]:
@@ -448,37 +433,60 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
             rows.append(res)
             histories.append((res, history))
         rows_by_seed[seed] = rows
+    return rows_by_seed, histories
+
+
+def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
+    """The whole experiment, step by step; returns reproduce.json's content, from which report.md is written."""
+    t0 = time.perf_counter()
+    earlier = earlier_invocations(out)
+    plan = make_plan(cfg, out, conf_dir)
+    rc = plan.rc
+    warm_results = train_warm_starts(plan)  # 1. and 2.
+    plan.fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
+    plan.baselines = [Job(f"seed{s} single", [*plan.common, *SINGLE, f"seed={s}", *plan.rest, *plan.start[s],
+                                              *plan.job_type("baseline")], out / f"seed{s}" / strategies.BASELINE)
+                      for s in plan.seeds]
+    lr_search = lr_search_step(plan)  # 3.
+    search, winners = knob_search_step(plan)  # 4.
+    # (without a search of its own, the baselines run beside the grid below, not one by one before it)
+    jobs = grid_jobs(plan, winners)  # 5.
+    done = plan.runner.run(jobs + plan.baselines)
+    rows_by_seed, histories = score_runs(plan, done, jobs, warm_results)  # 6.
+    # 7. the paired statistics over seeds (asrbench.analysis) on the scored split and the others
+    seeds = plan.seeds
     split = str(rc.get("score_split") or next(iter(rows_by_seed[seeds[0]][0]["eval"].keys() - {"dev"})))
     splits = [split, *(s for s in rows_by_seed[seeds[0]][0]["eval"] if s not in (split, "dev"))]
     nodes = [int(n) for n in rc.nodes]
     evidence = {sp: analysis.analyse(rows_by_seed, sp, nodes, list(rc.strategies),
                                      claim_metric=str(rc.get("claim_metric", "wer")),
                                      resamples=int(rc.get("bootstrap_resamples", 1000)),
-                                     mde_target=float(rc.get("mde_target", 0.02)), control=control,
-                                     warm_starts={s: warm_dir[s] for s in seeds} if warm else None)
+                                     mde_target=float(rc.get("mde_target", 0.02)), control=plan.control,
+                                     warm_starts={s: plan.warm_dir[s] for s in seeds} if plan.warm else None)
                 for sp in splits}
-    first = [r for r in rows_by_seed[seeds[0]] if r["strategy"] != strategies.BASELINE]
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
     # itself rather than reusing another's) that the grid did not take over
     grid_paths = {j.path for j in jobs}
+    search_cfg, lr_cfg = rc.get("search"), rc.get("lr_search")
     searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
                 if search_cfg and not search_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
     searched += [c for v in lr_search.get("nodes", {}).values() for c in v["candidates"]
                  if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
-    every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *baselines])]
+    every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *plan.baselines])]
     wall = time.perf_counter() - t0
     return {"runs": len(every) + len(searched),
             "run_s": sum(r.get("wall_s") or 0.0 for r in every) + sum(c.get("wall_s") or 0.0 for c in searched),
             "seeds": seeds, "nodes": nodes, "rows_by_seed": rows_by_seed, "cells": analysis.cell_means(rows_by_seed),
             "split": split, "evidence": evidence, "claims": evidence[split]["claims"], "search": search,
-            "winners": winners, "lr_search": lr_search, "lr_winners": lr_winners, "control": control,
-            "histories": histories, "first_seed_rows": first,
+            "winners": winners, "lr_search": lr_search, "lr_winners": plan.lr_winners, "control": plan.control,
+            "histories": histories,
+            "first_seed_rows": [r for r in rows_by_seed[seeds[0]] if r["strategy"] != strategies.BASELINE],
             "warm_starts": {s: {k: r.get(k) for k in ("steps", "wer", "eval", "wall_s")} for s, r in
                             zip(seeds, [warm_results.get(f"seed{s} warm start") or {} for s in seeds])},
-            "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall, "fer": fer,
-            "invocations": [*earlier, {"wall_s": wall, "trained": len(runner.trained),
+            "baseline": rows_by_seed[seeds[0]][0], "wall_s": wall, "fer": plan.fer,
+            "invocations": [*earlier, {"wall_s": wall, "trained": len(plan.runner.trained),
                                        "git_commit": runinfo.git_commit()}],
-            "target_within": within}
+            "target_within": float(rc.get("target_within", 0.05))}
 
 
 def to_absolute(path: Any) -> Path:
