@@ -229,6 +229,12 @@ _WRITE_ADVICE = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free sp
                  errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """Write `checkpoint` to `path` through a temporary file in the same directory, flushed to disk,
     and a rename: a resume, a kill or a full disk finds the previous complete file or the new one,
@@ -240,6 +246,7 @@ def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run's checkpoints from its group
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
@@ -287,7 +294,7 @@ class _FlagOnlySignals(_SignalConnector):
     SIGTERMed 2-process run hung until the collective timeout and saved nothing. Here a stop signal
     only sets a flag; :class:`Checkpointing` lets the ranks agree on it between steps."""
 
-    def __init__(self, trainer: L.Trainer, handler: Any) -> None:
+    def __init__(self, trainer: L.Trainer, handler: StopSignals) -> None:
         super().__init__(trainer)
         self.handler = handler
 
@@ -296,6 +303,64 @@ class _FlagOnlySignals(_SignalConnector):
         self._original_handlers = self._get_current_signal_handlers()  # restored by teardown()
         for signum in STOP_SIGNALS:
             self._register_signal(signum, self.handler)
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 only set a flag (:attr:`signum`, the first one received);
+    the loop asks for it between steps and stops there with a checkpoint. The first Ctrl-C unhooks
+    itself, so a second one interrupts at once; a repeated SIGTERM changes nothing. Used by
+    :class:`Checkpointing` (through Lightning's signal connector) and by the simulated cluster's
+    runner (:meth:`installed`, around its loop)."""
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first stop signal this process received (0: none)
+        self._previous_sigint: Any = None
+
+    def remember_sigint(self) -> None:
+        """Keep the SIGINT handler a second Ctrl-C gets back (taken before this one is installed)."""
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # not reached: the first one unhooks itself
+            return
+        first = not self.signum
+        self.signum = self.signum or int(signum)
+        if signum == signal.SIGINT and threading.current_thread() is threading.main_thread():
+            previous = self._previous_sigint
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+        if first and launching_process():
+            again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
+            log.warning("%s: stopping after this step and saving a checkpoint%s", STOP_SIGNALS[signum], again)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This handler for every stop signal while the block runs, the previous handlers after it (only
+        the main thread may set handlers: elsewhere the block runs with the process's own)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        self.remember_sigint()
+        try:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self)
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def interrupted(signum: int, step: int, path: Path) -> Interrupted:
+    """The one line of a run that a stop signal stopped after `step`, its checkpoint at `path`."""
+    name = STOP_SIGNALS.get(signum, f"signal {signum}")
+    return Interrupted(f"stopped by {name} after step {step}: checkpoint {path}; continue with resume={path} "
+                       f"(or resume=auto with the same hydra.run.dir)", signum=signum)
+
+
+def divergence_message(what: str, lr: float) -> str:
+    """One line: `what` was not finite (and where), and what to change."""
+    return (f"{what}: the run diverged and was stopped, without results.json; lower optim.lr (this run: {lr:g}), "
+            f"warm it up (optim.warmup_steps) or clip gradients harder (trainer.gradient_clip_val)")
 
 
 class Checkpointing(L.Callback):
@@ -324,13 +389,17 @@ class Checkpointing(L.Callback):
         self.stop_path = self.directory / "interrupted.ckpt"
         self.every_n_steps = max(0, int(every_n_steps))
         self.check_every = max(1, int(check_every))
-        self.signum = 0  # the first stop signal this process received (0: none)
+        self.signals = StopSignals()
         self.stopped_by: int | None = None  # the signal the ranks agreed to stop on
         self.saved_step: int | None = None  # the step of interrupted.ckpt
         self.diverged: tuple[int, int] | None = None  # (step, rank) of the first non-finite training loss
         self._first_bad: torch.Tensor | None = None  # this rank's first non-finite step, -1: none (on the device)
         self._last_saved = -1  # the step last.ckpt was last written at
-        self._previous_sigint: Any = None
+
+    @property
+    def signum(self) -> int:
+        """The first stop signal this process received (0: none)."""
+        return self.signals.signum
 
     @property
     def stopped(self) -> bool:
@@ -342,20 +411,8 @@ class Checkpointing(L.Callback):
 
     # -- signals ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._previous_sigint = signal.getsignal(signal.SIGINT)
-        trainer._signal_connector = _FlagOnlySignals(trainer, self._handler)  # installed by the Trainer before its loop
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # not reached: the first one unhooks itself
-            return
-        first = not self.signum
-        self.signum = self.signum or int(signum)
-        if signum == signal.SIGINT and threading.current_thread() is threading.main_thread():
-            previous = self._previous_sigint
-            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
-        if first and launching_process():
-            again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
-            log.warning("%s: stopping after this step and saving a checkpoint%s", STOP_SIGNALS[signum], again)
+        self.signals.remember_sigint()
+        trainer._signal_connector = _FlagOnlySignals(trainer, self.signals)  # installed by the Trainer before its loop
 
     # -- agreement --------------------------------------------------------------------------------
     def _note_loss(self, outputs: Any, step: int) -> None:
@@ -421,6 +478,4 @@ class Checkpointing(L.Callback):
         assert self.diverged is not None
         step, rank = self.diverged
         where = f" on rank {rank}" if rank else ""
-        return (f"the training loss is NaN or inf at step {step}{where}: the run diverged and was stopped, "
-                f"without results.json; lower optim.lr (this run: {lr:g}), warm it up (optim.warmup_steps) "
-                f"or clip gradients harder (trainer.gradient_clip_val)")
+        return divergence_message(f"the training loss is NaN or inf at step {step}{where}", lr)

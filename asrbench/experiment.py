@@ -28,13 +28,18 @@ from torch import Tensor
 from asrbench import checkpoint, config, runinfo
 from asrbench.cluster import cost
 from asrbench.cluster.simulated import (
+    CHECKPOINT_KEY,
+    Diverged,
+    FitOutcome,
     LoopConfig,
     SimulatedCluster,
     activation_bytes,
     check_memory,
     fit,
+    load_resume_state,
     predict,
     resolve_device,
+    resume_state,
     stacked_arrays,
 )
 from asrbench.data import phones, text
@@ -42,7 +47,7 @@ from asrbench.data.corpus import scan_splits
 from asrbench.data.dataset import SpeechDataset, make_loader, train_batches_per_epoch
 from asrbench.data.features import FeatureConfig, SplitFeatures, prepare_features
 from asrbench.data.synth import generate_corpus
-from asrbench.errors import ConfigError, RunFailed
+from asrbench.errors import CheckpointError, ConfigError, RunFailed
 from asrbench.model.align import read_alignments
 from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule, scaled_lr
@@ -398,6 +403,9 @@ class TrainerRunner:
                             callbacks=[guard, checkpoint.RunIdentity(ident), *progress, history],
                             default_root_dir=str(out_dir), use_distributed_sampler=False,
                             deterministic=cfg.deterministic, **trainer_kw)
+        if resume and checkpoint.read(Path(resume)).get("simulated"):
+            raise CheckpointError(f"{resume}: written by cluster=simulated; resume it with cluster=simulated, or "
+                                  f"start from its weights with init_from={resume}")
         t_fit = time.perf_counter()
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -413,10 +421,7 @@ class TrainerRunner:
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}")
             return None
         if guard.stopped:
-            name = checkpoint.STOP_SIGNALS.get(guard.stopped_by, f"signal {guard.stopped_by}")
-            raise checkpoint.Interrupted(f"stopped by {name} after step {guard.saved_step}: checkpoint "
-                                         f"{guard.stop_path}; continue with resume={guard.stop_path} (or resume=auto "
-                                         f"with the same hydra.run.dir)", signum=guard.stopped_by)
+            raise checkpoint.interrupted(guard.stopped_by, guard.saved_step, guard.stop_path)
         frames = all_frames(module.frames_seen, int(cfg.nodes), module.device)
         if not trainer.is_global_zero:
             return None
@@ -461,8 +466,6 @@ class SimulatedRunner:
 
     def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.get("resume"):
-            raise ConfigError("cluster=simulated cannot resume a checkpoint; drop resume= or use cluster=processes")
         self.cfg, self.out_dir = cfg, out_dir
         self.network = cost.load_network(cfg.cluster.get("network") or "paper")
         self.profile = cost.load_compute_profile(cfg.cluster.get("compute_profile"))
@@ -528,19 +531,39 @@ class SimulatedRunner:
             if logger:
                 logger.log_metrics(metrics, step=step)
 
-        outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
-                      on_step=on_step, validate=validate)
+        ckpt_dir = self.out_dir / "checkpoints"
+        last_path, stop_path = ckpt_dir / "last.ckpt", ckpt_dir / "interrupted.ckpt"
+        start = load_resume_state(cluster, _simulated_entry(Path(resume))) if resume else None
+        last["frames"] = cluster.timings.frames  # a resumed cluster's counts continue
+
+        def save(out: FitOutcome, path: Path = last_path) -> None:  # epoch ends, every n steps, a stop
+            checkpoint.save_atomic(_simulated_checkpoint(cluster, module, out, ident), path)
+
+        signals = checkpoint.StopSignals()
+        try:
+            with signals.installed():
+                outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
+                              on_step=on_step, validate=validate, start=start,
+                              stop_requested=lambda: bool(signals.signum), save=save,
+                              every_n_steps=int(cfg.get("checkpoint_every_n_steps") or 0))
+        except Diverged as err:
+            self.close(logger, "failed")
+            what = f"training hit NaN or inf at step {err.step} ({str(err).removeprefix(f'step {err.step}: ')})"
+            raise RunFailed(f"{checkpoint.divergence_message(what, float(cfg.optim.lr))}; "
+                            f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from None
+        if outcome.stopped_by == "interrupted":
+            save(outcome, stop_path)
+            self.close(logger, "interrupted")
+            raise checkpoint.interrupted(signals.signum, outcome.steps, stop_path)
+        # the loop's state before BMUF's final block closes: a longer run continues from there
+        entry = resume_state(cluster, outcome, copy=cluster.blockwise)
         cluster.finalize()
         t = cluster.timings
         prediction = predict(cluster, self.network, profile=self.profile,
                                   overlap=float(cfg.cluster.get("overlap", 0.0)),
                                   frames_per_worker_step=t.frames / max(t.worker_steps, 1)
                                   ) if outcome.steps else {"simulated": True}
-        ckpt = self.out_dir / "checkpoints" / "last.ckpt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                    "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
-                    "simulated": True, checkpoint.KEY: ident}, ckpt)  # init_from= accepts it
+        checkpoint.save_atomic(_simulated_checkpoint(cluster, module, outcome, ident, entry), last_path)
         # train_time_s: the time this process spent training all workers, one after another.
         return FitResult(steps=outcome.steps, epochs=outcome.epochs, train_frames=t.frames,
                          fit_wall_s=outcome.fit_wall_s, train_time_s=outcome.train_time_s, model=cluster.module.model,
@@ -550,10 +573,31 @@ class SimulatedRunner:
                                                 "optimizer": t.optimizer_s, "averaging": t.averaging_s},
                                 **prediction})
 
-    def close(self, logger: Any) -> None:
+    def close(self, logger: Any, status: str = "success") -> None:
         if logger:
-            logger.finalize("success")
+            logger.finalize(status)
         finish_wandb(logger)
+
+
+def _simulated_checkpoint(cluster: SimulatedCluster, module: AcousticModule, outcome: FitOutcome,
+                          ident: Mapping[str, Any], entry: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A cluster=simulated checkpoint: the run's one model as `state_dict` (what init_from=, eval and align
+    read; BMUF's W_g), its identity, and the cluster's exact state (`entry`, else taken now) that resume= loads."""
+    entry = resume_state(cluster, outcome) if entry is None else entry
+    cluster.bind_global_model()  # views only: the next step binds each worker's row again
+    return {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
+            "simulated": True, checkpoint.KEY: dict(ident), CHECKPOINT_KEY: entry}
+
+
+def _simulated_entry(path: Path) -> Mapping[str, Any]:
+    """The simulated cluster's state in checkpoint `path` (already checked against the run's identity)."""
+    entry = torch.load(path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY)  # not mapped: trained on
+    if not isinstance(entry, Mapping):
+        raise CheckpointError(f"{path}: holds no simulated cluster's state (written by cluster=processes, or by a "
+                              f"cluster=simulated run before its checkpoints could resume); resume it with the "
+                              f"cluster that wrote it, or start without resume=")
+    return entry
 
 
 def _numel(module: AcousticModule) -> int:

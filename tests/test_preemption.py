@@ -1,0 +1,145 @@
+"""Preemption through the command line: SIGTERM (what a scheduler sends, and torchrun forwards) stops a
+run after a step with interrupted.ckpt and exit 143, and `resume=auto` in the same run dir reaches the
+uninterrupted run's parameters: bit for bit on the simulated cluster, within 1e-6 over two gloo
+processes; a torchrun restart after a killed worker continues from last.ckpt; a diverged simulated
+run stops in one line with exit 2 and no results.json."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_faults import children, params, start, trained_steps, wait_for
+from tests.test_pipeline import ROOT, asrbench, corpus  # noqa: F401  (corpus is a fixture)
+
+pytestmark = pytest.mark.slow  # every test here trains through the command line
+
+STEPS = 60  # 10 epochs of 6 steps: 24 utterances, 2 workers x 2 utterances per step
+PER_EPOCH = 6
+RUN = ("model=lstm_tiny", "batch_size=2", "eval_batch_size=16", "optim.lr=0.004", "logger=none",
+       "trainer.max_epochs=10", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+       "accelerator=cpu", "nodes=2", "collective_timeout_s=60", "strategy=gtc")
+# results.json entries an interrupted and resumed run shares with the uninterrupted one (times differ)
+SAME = ("steps", "epochs", "train_frames", "wer", "cer", "fer", "eval", "bytes_sent_per_worker_per_step",
+        "bytes_received_per_worker_per_step")
+
+
+def data(corpus: Path, *more: str) -> tuple[str, ...]:
+    return ("data=synth_tiny", f"data.root={corpus}", *RUN, *more)
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def step_of(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+
+
+def sigterm_mid_run(run: Path, args: tuple[str, ...], after_steps: int) -> tuple[str, int]:
+    """Start `asrbench train`, SIGTERM its first process (rank 0) once `after_steps` steps are logged;
+    returns the one error line and the step interrupted.ckpt holds, after checking exit 143."""
+    proc = start("train", *args, f"hydra.run.dir={run}")
+    wait_for(lambda: trained_steps(run) >= after_steps, proc, timeout=240)
+    os.kill(proc.pid, signal.SIGTERM)  # rank 0 alone: the ranks agree on it at the next agreement point
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    line = one_error_line(err)
+    ckpt = run / "checkpoints" / "interrupted.ckpt"
+    assert "stopped by SIGTERM after step" in line and f"resume={ckpt}" in line and ckpt.is_file(), line
+    assert not (run / "results.json").exists()
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # every write went through a temp file and a rename
+    step = step_of(ckpt)
+    assert after_steps <= step < STEPS and f"after step {step}:" in line
+    return line, step
+
+
+def test_sigterm_on_the_simulated_cluster_then_resume_auto_is_bit_exact(corpus, tmp_path):  # noqa: F811
+    args = data(corpus, "cluster=simulated", "checkpoint_every_n_steps=4")
+    ref = tmp_path / "ref"
+    asrbench("train", *args, f"hydra.run.dir={ref}", timeout=240)
+
+    run = tmp_path / "run"
+    _, step = sigterm_mid_run(run, args, after_steps=5)
+    # last.ckpt: the newest epoch end (every 6 steps) or 4th step before the stop (the stop step saves interrupted.ckpt)
+    assert step_of(run / "checkpoints" / "last.ckpt") == max(s for s in range(1, step) if s % 4 == 0 or s % 6 == 0)
+
+    proc = asrbench("train", *args, "resume=auto", f"hydra.run.dir={run}", timeout=240)
+    logs = proc.stdout + proc.stderr
+    assert f"resume=auto: continuing from {run / 'checkpoints' / 'interrupted.ckpt'} (step {step})" in logs
+    a, b = params(ref / "checkpoints" / "last.ckpt"), params(run / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (ref, run))
+    assert {k: ra[k] for k in SAME} == {k: rb[k] for k in SAME} and rb["steps"] == STEPS
+
+
+@pytest.mark.parametrize("strategy", ["bmuf", "gtc"])
+def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp_path, strategy):  # noqa: F811
+    run = tmp_path / strategy
+    proc = asrbench("train", *data(corpus, "cluster=simulated", "optim.lr=1e6", f"strategy={strategy}"),
+                    f"hydra.run.dir={run}", check=False, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr)
+    assert "training hit NaN or inf at step" in line and "worker" in line, line
+    assert "lower optim.lr (this run: 1e+06)" in line and "without results.json" in line
+    assert not (run / "results.json").exists()
+
+
+@pytest.fixture(scope="module")
+def processes_ref(corpus, tmp_path_factory) -> Path:  # noqa: F811
+    """The uninterrupted gtc run over 2 gloo processes (Lightning's launcher)."""
+    ref = tmp_path_factory.mktemp("processes") / "ref"
+    asrbench("train", *data(corpus), f"hydra.run.dir={ref}", timeout=300)
+    return ref
+
+
+def assert_within_1e_6(ref: Path, run: Path) -> None:
+    a, b = params(ref / "checkpoints" / "last.ckpt"), params(run / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert json.loads((run / "results.json").read_text())["steps"] == STEPS
+
+
+def test_sigterm_on_two_processes_then_resume_auto_matches(corpus, tmp_path, processes_ref):  # noqa: F811
+    run = tmp_path / "run"
+    _, step = sigterm_mid_run(run, data(corpus), after_steps=3)
+    asrbench("train", *data(corpus), "resume=auto", f"hydra.run.dir={run}", timeout=300)
+    assert_within_1e_6(processes_ref, run)
+
+
+def test_torchrun_restarts_after_a_killed_worker_and_resumes_from_last_ckpt(corpus, tmp_path,  # noqa: F811
+                                                                            processes_ref):
+    run = tmp_path / "run"
+    # torch 2.14's agent shares its TCPStore with the workers across restarts without a per-restart prefix:
+    # the restarted rank 0 read the killed worker's gloo address from it and failed to connect (exit 2).
+    # Opting out of the sharing gives each restart a store of its own.
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop("ASRBENCH_COMMAND", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", "-m", "asrbench.cli", "train", *data(corpus),
+                             f"hydra.run.dir={run}"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    last = run / "checkpoints" / "last.ckpt"
+    wait_for(lambda: last.is_file() and trained_steps(run) >= PER_EPOCH + 2, proc, timeout=240)
+    saved = step_of(last)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies; the agent stops the other and starts both again
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    logs = out + err
+    assert "torchrun restart 1: resume=auto" in logs and "resume=auto: continuing from" in logs, logs[-3000:]
+    assert saved % PER_EPOCH == 0 and saved >= PER_EPOCH and time.monotonic() - t0 < 400
+    assert_within_1e_6(processes_ref, run)
