@@ -29,8 +29,9 @@ Per worker and optimizer step a hook strategy does, on every DDP bucket (:func:`
 when its class is defined, registers the hook on every device type (Lightning's DDPStrategy
 only on CUDA), reads its CommStats from the hook state and checkpoints the residuals per rank.
 :class:`HookSpec` derives the strategy's name, knobs, cost keys, simulation, schedule and codec
-benchmark from the compressor. A strategy module is then its compressor, a Strategy and a Spec
-of a few lines each.
+benchmark from the compressor, and :class:`CompressorState` its state from the compressor's
+knobs. A strategy module is then its compressor, a state, a Strategy and a Spec of a few lines
+each.
 
 The parts that run inside a worker (the three parts, :class:`HookState`, the hooks) are
 :mod:`asrbench.strategies.hooked_parts`; every name stays importable from here.
@@ -56,7 +57,8 @@ from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Si
 
 # The parts that run inside a worker live in their own module; every name stays importable from here.
 from asrbench.strategies.hooked_parts import (ALL_GATHER, ALL_REDUCE, Communicator, Compressor,  # noqa: F401
-                                              ErrorFeedback, HookState, _then, compressed_hook, ddp_hook,
+                                              CompressorState, ErrorFeedback, HookState, _then, compressed_hook,
+                                              ddp_hook,
                                               dense_mean, sum_in_rank_order)
 
 
@@ -127,6 +129,8 @@ class HookedStrategy(CommHookStrategy):
             cls.register_strategies(StrategyRegistry)  # Trainer(strategy="asrbench_<name>")
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _with_compressor_keywords(cls.__init__, cls.compressor)  # type: ignore[method-assign]
+            if not hasattr(cls, f"{cls.compressor.name}_state"):  # e.g. TopKStrategy.topk_state
+                setattr(cls, f"{cls.compressor.name}_state", property(lambda self: self._hook_state))
 
     def __init__(self, warmup_steps: int = 0, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = True,
                  timeout: timedelta | float | None = None, **kwargs: Any) -> None:
@@ -304,6 +308,12 @@ class HookSpec(StrategySpec):
         decoded = (c.decoded_key,) if keys["rate"] and c.decoded_key else ()
         cls.size_keys = (keys["msg"], *decoded)
         cls.stats_keys = (*cls.size_keys, *((keys["rate"],) if keys["rate"] else ()), "dense_bytes_per_worker_per_step")
+
+    def codec_label(self, setting: Mapping[str, Any]) -> str:
+        """A compressor's ``density`` as a percentage (1%); any other setting as StrategySpec names it."""
+        if set(setting) == {"density"}:
+            return f"{100 * float(setting['density']):g}%"
+        return super().codec_label(setting)
 
     def stacked_arrays(self, cfg: Mapping[str, Any], nodes: int) -> dict[str, int]:
         c = self.strategy_class.compressor  # type: ignore[union-attr]

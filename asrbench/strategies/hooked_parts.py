@@ -73,8 +73,9 @@ class Compressor:
     # None: the dense gradient's elements (dense_bytes_per_worker_per_step / 4)
 
     def settings(self) -> dict[str, float]:
-        """The hyper-parameters, saved beside the residual (a resume with others is warned of)."""
-        return {}
+        """The hyper-parameters, saved beside the residual (a resume with others is warned of): each
+        knob's value, kept in the attribute of the knob's name."""
+        return {k: getattr(self, k) for k in self.knobs}
 
     def plan(self, shapes: Sequence[torch.Size]) -> Any:
         """What encode and decode need of these parameters' shapes (concatenated flat, in order)."""
@@ -219,6 +220,10 @@ class HookState:
         self.error_feedback.bind(parameters if self.compressor.error_feedback else ())
         self._plans.clear()
 
+    def memory(self, param: Tensor) -> Tensor:
+        """This parameter's residual, a (1, m) view of the flat one."""
+        return self.error_feedback.view(param)
+
     def sends_dense(self) -> bool:
         """Whether this step all-reduces the dense gradient (still in the warm-up)."""
         return self.iter < self.warmup_steps
@@ -276,6 +281,26 @@ class HookState:
         self.process_group, self._plans = None, {}
         for slot, value in state.items():
             setattr(self, slot, value)
+
+
+class CompressorState(HookState):
+    """A :class:`HookState` of one compressor, built from its knobs: a subclass sets
+    ``compressor_class``; its keywords are the compressor's knobs (e.g. ``density``) beside
+    ``process_group``, ``warmup_steps``, ``parameters`` (or a ready ``compressor``), and each knob
+    reads back as an attribute of the state (``state.density``)."""
+
+    __slots__ = ()
+    compressor_class: type[Compressor]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for knob in cls.compressor_class.knobs:
+            setattr(cls, knob, property(lambda self, k=knob: getattr(self.compressor, k)))
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, warmup_steps: int = 0,
+                 parameters: Iterable[Tensor] | None = None, compressor: Compressor | None = None,
+                 **knobs: Any) -> None:
+        super().__init__(compressor or self.compressor_class(**knobs), process_group, warmup_steps, parameters)
 
 
 # ---------------------------------------------------------------------------------------------

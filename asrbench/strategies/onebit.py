@@ -45,10 +45,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -260,15 +259,12 @@ class OneBit(hooked.Compressor):
         return [torch.Size([rows, numel // rows])] + ([torch.Size([numel % rows])] if numel % rows else [])
 
 
-class OneBitState(hooked.HookState):
+class OneBitState(hooked.CompressorState):
     """:class:`~asrbench.strategies.hooked.HookState` of :class:`OneBit`: ``warmup_steps``, the
     error e per parameter (rank-local; ``error`` is the flat tensor), ``iter``."""
 
     __slots__ = ()
-
-    def __init__(self, process_group: dist.ProcessGroup | None = None, warmup_steps: int = 0,
-                 parameters: Iterable[Tensor] | None = None, compressor: OneBit | None = None) -> None:
-        super().__init__(compressor or OneBit(), process_group, warmup_steps, parameters)
+    compressor_class = OneBit
 
     @property
     def error(self) -> Tensor:
@@ -281,13 +277,9 @@ class OneBitState(hooked.HookState):
 
 class OneBitStrategy(hooked.HookedStrategy):
     """DDP with 1-bit SGD (Seide 2014) on every bucket (keywords: :class:`~asrbench.strategies.hooked.HookedStrategy`'s);
-    checkpoints hold every rank's error feedback."""
+    checkpoints hold every rank's error feedback; ``onebit_state`` is its :class:`OneBitState`."""
 
     compressor, state_class = OneBit, OneBitState
-
-    @property
-    def onebit_state(self) -> OneBitState:
-        return self.hook_state  # type: ignore[return-value]
 
 
 class OneBitExchange(hooked.SimulatedHook):

@@ -37,11 +37,10 @@ cluster (W = N) and counts its bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from asrbench.knobs import Knob
@@ -125,9 +124,6 @@ class TopK(hooked.Compressor):
                              f"got {density!r}")
         self.density = float(density)
 
-    def settings(self) -> dict[str, float]:
-        return {"density": self.density}
-
     def plan(self, shapes: Sequence[torch.Size]) -> Plan:
         sizes = [math.prod(s) for s in shapes]
         if sum(sizes) > MAX_BUCKET_NUMEL:
@@ -149,35 +145,20 @@ class TopK(hooked.Compressor):
         return decode(*unpack(received, received.shape[0]), out, world)
 
 
-class TopKState(hooked.HookState):
+class TopKState(hooked.CompressorState):
     """:class:`~asrbench.strategies.hooked.HookState` of :class:`TopK`: ``density``, ``warmup_steps``,
-    the residual r per parameter (rank-local), ``iter``."""
+    the residual r per parameter (rank-local; ``memory(param)``, a (1, m) view), ``iter``."""
 
     __slots__ = ()
-
-    def __init__(self, process_group: dist.ProcessGroup | None = None, density: float = DEFAULT_DENSITY,
-                 warmup_steps: int = 0, parameters: Iterable[Tensor] | None = None,
-                 compressor: TopK | None = None) -> None:
-        super().__init__(compressor or TopK(density), process_group, warmup_steps, parameters)
-
-    @property
-    def density(self) -> float:
-        return self.compressor.density
-
-    def memory(self, param: Tensor) -> Tensor:
-        """This parameter's residual, a (1, m) view of r."""
-        return self.error_feedback.view(param)
+    compressor_class = TopK
 
 
 class TopKStrategy(hooked.HookedStrategy):
     """DDP with top-k sparsification with error feedback on every bucket (keywords: ``density`` and
-    :class:`~asrbench.strategies.hooked.HookedStrategy`'s); checkpoints hold every rank's residual."""
+    :class:`~asrbench.strategies.hooked.HookedStrategy`'s); checkpoints hold every rank's residual;
+    ``topk_state`` is its :class:`TopKState`."""
 
     compressor, state_class = TopK, TopKState
-
-    @property
-    def topk_state(self) -> TopKState:
-        return self.hook_state  # type: ignore[return-value]
 
 
 StackedTopK = hooked.SimulatedHook  # top-k on the simulated cluster: the rows of G, one message each
@@ -194,9 +175,6 @@ class TopKSpec(hooked.HookSpec):
     strategy_class = TopKStrategy
     compresses = True
     codec_settings = ({"density": 0.001}, {"density": 0.01})
-
-    def codec_label(self, setting: dict[str, Any]) -> str:
-        return f"{100 * float(setting['density']):g}%"
 
 
 SPECS = [TopKSpec()]
