@@ -145,3 +145,38 @@ def test_a_diverged_search_candidate_is_not_eligible_and_all_diverged_stops_in_o
     assert "| gtc | `optim.lr=0.1` | 30.0% | 31.0% | 5.0% | 100 | **winner** |" in table
     lr = report.lr_search_table({"nodes": {4: {"candidates": rows, "winner": 1}}})
     assert "| 4 | `optim.lr=1` | - | diverged | - | - | not eligible (diverged) |" in lr
+
+
+def test_the_lr_search_skips_a_diverged_candidate_and_stops_when_every_one_diverges(tmp_path, monkeypatch) -> None:
+    """lr_search_step over fake jobs: optim.lr=1e6 diverges (RunFailed, no results.json)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omegaconf import OmegaConf
+
+    from asrbench import jobs, reproduce
+    from asrbench.errors import RunFailed
+
+    def train(conf_dir, overrides, run_dir, threads):
+        over = dict(o.split("=", 1) for o in overrides)
+        if over.get("optim.lr") == "1e6":
+            raise RunFailed("the training loss is NaN or inf at step 2: the run diverged and was stopped")
+        wer = 0.5 - float(over["optim.lr"])
+        return {"eval": {"dev": {"wer": wer}}, "wer": wer, "steps": 10, "wall_s": 1.0, "config": {}}
+
+    monkeypatch.setattr(jobs, "_train_job", train)
+    monkeypatch.setattr(jobs, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+
+    def plan(candidates) -> reproduce.Plan:
+        rc = OmegaConf.create({"nodes": [4], "search": None, "lr_search": {"candidates": candidates, "inherit": []}})
+        return reproduce.Plan(rc=rc, out=tmp_path, runner=jobs.Runner("conf", parallel=1), seeds=[0], common=[],
+                              logger="csv", warm=0, warm_dir={}, start={0: []}, rest=[], search_rest=[],
+                              same_budget=True, control="sync", fer=None, fixed={"sync": []})
+
+    p = plan([["optim.lr=1e6"], ["optim.lr=0.1"]])
+    lr = reproduce.lr_search_step(p)
+    first, second = json.loads((tmp_path / "lr_search" / "lr_search.json").read_text())["nodes"]["4"]["candidates"]
+    assert lr["nodes"][4]["winner"] == 1 and p.lr_winners == {4: ["optim.lr=0.1"]}
+    assert first["eligible"] is False and first["reason"].startswith("diverged: the training loss is NaN")
+    assert first["dev_wer"] is None and second["eligible"] is True
+    with pytest.raises(RunFailed, match=r"^every candidate of the learning-rate search of sync x4 diverged \(1 runs"):
+        reproduce.lr_search_step(plan([["optim.lr=1e6"]]))
