@@ -34,7 +34,7 @@ class Half(hooked.Compressor):
     """The cast of torch's hook on rows (W, E): encode x -> half(x) / N, the all-reduce sums them,
     decode casts the sum back into ``out``. A subclass names the format (``dtype``)."""
 
-    communicator, error_feedback = hooked.ALL_REDUCE, False
+    communicator, error_feedback, element_bytes = hooked.ALL_REDUCE, False, HALF_BYTES
     dtype: torch.dtype
 
     def plan(self, shapes: Sequence[torch.Size]) -> int:
@@ -42,9 +42,6 @@ class Half(hooked.Compressor):
 
     def elements_sent(self, plan: int) -> int:
         return plan
-
-    def message_bytes(self, plan: int) -> int:
-        return HALF_BYTES * plan
 
     def encode(self, x: Tensor, memory: Sequence[Tensor] | None, plan: int, world: int) -> tuple[Tensor, Any]:
         return x.to(self.dtype).div_(world), None

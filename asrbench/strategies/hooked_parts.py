@@ -69,6 +69,7 @@ class Compressor:
     stacked_name: str = "residuals"  # its (N, n) array on the simulated cluster, for the memory estimate
     knobs: Mapping[str, Knob] = {}  # the compressor's own knobs
     rate_key: str | None = None  # cost key of the decode rate (elements/s); None: <name>_decode_rate
+    element_bytes: int | None = None  # bytes on the wire per element sent; None: message_bytes is the compressor's own
     decoded_key: str | None = "elements_sent_per_step"  # cost key of the elements decoded per message;
     # None: the dense gradient's elements (dense_bytes_per_worker_per_step / 4)
 
@@ -82,8 +83,11 @@ class Compressor:
         return list(shapes)
 
     def message_bytes(self, plan: Any) -> int:
-        """Bytes of one worker's message: the one place a compressor's wire cost is stated."""
-        raise NotImplementedError
+        """Bytes of one worker's message: the one place a compressor's wire cost is stated; by
+        default ``element_bytes`` per element sent."""
+        if self.element_bytes is None:
+            raise NotImplementedError
+        return self.element_bytes * self.elements_sent(plan)
 
     def elements_sent(self, plan: Any) -> int:
         """Gradient elements one message carries (density = this / the plan's elements)."""

@@ -116,6 +116,7 @@ class TopK(hooked.Compressor):
     """Steps 1-4 as a compressor: ``density`` is d, the fraction of each tensor's elements sent."""
 
     name, label, memory_what, rate_key = "topk", "top-k", "top-k residuals", "decode_rate"
+    element_bytes = ELEMENT_BYTES
     knobs = {"density": Knob(float, 0, 1, low_open=True)}
 
     def __init__(self, density: float = DEFAULT_DENSITY) -> None:
@@ -132,9 +133,6 @@ class TopK(hooked.Compressor):
 
     def elements_sent(self, plan: Plan) -> int:
         return sum(plan.ks)
-
-    def message_bytes(self, plan: Plan) -> int:
-        return ELEMENT_BYTES * self.elements_sent(plan)
 
     def encode(self, x: Tensor, memory: Sequence[Tensor] | None, plan: Plan, world: int) -> tuple[Tensor, Any]:
         columns = [x[:, a:a + m] for a, m in zip(plan.offsets, plan.sizes)]
