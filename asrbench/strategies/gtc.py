@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -96,7 +96,8 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
     sqrt(v̂) + ε (:meth:`GTCState.element_scale`), and the decoded mean multiplied back by d: each
     element has its own threshold τ d_i, still sent as one bit of sign, since every rank knows d.
 
-    Steps 1-4 are :func:`encode`. During ``state.dense_warmup_steps`` (and with ``pass_through``) the
+    Steps 1-4 are :func:`encode` (:func:`_encode_bucket`), 5 :func:`_exchange_bucket` (its bytes
+    :func:`_record_exchange`) and 6 :func:`_decoder`. During ``state.dense_warmup_steps`` (and with ``pass_through``) the
     bucket is all-reduced dense instead and r is left alone. A non-finite r on any rank ends the step on every rank with one
     error naming the step and the rank(s); a lost peer ends it naming the rank at fault.
     """
@@ -108,16 +109,35 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
     if state.sends_dense():
         return _exchange_dense(state, bucket)
     buffer = bucket.buffer()
+    words, nonfinite, scale = _encode_bucket(state, bucket, buffer)
+    headers, fut = _exchange_bucket(state, bucket, words, nonfinite, group)
+    _record_exchange(state, bucket, buffer, words, headers, sent=fut is not None, world=world)
+    decode_messages = _decoder(state, bucket, buffer, headers[:, 0], scale)
+    if fut is None:
+        done: torch.futures.Future[Tensor] = torch.futures.Future()
+        done.set_result(decode_messages(None))
+        return done
+    return fut.then(decode_messages)
+
+
+def _encode_bucket(state: GTCState, bucket: dist.GradBucket, buffer: Tensor) -> tuple[Tensor, bool, Tensor | None]:
+    """Steps 1-4 on the bucket's residual (:func:`encode`), in units of d with ``tau_units="rms"``:
+    the words, whether r held NaN/inf (then no words), and the scale d (None in gradient units)."""
     residual, mask = state.memory(bucket)
     fp32 = buffer.dtype == torch.float32
     scale = state.element_scale(bucket.parameters())
     if scale is not None:  # r accumulates g / d: GTC in units of Adam's RMS, τ_i = τ d_i in gradient units
         buffer.div_(scale)
-    nonfinite = False
     try:
-        words = encode(residual, buffer, state.tau, scratch=buffer if fp32 else None, mask=mask)
+        return encode(residual, buffer, state.tau, scratch=buffer if fp32 else None, mask=mask), False, scale
     except NonFiniteGradientError:
-        words, nonfinite = torch.empty(0, dtype=torch.int32, device=buffer.device), True
+        return torch.empty(0, dtype=torch.int32, device=buffer.device), True, scale
+
+
+def _exchange_bucket(state: GTCState, bucket: dist.GradBucket, words: Tensor, nonfinite: bool,
+                     group: dist.ProcessGroup | None) -> tuple[Tensor, torch.futures.Future[Tensor] | None]:
+    """Step 5 (:func:`exchange`): the headers and the future of the messages; one error on every
+    rank naming the rank(s) whose r held NaN/inf, or the rank at fault when a peer is lost."""
     try:
         headers, fut = exchange(words, nonfinite, group)
     except RuntimeError as err:
@@ -127,14 +147,27 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
         raise NonFiniteGradientError(f"GTC step {state.iter}: NaN/inf in the gradient of rank(s) "
                                      f"{', '.join(map(str, bad))} (bucket {bucket.index()}); lower the learning "
                                      f"rate or clip gradients")
+    return headers, fut
+
+
+def _record_exchange(state: GTCState, bucket: dist.GradBucket, buffer: Tensor, words: Tensor, headers: Tensor,
+                     sent: bool, world: int) -> None:
+    """The bucket's bytes: the headers' all-gather, the padded messages' (when `sent`), the dense
+    equivalent, and its elements (the last bucket closes the step)."""
     lmax = int(headers[:, 0].max())
     state.comm_stats.record_all_gather(headers[0], world)
-    if fut is not None:
+    if sent:
         state.comm_stats.record_all_gather(lmax * words.element_size(), world)
     state.comm_stats.record_dense(buffer.numel() * buffer.element_size(), world)
     state.record_bucket(words.numel(), buffer.numel(), bucket.is_last())
+
+
+def _decoder(state: GTCState, bucket: dist.GradBucket, buffer: Tensor, lengths: Tensor,
+             scale: Tensor | None) -> Callable[[torch.futures.Future[Tensor] | None], Tensor]:
+    """Step 6 (:func:`decode`) once the messages arrive (None: nobody sent any): the mean into the
+    bucket, times d with ``tau_units="rms"``."""
+    fp32 = buffer.dtype == torch.float32
     out = buffer if fp32 else torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
-    lengths = headers[:, 0]
     step, index = state.iter, bucket.index()
 
     def decode_messages(f: torch.futures.Future[Tensor] | None) -> Tensor:
@@ -150,11 +183,7 @@ def gtc_hook(state: GTCState, bucket: dist.GradBucket) -> torch.futures.Future[T
             out.mul_(scale)
         return buffer if fp32 else buffer.copy_(out)
 
-    if fut is None:
-        done: torch.futures.Future[Tensor] = torch.futures.Future()
-        done.set_result(decode_messages(None))
-        return done
-    return fut.then(decode_messages)
+    return decode_messages
 
 
 # DDP inspects the hook's annotations as objects; with postponed evaluation they are strings.
