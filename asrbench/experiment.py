@@ -410,8 +410,11 @@ class TrainerRunner:
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=resume)
         except Exception as err:
-            if isinstance(err, NonFiniteGradientError) or is_collective_failure(err):  # CollectiveError included
-                raise RunFailed(f"{' '.join(str(err).split())}; "
+            non_finite = non_finite_gradient(err)
+            if non_finite is not None and not trainer.is_global_zero:
+                return None  # the hook agreed on it over every rank: rank 0 speaks for the run
+            if non_finite is not None or is_collective_failure(err):  # CollectiveError included
+                raise RunFailed(f"{' '.join((non_finite or str(err)).split())}; "
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
             raise
         fit_s = time.perf_counter() - t_fit
@@ -433,6 +436,20 @@ class TrainerRunner:
 
     def close(self, logger: Any) -> None:
         finish_wandb(logger)  # the Trainer finalized the logger at the end of fit; the W&B run ends here
+
+
+_CALLBACK_ERROR = "NonFiniteGradientError: "  # how autograd words an error of a comm hook's future callback
+
+
+def non_finite_gradient(err: BaseException) -> str | None:
+    """The message of a compressing hook's NaN/inf gradient error (GTC's, 1-bit SGD's), also when autograd
+    wrapped it in a RuntimeError (raised in the hook's future callback); None for any other error."""
+    if isinstance(err, NonFiniteGradientError) or type(err).__name__ == "NonFiniteGradientError":
+        return str(err)
+    text = str(err)
+    if isinstance(err, RuntimeError) and _CALLBACK_ERROR in text:
+        return text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip()
+    return None
 
 
 def all_frames(frames_seen: int, nodes: int, device: torch.device | str = "cpu") -> int:

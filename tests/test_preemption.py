@@ -1,8 +1,8 @@
 """Preemption through the command line: SIGTERM (what a scheduler sends, and torchrun forwards) stops a
 run after a step with interrupted.ckpt and exit 143, and `resume=auto` in the same run dir reaches the
 uninterrupted run's parameters: bit for bit on the simulated cluster, within 1e-6 over two gloo
-processes; a torchrun restart after a killed worker continues from last.ckpt; a diverged simulated
-run stops in one line with exit 2 and no results.json."""
+processes; a torchrun restart after a killed worker continues from last.ckpt; a diverged run (simulated,
+or a compressing hook over processes) stops in one line with exit 2 and no results.json."""
 from __future__ import annotations
 
 import json
@@ -91,6 +91,19 @@ def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp
     line = one_error_line(proc.stderr)
     assert "training hit NaN or inf at step" in line and "worker" in line, line
     assert "lower optim.lr (this run: 1e+06)" in line and "without results.json" in line
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["gtc", "onebit"])
+def test_a_diverged_compressing_hook_over_two_processes_is_one_line(corpus, tmp_path, strategy):  # noqa: F811
+    """GTC's and 1-bit SGD's hooks find the NaN gradient on every rank: rank 0 alone prints it (1-bit SGD's,
+    raised in the hook's future callback, reached the console as a RuntimeError traceback)."""
+    run = tmp_path / strategy
+    proc = asrbench("train", *data(corpus, "optim.lr=1e6", f"strategy={strategy}"), f"hydra.run.dir={run}",
+                    check=False, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr)
+    assert "NaN/inf in the gradient of rank(s)" in line and "lower the learning rate" in line, line
     assert not (run / "results.json").exists()
 
 
