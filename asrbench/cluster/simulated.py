@@ -38,7 +38,9 @@ One optimizer step of the cluster:
    (``torch.nn.utils.clip_grad_norm_`` over that worker's parameters).
 4. One ``torch.optim`` optimizer whose parameters are the N rows of P (views) steps them all.
    Adam, AdamW and SGD are elementwise, so this equals N optimizers, one per worker (tested);
-   row by row, each update's temporaries stay the size of one model.
+   row by row, each update's temporaries stay the size of one model. Where the rows of each
+   group are equal (sync, gtc: no averager), it steps each group's first row and the others
+   copy its parameters and state, bit for bit the same (tests/cluster/test_simulated_fast_paths.py).
 5. BMUF (bmuf, gtc_bmuf): :class:`BMUFAverager` counts the step and, at a block end, filters
    the mean of the group representatives' rows and writes the next block start into every row.
 6. Divergence: a non-finite loss or gradient (before step 2) or parameter (after step 5) stops
@@ -51,6 +53,11 @@ PowerSGD's, top-k's and 1-bit SGD's error memories and PowerSGD's random state; 
 byte counts), the workers' RNG states and the loop's position inside the epoch. The strategy
 modules stay unaware of it (:func:`object_state` reads their objects' attributes), and a run
 resumed from it continues bit for bit (tests/cluster/test_simulated_faults.py).
+
+Where the parts live: the rows, their optimizer and clipping in :mod:`asrbench.cluster.rows`,
+the strategies' objects' checkpoint state in :mod:`asrbench.cluster.state`, the training loop
+and its checkpoint entry in :mod:`asrbench.cluster.loop`, the memory check and the device in
+:mod:`asrbench.cluster.memory`; every public name is importable from this module.
 """
 from __future__ import annotations
 

@@ -69,6 +69,45 @@ def simulated_epoch(sim: ModuleType, dataset: Any, model: str, strategy: str, no
     return seconds
 
 
+def parts(before: ModuleType, model: str, strategy: str, nodes: int, repetitions: int) -> dict[str, Any]:
+    """CPU seconds (time.process_time: less sensitive to a loaded machine than wall time) of each
+    changed part of one step, before and after, alternately: binding every worker's row, clipping
+    the N rows, the optimizer step of the N rows. Medians over `repetitions`."""
+    module = acoustic_module(model, world_size=nodes, seed=0)
+    cfg = strategy_config(strategy, 1) | ({"max_density": None} if strategy == "gtc" else {})
+    cluster = current.SimulatedCluster(module, build_strategy(cfg, nodes=nodes, timeout_s=300), nodes,
+                                       gradient_clip_val=GRADIENT_CLIP_VAL)
+    torch.manual_seed(0)
+    cluster.G.copy_(torch.randn(1, cluster.numel).expand_as(cluster.G))
+    binding = cluster.binding
+
+    def timed(fn: Any) -> float:
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    def bind_before() -> None:
+        for i in range(nodes):
+            binding.bind(cluster.P[i], cluster.G[i])
+
+    def bind_after() -> None:
+        for i in range(nodes):
+            binding.bind_views(cluster._P_views[i], cluster._G_views[i])
+
+    g = cluster.group_size
+    sides = {"bind": (bind_before, bind_after),
+             "clip": (lambda: before.clip_rows(cluster.G, binding, 1e9, g), lambda: current.clip_rows(cluster.G, binding, 1e9, g)),
+             "optimizer": (cluster.optimizer.step, cluster._step_representatives if cluster.step_representatives
+                           else cluster.optimizer.step)}
+    out = {}
+    for name, (old, new) in sides.items():
+        samples = alternate({"before": partial(timed, old), "after": partial(timed, new)}, repetitions)
+        out[name] = {side: statistics.median(v) for side, v in samples.items()}
+        print(f"{strategy} x{nodes} {model} {name}: before {out[name]['before'] * 1e3:.2f} ms, "
+              f"after {out[name]['after'] * 1e3:.2f} ms (CPU)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="git revision whose simulated.py is the before side")
@@ -80,10 +119,18 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs=2, default=[60, 140])
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
+    parser.add_argument("--parts", action="store_true", help="time the changed parts of a step instead")
     args = parser.parse_args()
     set_threads(1)
     logging.disable(logging.WARNING)
     seed = 0
+    if args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            before = module_at(args.before, Path(tmp))
+            results = {s: parts(before, args.model, s, args.nodes, args.repetitions) for s in args.strategies}
+        if args.out is not None:
+            args.out.write_text(json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         before = module_at(args.before, Path(tmp))
         dataset = SpeechDataset(synthetic_features(Path(tmp), args.nodes * args.batch_size * args.steps,
