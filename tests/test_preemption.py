@@ -82,6 +82,40 @@ def test_sigterm_on_the_simulated_cluster_then_resume_auto_is_bit_exact(corpus, 
     assert {k: ra[k] for k in SAME} == {k: rb[k] for k in SAME} and rb["steps"] == STEPS
 
 
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGUSR1, "SIGUSR1")])
+def test_ctrl_c_and_sigusr1_stop_the_simulated_cluster_with_their_exit_status(corpus, tmp_path, signum,  # noqa: F811
+                                                                            name):
+    run = tmp_path / "run"
+    proc = start("train", *data(corpus, "cluster=simulated"), f"hydra.run.dir={run}")
+    wait_for(lambda: trained_steps(run) >= 3, proc, timeout=240)
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    line = one_error_line(err)
+    ckpt = run / "checkpoints" / "interrupted.ckpt"
+    assert f"stopped by {name} after step {step_of(ckpt)}: checkpoint {ckpt}" in line, line
+    assert not (run / "results.json").exists()
+
+
+def test_a_checkpoint_resumes_only_on_the_cluster_that_wrote_it(corpus, tmp_path):  # noqa: F811
+    sim = tmp_path / "simulated"
+    args = data(corpus, "strategy=sync", "trainer.max_epochs=1")
+    asrbench("train", *args, "cluster=simulated", f"hydra.run.dir={sim}", timeout=240)
+    proc = asrbench("train", *args, "trainer.max_epochs=2", f"resume={sim}", f"hydra.run.dir={tmp_path / 'p'}",
+                    check=False, timeout=240)
+    assert proc.returncode == 2 and "written by cluster=simulated; resume it with cluster=simulated" in \
+        one_error_line(proc.stderr), proc.stderr[-2000:]
+    processes = tmp_path / "processes"
+    asrbench("train", *args, f"hydra.run.dir={processes}", timeout=240)
+    proc = asrbench("train", *args, "trainer.max_epochs=2", "cluster=simulated", f"resume={processes}",
+                    f"hydra.run.dir={tmp_path / 's'}", check=False, timeout=240)
+    assert proc.returncode == 2 and "holds no simulated cluster's state" in one_error_line(proc.stderr)
+    # the simulated run's own checkpoint continues it
+    asrbench("train", *args, "trainer.max_epochs=2", "cluster=simulated", f"resume={sim}",
+             f"hydra.run.dir={tmp_path / 'more'}", timeout=240)
+    assert json.loads((tmp_path / "more" / "results.json").read_text())["steps"] == 2 * PER_EPOCH
+
+
 @pytest.mark.parametrize("strategy", ["bmuf", "gtc"])
 def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp_path, strategy):  # noqa: F811
     run = tmp_path / strategy
