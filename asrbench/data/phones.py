@@ -77,9 +77,13 @@ def frame_labels(phonemes: Sequence[Sequence], centres: torch.Tensor, ids: Mappi
     """Label of each frame centre: the id of the phoneme whose [start, end) holds it, 0 (silence)
     where none does, IGNORE_INDEX for a phoneme outside `ids`."""
     labels = torch.zeros(len(centres), dtype=torch.long)
-    for name, start, end in phonemes:
-        inside = (centres >= float(start)) & (centres < float(end))
-        labels[inside] = ids.get(str(name), IGNORE_INDEX)
+    if not len(phonemes) or not len(centres):
+        return labels
+    # centres ascend, so the frames of [start, end) are one slice: its bounds by binary search, all at once
+    bounds = torch.tensor([[float(start), float(end)] for _, start, end in phonemes], dtype=centres.dtype)
+    first, stop = torch.searchsorted(centres, bounds, side="left").T.tolist()
+    for (name, _, _), lo, hi in zip(phonemes, first, stop):
+        labels[lo:hi] = ids.get(str(name), IGNORE_INDEX)
     return labels
 
 

@@ -3,6 +3,7 @@ is scored against them (asrbench/model/lstm.py): by hand, and the probe leaves t
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -121,3 +122,25 @@ def test_checkpoints_record_the_probe_and_refuse_a_run_without_it(tmp_path):
     diffs = checkpoint.identity_differences(tmp_path, {checkpoint.KEY: probed}, plain, checkpoint.WEIGHT_KEYS, "")
     assert diffs == ["phone_probe=58 (this run: None)"]
     assert checkpoint.identity_differences(tmp_path, {checkpoint.KEY: plain}, plain, checkpoint.MUST_MATCH, "") == []
+
+
+def test_frame_labels_equal_the_mask_definition_on_random_utterances():
+    """The binary-search slices label exactly the frames whose centre lies in [start, end): starts on a
+    centre, empty and overlapping phonemes, phonemes out of order, a phoneme outside the set."""
+    rng = random.Random(0)
+    ids = {c: i for i, c in enumerate("abcdefgh")}
+    centres = phones.frame_centres(400, 10.0, 25.0, 3, 3)
+    for _ in range(300):
+        cc = centres[:rng.randint(0, 400)]
+        seq, t0 = [], rng.uniform(0, 0.2)
+        for _ in range(rng.randint(0, 40)):
+            start = float(cc[rng.randrange(len(cc))]) if len(cc) and rng.random() < 0.3 else t0
+            end = start + rng.choice([0.0, rng.uniform(0, 0.2)])
+            seq.append([rng.choice("abcdefghz"), start, end])
+            t0 = end
+        if rng.random() < 0.2:
+            rng.shuffle(seq)
+        expected = torch.zeros(len(cc), dtype=torch.long)
+        for name, start, end in seq:
+            expected[(cc >= start) & (cc < end)] = ids.get(name, phones.IGNORE_INDEX)
+        assert torch.equal(phones.frame_labels(seq, cc, ids), expected)
