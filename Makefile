@@ -16,11 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash recipes/synth/run.sh
 
-test: $(STAMP)
-	$(PY) -m pytest
+test: $(STAMP)  # two workers, one file each at a time (a file's module fixtures are built once)
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)  # the suite without the tests marked slow (several processes, or more than a few seconds of training)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 clean:
 	rm -rf outputs multirun data/synth data/synth_tiny
