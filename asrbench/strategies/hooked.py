@@ -59,7 +59,7 @@ from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Si
 from asrbench.strategies.hooked_parts import (ALL_GATHER, ALL_REDUCE, Communicator, Compressor,  # noqa: F401
                                               CompressorState, ErrorFeedback, HookState, _then, compressed_hook,
                                               ddp_hook,
-                                              dense_mean, sum_in_rank_order)
+                                              dense_mean, split_columns, sum_in_rank_order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +180,7 @@ class SimulatedHook:
         self.numel = sum(self.sizes)
         self.plan = state.compressor.plan(self.shapes)
         self.residual = torch.zeros(nodes, self.numel if state.compressor.error_feedback else 0, device=device)  # R
-        offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
-        self.memory = ([self.residual[:, a:a + m] for a, m in zip(offsets, self.sizes)]
-                       if state.compressor.error_feedback else None)
+        self.memory = split_columns(self.residual, self.sizes) if state.compressor.error_feedback else None
         self.steps = self.dense_steps = self.decoded = 0
         self.encode_s = self.decode_s = 0.0
 
@@ -244,10 +242,7 @@ def _random_messages(c: Compressor, shapes: Sequence[torch.Size], device: torch.
 
 
 def _views(residual: Tensor | None, shapes: Sequence[torch.Size]) -> list[Tensor] | None:
-    if residual is None:
-        return None
-    sizes = [math.prod(s) for s in shapes]
-    return [residual[:, sum(sizes[:t]):sum(sizes[:t]) + m] for t, m in enumerate(sizes)]
+    return None if residual is None else split_columns(residual, [math.prod(s) for s in shapes])
 
 
 def measure_decode_rate(c: Compressor, shapes: Sequence[torch.Size], device: torch.device,

@@ -5,6 +5,7 @@ the hook's state with its one byte counter (:meth:`HookState.record`) and the DD
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -111,6 +112,12 @@ class Compressor:
     def benchmark_shapes(self, numel: int) -> list[torch.Size]:
         """The parameter shapes `asrbench bench` times the codec on (one tensor of `numel`)."""
         return [torch.Size([numel])]
+
+
+def split_columns(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """The column views (W, m) of x (W, E) holding each parameter of `sizes` elements, in order (no copy):
+    a worker's gradient or residual cut per parameter tensor, as compressors and their memory work."""
+    return [x[:, a:a + m] for a, m in zip(itertools.accumulate(sizes, initial=0), sizes)]
 
 
 def sum_in_rank_order(rows: Tensor) -> Tensor:

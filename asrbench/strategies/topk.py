@@ -116,8 +116,7 @@ class TopK(hooked.Compressor):
     """Steps 1-4 as a compressor: ``density`` is d, the fraction of each tensor's elements sent."""
 
     name, label, memory_what, rate_key = "topk", "top-k", "top-k residuals", "decode_rate"
-    element_bytes = ELEMENT_BYTES
-    knobs = {"density": Knob(float, 0, 1, low_open=True)}
+    element_bytes, knobs = ELEMENT_BYTES, {"density": Knob(float, 0, 1, low_open=True)}
 
     def __init__(self, density: float = DEFAULT_DENSITY) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
@@ -135,7 +134,7 @@ class TopK(hooked.Compressor):
         return sum(plan.ks)
 
     def encode(self, x: Tensor, memory: Sequence[Tensor] | None, plan: Plan, world: int) -> tuple[Tensor, Any]:
-        columns = [x[:, a:a + m] for a, m in zip(plan.offsets, plan.sizes)]
+        columns = hooked.split_columns(x, plan.sizes)
         return pack(*compress(memory, columns, plan.ks, plan.offsets)), None  # type: ignore[arg-type]
 
     def decode(self, received: Tensor, plan: Plan, out: Tensor, world: int, step: int,
