@@ -18,7 +18,7 @@ from asrbench.report_plots import (plot_curves, plot_learning_curves, plot_paret
 from asrbench.report_reproduce import (BOOTSTRAP_NOTES, NOT_TESTABLE, STATISTICS_NOTE, design_section, errors_section,
                                        statistics_note, write_reproduce)
 from asrbench.report_tables import (COLUMNS, EDIT_METRICS, FER_NOTES, OPTIONAL_COLUMNS, SHOWN_METRICS, claims_table,
-                                    comparison_table, edit_kinds_table, evidence_cells_table, lr_search_table,
+                                    comparison_table, edit_kinds_table, evidence_cells_table, lr_edge_winners, lr_search_table,
                                     markdown_table, pairs_table, per_speaker_table, per_split_table, projection_table,
                                     runs_table, search_table, settings_table, speaker_table, speedup_errors,
                                     strategies_table)
@@ -30,7 +30,7 @@ __all__ = [  # what other code imports from asrbench.report
     "BOOTSTRAP_NOTES", "NOT_TESTABLE", "STATISTICS_NOTE", "design_section", "errors_section", "statistics_note",
     "write_reproduce",
     "COLUMNS", "EDIT_METRICS", "FER_NOTES", "OPTIONAL_COLUMNS", "SHOWN_METRICS", "claims_table", "comparison_table",
-    "edit_kinds_table", "evidence_cells_table", "lr_search_table", "markdown_table", "pairs_table",
+    "edit_kinds_table", "evidence_cells_table", "lr_edge_winners", "lr_search_table", "markdown_table", "pairs_table",
     "per_speaker_table", "per_split_table", "projection_table", "runs_table", "search_table", "settings_table",
     "speaker_table", "speedup_errors", "strategies_table",
 ]

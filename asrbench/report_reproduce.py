@@ -9,8 +9,8 @@ from pathlib import Path
 
 from asrbench.report_plots import plot_learning_curves, plot_pareto, plot_reproduce_tradeoff, plot_scaling
 from asrbench.report_tables import (EDIT_METRICS, FER_NOTES, claims_table, comparison_table, edit_kinds_table,
-                                    evidence_cells_table, lr_search_table, pairs_table, projection_table, runs_table,
-                                    search_table, settings_table, speaker_table, speedup_errors, strategies_table)
+                                    evidence_cells_table, lr_edge_winners, lr_search_table, pairs_table, projection_table,
+                                    runs_table, search_table, settings_table, speaker_table, speedup_errors, strategies_table)
 
 
 NOT_TESTABLE = "not testable by this design"
@@ -216,11 +216,21 @@ def search_sections(result: Mapping) -> list[str]:
     if lr_search.get("nodes"):
         cost = (f"{lr_search.get('runs', '?')} runs, seed {lr_search.get('seed')}, "
                 f"{lr_search['run_s'] / 60:.1f} min of run time" if "run_s" in lr_search else "reused from an earlier run")
+        control = lr_search.get("strategy")
         inherit = ", ".join(lr_search.get("inherit") or []) or "no other strategy"
-        parts += [f"## The learning-rate search ({lr_search.get('strategy')})", "",
-                  f"{lr_search.get('strategy')}'s learning rate at each worker count on dev WER ({cost}); the winner "
-                  f"at each N is {lr_search.get('strategy')}'s there and is inherited by {inherit}. A candidate that "
-                  f"diverged is not eligible.", "",
+        group = ", ".join(lr_search.get("inherit_group") or [])
+        base = (f"First the baseline's learning rate at one worker (workers 1): its winner's `optim.lr` is every later "
+                f"run's base, which {control}'s candidates scale by N and BMUF's workers step at. "
+                if lr_search.get("base") else "")
+        edges = lr_edge_winners(lr_search)
+        parts += [f"## The learning-rate search ({control})", "",
+                  f"{base}{control}'s learning rate at each worker count on dev WER ({cost}); the winner "
+                  f"at each N is {control}'s there and is inherited by {inherit}"
+                  + (f"; {group} take{'s' if ',' not in group else ''} its scaling rule applied to the workers one "
+                     f"of {'its' if ',' not in group else 'their'} exchanges combines (`lr_scaling=<rule>_group`)"
+                     if group else "") + ". A candidate that diverged is not eligible."
+                  + (f" The winner at {', '.join(edges)} worker{'s' if edges != ['1'] else ''} is at its grid's edge: "
+                     f"a better learning rate may lie beyond the candidates searched." if edges else ""), "",
                   lr_search_table(lr_search), ""]
     search = result.get("search") or {}
     if search:

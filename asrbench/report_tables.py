@@ -183,13 +183,27 @@ def search_table(search: Mapping) -> str:
 
 
 def lr_search_table(lr_search: Mapping) -> str:
-    """The control's learning-rate candidates at each worker count: dev WER, the peak lr, the winner."""
+    """The learning-rate candidates, the baseline's (1 worker) first, then the control's at each worker
+    count: dev WER, the peak lr, the winner. A winner at either end of its candidates (more than two, in
+    the order the preset lists them, low to high) is marked: the best lr may lie beyond the grid."""
     lines = ["| workers | candidate overrides | peak lr | dev WER | test WER | steps | |", "|" + "---|" * 7]
-    for n, v in (lr_search.get("nodes") or {}).items():
+    base = lr_search.get("base")
+    for n, v in ([(1, base)] if base else []) + list((lr_search.get("nodes") or {}).items()):
+        last = len(v["candidates"]) - 1
         for i, c in enumerate(v["candidates"]):
             lr = "-" if c.get("lr") is None else f"{c['lr']:.2g}"
-            lines.append(f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {_candidate(c, i == v['winner'])} |")
+            row = f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {_candidate(c, i == v['winner'])} |"
+            if i == v["winner"] and last >= 2 and i in (0, last):
+                row = row[:-2] + " (at the grid's edge) |"
+            lines.append(row)
     return "\n".join(lines)
+
+
+def lr_edge_winners(lr_search: Mapping) -> list[str]:
+    """The worker counts whose lr winner is the first or last of three or more candidates ("1" the baseline)."""
+    base = lr_search.get("base")
+    return [str(n) for n, v in ([(1, base)] if base else []) + list((lr_search.get("nodes") or {}).items())
+            if len(v["candidates"]) >= 3 and v["winner"] in (0, len(v["candidates"]) - 1)]
 
 
 def _candidate(c: Mapping, winner: bool, density: str | None = None) -> str:

@@ -169,6 +169,10 @@ def check_config(rc: Any) -> None:
     if control is not None and control not in rc.strategies:
         raise ConfigError(f"reproduce.control={control} must be one of reproduce.strategies={list(rc.strategies)}: "
                           f"the control runs at every worker count beside the strategies it controls")
+    for cand in (rc.get("lr_search") or {}).get("base_candidates") or []:
+        if not any(_key(str(o)) == "optim.lr" for o in cand):
+            raise ConfigError(f"reproduce.lr_search.base_candidates: {list(cand)} sets no optim.lr; each candidate is "
+                              f"the baseline's learning rate, e.g. [optim.lr=0.001]")
     if rc.get("lr_search") and not control:
         raise ConfigError("reproduce.lr_search needs reproduce.control (the strategy whose lr is searched at each N, "
                           "e.g. sync); set it, or lr_search: null")
@@ -212,6 +216,8 @@ class Plan:
     baselines: list[Job] = field(default_factory=list)
     lr_winners: dict[int, list[str]] = field(default_factory=dict)  # N -> the control's winning lr overrides
     inherit_lr: set[str] = field(default_factory=set)  # the strategies that take them
+    inherit_group: set[str] = field(default_factory=set)  # ... that take them applied to one exchange's workers
+    base_lr: list[str] = field(default_factory=list)  # the baseline's winning lr overrides (warm-up included)
     reused_paths: dict[tuple[str, int, int], Path] = field(default_factory=dict)  # a search winner's grid run
 
     def job_type(self, kind: str) -> list[str]:
@@ -219,8 +225,25 @@ class Plan:
         return [f"logger.job_type={kind}"] if self.logger == "wandb" else []
 
     def lr_at(self, strategy: str, n: int) -> list[str]:
-        """The learning-rate overrides `strategy` runs with at `n` workers (the control's winner there)."""
-        return list(self.lr_winners.get(int(n), [])) if strategy in self.inherit_lr else []
+        """The learning-rate overrides `strategy` runs with at `n` workers: the control's winner there, or
+        (lr_search.inherit_group) its scaling rule applied to the workers one exchange combines
+        (`optim.lr_scaling=linear` -> `linear_group`: GTC-BMUF's group, asrbench.experiment.inner_optim)."""
+        won = list(self.lr_winners.get(int(n), []))
+        if strategy in self.inherit_lr:
+            return won
+        if strategy in self.inherit_group:
+            return [f"{o}_group" if _key(o) == "optim.lr_scaling" and not o.endswith(("=none", "_group")) else o
+                    for o in won]
+        return []
+
+    def set_baselines(self) -> None:
+        """Each seed's single-worker baseline: the grid's budget from its warm start, at the baseline's
+        searched lr (with the warm-up it was searched with) when there was a search."""
+        self.baselines = [Job(f"seed{s} single", [*self.common, *SINGLE, f"seed={s}", *self.rest, *self.start[s],
+                                                  *self.base_lr, *self.job_type("baseline")],
+                              self.reused_paths.get((strategies.BASELINE, 1, s),
+                                                    self.out / f"seed{s}" / strategies.BASELINE))
+                          for s in self.seeds]
 
     def search_seed(self) -> int:
         search = self.rc.get("search")
@@ -295,9 +318,12 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
     if lr_cfg and lr_cfg.get("reuse"):
         lr_search = load_lr_search(to_absolute(lr_cfg.reuse))
         plan.lr_winners = {int(n): list(v["winner_overrides"]) for n, v in lr_search.get("nodes", {}).items()}
+        use_base_lr(plan, list((lr_search.get("base") or {}).get("winner_overrides") or []))
     elif lr_cfg:
         seed_s = plan.search_seed()
         shared = [str(o) for o in lr_cfg.get("overrides") or []]
+        t_lr = time.perf_counter()
+        base = base_lr_search(plan, lr_cfg, shared, seed_s)
         cands = [[str(o) for o in c] for c in lr_cfg.candidates]
         lr_jobs = {int(n): [Job(f"lr search {control} x{n} #{i}: {' '.join(c)}",
                                 [*plan.common, f"strategy={control}", f"nodes={n}", f"seed={seed_s}", *plan.search_rest,
@@ -305,10 +331,12 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
                                  *plan.job_type("lr_search")],
                                 plan.out / "lr_search" / f"{control}_n{n}_{i}") for i, c in enumerate(cands)]
                    for n in plan.rc.nodes}
-        t_lr = time.perf_counter()
         candidates = [j for js in lr_jobs.values() for j in js]
         done = plan.runner.run(candidates + plan.baselines, may_fail={j.name for j in candidates})
-        lr_search = {"strategy": control, "seed": seed_s, "inherit": list(lr_cfg.get("inherit") or []), "nodes": {}}
+        lr_search = {"strategy": control, "seed": seed_s, "inherit": list(lr_cfg.get("inherit") or []),
+                     "inherit_group": list(lr_cfg.get("inherit_group") or []), "nodes": {}}
+        if base:
+            lr_search["base"] = base
         for n, js in lr_jobs.items():
             rows = [candidate_row(j, [*shared, *c], done.get(j.name), plan.runner.failed.get(j.name))
                     for c, j in zip(cands, js)]
@@ -322,11 +350,48 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
                 plan.reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
             lr_search["nodes"][n] = {"candidates": rows, "winner": best, "winner_overrides": plan.lr_winners[n]}
         lr_search["wall_s"] = time.perf_counter() - t_lr
-        lr_search["runs"] = sum(len(js) for js in lr_jobs.values())
-        lr_search["run_s"] = sum(c.get("wall_s") or 0.0 for v in lr_search["nodes"].values() for c in v["candidates"])
+        every = [*(base or {}).get("candidates", []), *(c for v in lr_search["nodes"].values() for c in v["candidates"])]
+        lr_search["runs"] = len(every)
+        lr_search["run_s"] = sum(c.get("wall_s") or 0.0 for c in every)
         runinfo.write_json_atomic(plan.out / "lr_search" / "lr_search.json", lr_search)
     plan.inherit_lr = {control, *(lr_search.get("inherit") or [])} if plan.lr_winners else set()
+    plan.inherit_group = set(lr_search.get("inherit_group") or []) - plan.inherit_lr if plan.lr_winners else set()
     return lr_search
+
+
+def base_lr_search(plan: Plan, lr_cfg: Any, shared: Sequence[str], seed_s: int) -> dict[str, Any] | None:
+    """Step 3a: the baseline's (one worker's) learning rate on dev, before the control's at each N
+    (lr_search.base_candidates, each with lr_search.overrides' warm-up). The winner's optim.lr becomes every
+    later run's (the control's candidates scale it by N; BMUF's workers step at it); the baseline also keeps
+    the warm-up it won with. None without base candidates."""
+    cands = [[str(o) for o in c] for c in lr_cfg.get("base_candidates") or []]
+    if not cands:
+        return None
+    jobs = [Job(f"lr search {strategies.BASELINE} x1 #{i}: {' '.join(c)}",
+                [*plan.common, *SINGLE, f"seed={seed_s}", *plan.search_rest, *plan.start[seed_s], *shared, *c,
+                 *plan.job_type("lr_search")], plan.out / "lr_search" / f"{strategies.BASELINE}_{i}")
+            for i, c in enumerate(cands)]
+    done = plan.runner.run(jobs, may_fail={j.name for j in jobs})
+    rows = [candidate_row(j, [*shared, *c], done.get(j.name), plan.runner.failed.get(j.name))
+            for c, j in zip(cands, jobs)]
+    for row in rows:
+        row.pop("density")
+    best = pick_winner(rows)
+    if best is None:
+        raise no_winner(f"learning-rate search of the {strategies.BASELINE} baseline", rows)
+    if plan.same_budget:
+        plan.reused_paths[(strategies.BASELINE, 1, seed_s)] = Path(rows[best]["run"])
+    use_base_lr(plan, rows[best]["overrides"])
+    return {"candidates": rows, "winner": best, "winner_overrides": rows[best]["overrides"]}
+
+
+def use_base_lr(plan: Plan, winner: Sequence[str]) -> None:
+    """The baseline's searched lr: every later run's optim.lr, and the baseline's whole winner (warm-up too)."""
+    if not winner:
+        return
+    plan.base_lr = list(winner)
+    plan.common += [o for o in winner if _key(o) == "optim.lr"]
+    plan.set_baselines()
 
 
 def knob_search_step(plan: Plan) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -444,9 +509,7 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     rc = plan.rc
     warm_results = train_warm_starts(plan)  # 1. and 2.
     plan.fixed = {s: list(rc.strategy_overrides.get(s, []) or []) for s in rc.strategies}
-    plan.baselines = [Job(f"seed{s} single", [*plan.common, *SINGLE, f"seed={s}", *plan.rest, *plan.start[s],
-                                              *plan.job_type("baseline")], out / f"seed{s}" / strategies.BASELINE)
-                      for s in plan.seeds]
+    plan.set_baselines()
     lr_search = lr_search_step(plan)  # 3.
     search, winners = knob_search_step(plan)  # 4.
     # (without a search of its own, the baselines run beside the grid below, not one by one before it)
@@ -466,12 +529,12 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
                 for sp in splits}
     # what this experiment trained: the warm starts, the grid, and the search runs (when it searched
     # itself rather than reusing another's) that the grid did not take over
-    grid_paths = {j.path for j in jobs}
+    grid_paths = {j.path for j in [*jobs, *plan.baselines]}
     search_cfg, lr_cfg = rc.get("search"), rc.get("lr_search")
     searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
                 if search_cfg and not search_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
-    searched += [c for v in lr_search.get("nodes", {}).values() for c in v["candidates"]
-                 if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
+    searched += [c for v in [*lr_search.get("nodes", {}).values(), *filter(None, [lr_search.get("base")])]
+                 for c in v["candidates"] if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
     every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *plan.baselines])]
     wall = time.perf_counter() - t0
     return {"runs": len(every) + len(searched),
@@ -544,9 +607,15 @@ def _control_text(result: Mapping) -> str:
         return f"{control} runs at every worker count as the control. "
     chosen = "; ".join(f"{n}: `{' '.join(o)}`" for n, o in sorted((int(k), v) for k, v in winners.items()))
     inherit = ", ".join(x for x in lr.get("inherit") or [] if x != control)
-    return (f"{control} runs at every worker count as the control, at the learning rate a search on dev chose for "
+    group = ", ".join(x for x in lr.get("inherit_group") or [] if x != control)
+    base = (lr.get("base") or {}).get("winner_overrides")
+    return ((f"The baseline's learning rate was searched on dev at one worker (winner `{' '.join(base)}`; its "
+             f"optim.lr is every later run's base). " if base else "")
+            + f"{control} runs at every worker count as the control, at the learning rate a search on dev chose for "
             f"each N ({chosen})" + (f", which {inherit} inherit{'s' if ',' not in inherit else ''} at the same N"
-                                   if inherit else "") + ". ")
+                                   if inherit else "")
+            + (f"; {group} take{'s' if ',' not in group else ''} its scaling rule over one exchange's workers"
+               if group else "") + ". ")
 
 
 def _earlier_text(invocations: Sequence[Mapping]) -> str:

@@ -180,3 +180,62 @@ def test_the_lr_search_skips_a_diverged_candidate_and_stops_when_every_one_diver
     assert first["dev_wer"] is None and second["eligible"] is True
     with pytest.raises(RunFailed, match=r"^every candidate of the learning-rate search of sync x4 diverged \(1 runs"):
         reproduce.lr_search_step(plan([["optim.lr=1e6"]]))
+
+
+def test_the_baselines_lr_is_searched_first_and_becomes_every_later_runs_base(tmp_path, monkeypatch) -> None:
+    """lr_search_step over fake jobs: the baseline's candidates run first at one worker; the winner's optim.lr
+    goes to the control's candidates and the baselines (with its warm-up); GTC-BMUF takes sync's rule over its
+    group; a winner at the end of three candidates is marked in the table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omegaconf import OmegaConf
+
+    from asrbench import jobs, reproduce
+    from asrbench.errors import ConfigError
+
+    seen = []
+
+    def train(conf_dir, overrides, run_dir, threads):
+        over = dict(o.split("=", 1) for o in overrides)  # the last of a key wins, as in Hydra
+        seen.append(over)
+        lr, n = float(over["optim.lr"]), int(over["nodes"])
+        wer = abs(lr * {"none": 1, "sqrt": n ** 0.5, "linear": n}[over.get("optim.lr_scaling", "none")] - 0.004)
+        return {"eval": {"dev": {"wer": wer}, "test": {"wer": wer}}, "wer": wer, "steps": 10, "wall_s": 1.0,
+                "config": {}}
+
+    monkeypatch.setattr(jobs, "_train_job", train)
+    monkeypatch.setattr(jobs, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    rc = OmegaConf.create({"nodes": [4], "search": None, "lr_search": {
+        "overrides": ["optim.warmup_steps=5"], "inherit": ["gtc"], "inherit_group": ["gtc_bmuf"],
+        "base_candidates": [["optim.lr=0.0001"], ["optim.lr=0.0003"], ["optim.lr=0.001"]],
+        "candidates": [["optim.lr_scaling=none"], ["optim.lr_scaling=sqrt"], ["optim.lr_scaling=linear"]]}})
+    p = reproduce.Plan(rc=rc, out=tmp_path, runner=jobs.Runner("conf", parallel=1), seeds=[0, 1],
+                       common=["optim.lr=0.0003"], logger="csv", warm=0, warm_dir={}, start={0: [], 1: []},
+                       rest=["trainer.max_epochs=2"], search_rest=["trainer.max_epochs=1"], same_budget=False,
+                       control="sync", fer=None, fixed={"sync": []})
+    p.set_baselines()
+    lr = reproduce.lr_search_step(p)
+    # 0.001 at one worker (|0.001 - 0.004| is the least), then at 4 workers 0.001 x 4 = 0.004 (linear)
+    assert lr["base"]["winner"] == 2 and lr["base"]["winner_overrides"] == ["optim.warmup_steps=5", "optim.lr=0.001"]
+    assert [s["nodes"] for s in seen[:3]] == ["1", "1", "1"]  # the baseline's candidates ran first
+    assert all(s["optim.lr"] == "0.001" for s in seen[3:]) and len(seen) == 3 + 3 + 2
+    assert p.lr_winners == {4: ["optim.warmup_steps=5", "optim.lr_scaling=linear"]}
+    assert [j.overrides[-2:] for j in p.baselines] == [["optim.warmup_steps=5", "optim.lr=0.001"]] * 2
+    assert p.lr_at("gtc", 4) == p.lr_winners[4] and p.lr_at("bmuf", 4) == []
+    assert p.lr_at("gtc_bmuf", 4) == ["optim.warmup_steps=5", "optim.lr_scaling=linear_group"]
+    md = report.lr_search_table(lr)
+    assert md.count("(at the grid's edge)") == 2 and "| 1 | `optim.warmup_steps=5 optim.lr=0.001` |" in md
+    assert report.lr_edge_winners(lr) == ["1", "4"]
+    saved = json.loads((tmp_path / "lr_search" / "lr_search.json").read_text())
+    assert saved["runs"] == 6 and saved["inherit_group"] == ["gtc_bmuf"]
+    # reusing the finished search sets the same base lr without training anything
+    seen.clear()
+    rc.lr_search.reuse = str(tmp_path)
+    q = reproduce.Plan(rc=rc, out=tmp_path / "again", runner=jobs.Runner("conf", parallel=1), seeds=[0],
+                       common=[], logger="csv", warm=0, warm_dir={}, start={0: []}, rest=[], search_rest=[],
+                       same_budget=False, control="sync", fer=None, fixed={"sync": []})
+    reproduce.lr_search_step(q)
+    assert not seen and q.common == ["optim.lr=0.001"] and q.baselines[0].overrides[-2:] == lr["base"]["winner_overrides"]
+    with pytest.raises(ConfigError, match=r"^reproduce.lr_search.base_candidates: \['optim.lr_scaling=sqrt'\] sets no"):
+        reproduce.check_config(OmegaConf.create({"epochs": 2, "strategies": ["sync"], "control": "sync",
+                                                 "lr_search": {"base_candidates": [["optim.lr_scaling=sqrt"]]}}))

@@ -149,6 +149,12 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
     lr_search = json.loads((out / "lr_search" / "lr_search.json").read_text())
     assert sorted(lr_search["nodes"]) == ["4", "8"] and lr_search["inherit"] == ["gtc"]
     assert all(len(v["candidates"]) == 2 for v in lr_search["nodes"].values())
+    # ... after the baseline's at one worker (2 candidates), whose optim.lr every later run takes; its winner is
+    # seed 0's baseline; GTC-BMUF takes sync's rule over its group
+    base = lr_search["base"]
+    assert len(base["candidates"]) == 2 and lr_search["inherit_group"] == ["gtc_bmuf"]
+    base_lr = float(base["winner_overrides"][-1].split("=")[1])
+    assert not (out / "seed0" / "single").exists() and (out / "seed1" / "single" / "results.json").is_file()
     for seed in (0, 1):
         assert (out / f"seed{seed}" / "warm_start" / "results.json").is_file()
         for strategy in ("sync", "gtc", "bmuf", "gtc_bmuf"):
@@ -162,9 +168,12 @@ def test_reproduce_tiny_writes_report_and_plots(tmp_path):
                 assert res["config"]["init_from"].endswith(f"seed{seed}/warm_start")
                 # FER of the phone probe against the synthesiser's timings
                 assert res["config"]["data"]["phone_labels"] is True and res["config"]["data"]["alignments"] is None
+                assert res["config"]["optim"]["lr"] == base_lr
+                won = lr_search["nodes"][str(nodes)]["winner_overrides"][-1].split("=")[1]
                 if strategy == "gtc":  # sync's winning lr at the same N
-                    won = lr_search["nodes"][str(nodes)]["winner_overrides"]
-                    assert res["config"]["optim"]["lr_scaling"] == won[-1].split("=")[1]
+                    assert res["config"]["optim"]["lr_scaling"] == won
+                if strategy == "gtc_bmuf":  # its rule over the group
+                    assert res["config"]["optim"]["lr_scaling"] == (won if won == "none" else f"{won}_group")
     for strategy in ("sync", "gtc", "bmuf", "gtc_bmuf"):
         for nodes in (4, 8):
             assert re.search(rf"\| {strategy} \| {nodes} \| [0-9.]+% \|.*\[[-+0-9.]+, [-+0-9.]+\]", md)
