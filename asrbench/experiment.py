@@ -52,7 +52,7 @@ from asrbench.model.evaluate import evaluate_split
 from asrbench.model.module import AcousticModule, scaled_lr
 from asrbench.strategies import build_strategy, spec
 from asrbench.strategies.comm import is_collective_failure
-from asrbench.strategies.gtc import NonFiniteGradientError
+from asrbench.strategies.errors import NonFiniteGradientError
 
 log = logging.getLogger(__name__)
 
@@ -246,17 +246,24 @@ class TrainerRunner:
         finish_wandb(logger)  # the Trainer finalized the logger at the end of fit; the W&B run ends here
 
 
-_CALLBACK_ERROR = "NonFiniteGradientError: "  # how autograd words an error of a comm hook's future callback
+# How autograd words an error raised in a comm hook's future callback: a RuntimeError holding only its text.
+_CALLBACK_ERROR = f"{NonFiniteGradientError.__name__}: "
 
 
 def non_finite_gradient(err: BaseException) -> str | None:
-    """The message of a compressing hook's NaN/inf gradient error (GTC's, 1-bit SGD's), also when autograd
-    wrapped it in a RuntimeError (raised in the hook's future callback); None for any other error."""
-    if isinstance(err, NonFiniteGradientError) or type(err).__name__ == "NonFiniteGradientError":
-        return str(err)
-    text = str(err)
-    if isinstance(err, RuntimeError) and _CALLBACK_ERROR in text:
-        return text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip()
+    """The message of a compressing hook's NaN/inf gradient error (GTC's, 1-bit SGD's), found along the
+    exception's chain as a traceback shows it (causes, unsuppressed contexts), also when autograd wrapped
+    it in a RuntimeError (raised in the hook's future callback, only its text kept); None for any other."""
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, NonFiniteGradientError):
+            return str(link)
+        text = str(link)
+        if isinstance(link, RuntimeError) and _CALLBACK_ERROR in text:
+            return text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip()
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)  # as a traceback reads
     return None
 
 

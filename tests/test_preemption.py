@@ -128,6 +128,38 @@ def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp
     assert not (run / "results.json").exists()
 
 
+def test_one_non_finite_gradient_error_is_found_through_its_wrappings():
+    """GTC's and 1-bit SGD's error is one class, found by isinstance along the chain a traceback shows, and
+    by its text where autograd kept only that (raised in a comm hook's future callback)."""
+    from asrbench.experiment import non_finite_gradient
+    from asrbench.strategies import errors, gtc, gtc_codec, onebit
+
+    assert gtc.NonFiniteGradientError is gtc_codec.NonFiniteGradientError is onebit.NonFiniteGradientError \
+        is errors.NonFiniteGradientError
+    error = onebit.NonFiniteGradientError("1-bit SGD step 1: NaN/inf in the gradient of rank(s) 0, 1")
+    assert non_finite_gradient(error) == str(error)
+    for cause in (True, False):
+        try:
+            try:
+                raise error
+            except FloatingPointError as err:
+                if cause:
+                    raise RuntimeError("a wrapper") from err
+                raise RuntimeError("raised while handling it")  # noqa: B904  (its context)
+        except RuntimeError as wrapped:
+            assert non_finite_gradient(wrapped) == str(error)
+    try:
+        try:
+            raise error
+        except FloatingPointError:
+            raise ValueError("another fault") from None
+    except ValueError as other:
+        assert non_finite_gradient(other) is None  # suppressed: not what the traceback shows
+    by_autograd = RuntimeError(f"NonFiniteGradientError: {error}\n\nAt:\n  onebit.py(190): check_finite")
+    assert non_finite_gradient(by_autograd) == str(error)
+    assert non_finite_gradient(RuntimeError("Connection closed by peer")) is None
+
+
 @pytest.mark.parametrize("strategy", ["gtc", "onebit"])
 def test_a_diverged_compressing_hook_over_two_processes_is_one_line(corpus, tmp_path, strategy):  # noqa: F811
     """GTC's and 1-bit SGD's hooks find the NaN gradient on every rank: rank 0 alone prints it (1-bit SGD's,

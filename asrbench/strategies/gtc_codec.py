@@ -17,15 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asrbench.strategies import gtc_kernel
+from asrbench.strategies.errors import NonFiniteGradientError
 
 MAX_BUCKET_NUMEL = 2**31  # 31 index bits per word
 INDEX_MASK = 0x7FFFFFFF
 DEFAULT_TAU = 0.001  # keep in step with conf/strategy/gtc.yaml
 TAU_UNITS = ("gradient", "rms")  # τ as Strom's (gradient units) or per element in units of Adam's frozen RMS
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient (hence the residual r) holds NaN or inf."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,13 +53,10 @@ from torch import Tensor
 
 from asrbench.strategies import hooked
 from asrbench.strategies.contract import FP32_BYTES
+from asrbench.strategies.errors import NonFiniteGradientError
 from asrbench.strategies.hooked import sum_in_rank_order  # noqa: F401  (the warm-up's sum, for callers)
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit k % 8 of byte k // 8
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A worker's reconstruction values (hence its gradient or error) hold NaN or inf."""
 
 
 # ---------------------------------------------------------------------------------------------
