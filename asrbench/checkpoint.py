@@ -357,10 +357,12 @@ def interrupted(signum: int, step: int, path: Path) -> Interrupted:
                        f"(or resume=auto with the same hydra.run.dir)", signum=signum)
 
 
-def divergence_message(what: str, lr: float) -> str:
-    """One line: `what` was not finite (and where), and what to change."""
-    return (f"{what}: the run diverged and was stopped, without results.json; lower optim.lr (this run: {lr:g}), "
-            f"warm it up (optim.warmup_steps) or clip gradients harder (trainer.gradient_clip_val)")
+def divergence_message(what: str, lr: float, peak: float | None = None, scaling: str = "none") -> str:
+    """One line: `what` was not finite (and where), and what to change: optim.lr as configured and, where
+    optim.lr_scaling made it another, the `peak` lr the workers' optimizer reaches (after any warm-up)."""
+    scaled = f", peak {peak:g} after optim.lr_scaling={scaling}" if peak is not None and peak != lr else ""
+    return (f"{what}: the run diverged and was stopped, without results.json; lower optim.lr (this run: {lr:g}"
+            f"{scaled}), warm it up (optim.warmup_steps) or clip gradients harder (trainer.gradient_clip_val)")
 
 
 class Checkpointing(L.Callback):
@@ -473,9 +475,9 @@ class Checkpointing(L.Callback):
         if not self.finished and self._last_saved != trainer.global_step:
             self._agreement_point(trainer, save_last=True)
 
-    def divergence_message(self, lr: float) -> str:
-        """One line: where the loss stopped being finite and what to change."""
+    def divergence_message(self, lr: float, peak: float | None = None, scaling: str = "none") -> str:
+        """One line: where the loss stopped being finite and what to change (:func:`divergence_message`)."""
         assert self.diverged is not None
         step, rank = self.diverged
         where = f" on rank {rank}" if rank else ""
-        return divergence_message(f"the training loss is NaN or inf at step {step}{where}", lr)
+        return divergence_message(f"the training loss is NaN or inf at step {step}{where}", lr, peak, scaling)

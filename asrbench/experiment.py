@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -221,14 +222,18 @@ class TrainerRunner:
             non_finite = non_finite_gradient(err)
             if non_finite is not None and not trainer.is_global_zero:
                 return None  # the hook agreed on it over every rank: rank 0 speaks for the run
-            if non_finite is not None or is_collective_failure(err):  # CollectiveError included
-                raise RunFailed(f"{' '.join((non_finite or str(err)).split())}; "
+            if non_finite is not None:  # the optimizer step that met it: Lightning counts the ones done
+                what = hook_divergence(non_finite, int(trainer.global_step) + 1)
+                raise RunFailed(f"{checkpoint.divergence_message(what, *lr_of_run(cfg, module))}; "
+                                f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
+            if is_collective_failure(err):  # CollectiveError included
+                raise RunFailed(f"{' '.join(str(err).split())}; "
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
             raise
         fit_s = time.perf_counter() - t_fit
         if guard.diverged is not None:  # every rank stopped at the same step; rank 0 speaks for the run
             if trainer.is_global_zero:
-                raise RunFailed(f"{guard.divergence_message(float(cfg.optim.lr))}; "
+                raise RunFailed(f"{guard.divergence_message(*lr_of_run(cfg, module))}; "
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}")
             return None
         if guard.stopped:
@@ -265,6 +270,23 @@ def non_finite_gradient(err: BaseException) -> str | None:
             return text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip()
         link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)  # as a traceback reads
     return None
+
+
+def hook_divergence(message: str, step: int) -> str:
+    """What a compressing hook's NaN/inf error `message` says, in the words of the simulated cluster's line:
+    `step`, the run's optimizer step (from 1), in place of the hook's own counter (from 0), and without the
+    hook's generic advice, which :func:`asrbench.checkpoint.divergence_message` gives with the run's values."""
+    detail = " ".join(message.split()).split("; lower the learning rate", 1)[0]
+    detail = re.sub(r"^(\S+(?: \S+)?) step \d+: ", r"\1: ", detail, count=1)  # "GTC step 2: ..." -> "GTC: ..."
+    return f"training hit NaN or inf at step {step} ({detail})"
+
+
+def lr_of_run(cfg: DictConfig, module: AcousticModule) -> tuple[float, float, str]:
+    """(optim.lr as configured, the peak lr the workers' optimizer steps with after optim.lr_scaling, the
+    scaling rule): what a divergence message names (:func:`asrbench.checkpoint.divergence_message`)."""
+    optim = module.optim_cfg  # inner_optim's: a *_group rule already applied to its lr
+    peak = scaled_lr(float(optim["lr"]), str(optim.get("lr_scaling", "none")), module.world_size)
+    return float(cfg.optim.lr), peak, str(cfg.optim.get("lr_scaling", "none"))
 
 
 def all_frames(frames_seen: int, nodes: int, device: torch.device | str = "cpu") -> int:
@@ -381,7 +403,7 @@ class SimulatedRunner:
         except Diverged as err:
             self.close(logger, "failed")
             what = f"training hit NaN or inf at step {err.step} ({str(err).removeprefix(f'step {err.step}: ')})"
-            raise RunFailed(f"{checkpoint.divergence_message(what, float(cfg.optim.lr))}; "
+            raise RunFailed(f"{checkpoint.divergence_message(what, *lr_of_run(cfg, module))}; "
                             f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from None
         if outcome.stopped_by == "interrupted":
             save(outcome, stop_path)

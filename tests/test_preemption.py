@@ -116,15 +116,23 @@ def test_a_checkpoint_resumes_only_on_the_cluster_that_wrote_it(corpus, tmp_path
     assert json.loads((tmp_path / "more" / "results.json").read_text())["steps"] == 2 * PER_EPOCH
 
 
-@pytest.mark.parametrize("strategy", ["bmuf", "gtc"])
-def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp_path, strategy):  # noqa: F811
+# What a diverged run's line says about optim.lr=1e6 (the same words on both clusters): the value as
+# configured and, where optim.lr_scaling changed it for the 2 workers, the peak lr they stepped with.
+LR_ADVICE = {"none": "lower optim.lr (this run: 1e+06), warm it up (optim.warmup_steps) or clip gradients harder "
+                     "(trainer.gradient_clip_val)",
+             "linear": "lower optim.lr (this run: 1e+06, peak 2e+06 after optim.lr_scaling=linear), warm it up"}
+
+
+@pytest.mark.parametrize("strategy, scaling", [("bmuf", "none"), ("gtc", "linear")])
+def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp_path, strategy,  # noqa: F811
+                                                                     scaling):
     run = tmp_path / strategy
-    proc = asrbench("train", *data(corpus, "cluster=simulated", "optim.lr=1e6", f"strategy={strategy}"),
-                    f"hydra.run.dir={run}", check=False, timeout=240)
+    proc = asrbench("train", *data(corpus, "cluster=simulated", "optim.lr=1e6", f"optim.lr_scaling={scaling}",
+                                   f"strategy={strategy}"), f"hydra.run.dir={run}", check=False, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = one_error_line(proc.stderr)
     assert "training hit NaN or inf at step" in line and "worker" in line, line
-    assert "lower optim.lr (this run: 1e+06)" in line and "without results.json" in line
+    assert LR_ADVICE[scaling] in line and "without results.json" in line, line
     assert not (run / "results.json").exists()
 
 
@@ -160,16 +168,20 @@ def test_one_non_finite_gradient_error_is_found_through_its_wrappings():
     assert non_finite_gradient(RuntimeError("Connection closed by peer")) is None
 
 
-@pytest.mark.parametrize("strategy", ["gtc", "onebit"])
-def test_a_diverged_compressing_hook_over_two_processes_is_one_line(corpus, tmp_path, strategy):  # noqa: F811
+@pytest.mark.parametrize("strategy, scaling", [("gtc", "linear"), ("onebit", "none")])
+def test_a_diverged_compressing_hook_over_two_processes_is_one_line(corpus, tmp_path, strategy,  # noqa: F811
+                                                                   scaling):
     """GTC's and 1-bit SGD's hooks find the NaN gradient on every rank: rank 0 alone prints it (1-bit SGD's,
-    raised in the hook's future callback, reached the console as a RuntimeError traceback)."""
+    raised in the hook's future callback, reached the console as a RuntimeError traceback), in the simulated
+    cluster's words, naming optim.lr's value (the hook's own said "lower the learning rate")."""
     run = tmp_path / strategy
-    proc = asrbench("train", *data(corpus, "optim.lr=1e6", f"strategy={strategy}"), f"hydra.run.dir={run}",
-                    check=False, timeout=240)
+    proc = asrbench("train", *data(corpus, "optim.lr=1e6", f"optim.lr_scaling={scaling}", f"strategy={strategy}"),
+                    f"hydra.run.dir={run}", check=False, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = one_error_line(proc.stderr)
-    assert "NaN/inf in the gradient of rank(s)" in line and "lower the learning rate" in line, line
+    assert "training hit NaN or inf at step" in line and "NaN/inf in the gradient of rank(s) 0" in line, line
+    assert LR_ADVICE[scaling] in line and "without results.json" in line, line
+    assert "lower the learning rate" not in line, line  # the hook's advice, replaced by the one naming the value
     assert not (run / "results.json").exists()
 
 
