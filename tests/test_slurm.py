@@ -1,13 +1,16 @@
 """SLURM without a cluster: which process is rank 0, the run dir every srun task agrees on, and the
 task layout Lightning needs, decided from the environment each launcher sets (asrbench/slurm.py).
-One slow test runs recipes/slurm/check.sh against a real SLURM where `srun` is on PATH."""
+The job script recipes/slurm/requeue.sbatch runs over a fake srun; one slow test runs recipes/slurm/check.sh
+against a real SLURM where `sinfo` answers."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,55 @@ def test_train_under_srun_n_stops_with_one_line(tmp_path):
     assert "--ntasks-per-node=2" in proc.stderr and not (tmp_path / "run").exists()
 
 
+REQUEUE_SBATCH = ROOT / "recipes" / "slurm" / "requeue.sbatch"
+
+
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `srun` runs its command as it is and whose `scontrol` only writes down its
+    arguments (to scontrol.log), for running recipes/slurm/requeue.sbatch without a cluster."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+
+
+def run_job_script(tmp_path: Path, code: int, sleep_s: float = 0.0, sigterm_after_s: float | None = None):
+    """requeue.sbatch over a run that writes its arguments to argv.txt, sleeps and exits with `code`."""
+    run = (f"import sys, time; open({str(tmp_path / 'argv.txt')!r}, 'w').write(' '.join(sys.argv[1:])); "
+           f"time.sleep({sleep_s}); sys.exit({code})")
+    proc = subprocess.Popen(["bash", str(REQUEUE_SBATCH), sys.executable, "-c", run, "strategy=sync"],
+                            env=fake_slurm(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if sigterm_after_s is not None:
+        time.sleep(sigterm_after_s)
+        proc.send_signal(signal.SIGTERM)  # as scancel signals the batch script (the run gets its own)
+    out, _ = proc.communicate(timeout=30)
+    requeues = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    return proc.returncode, out, (tmp_path / "argv.txt").read_text(), requeues
+
+
+def test_job_script_requeues_its_job_after_a_sigusr1_stop(tmp_path):
+    code, out, argv, requeues = run_job_script(tmp_path, 138)
+    assert code == 138 and argv == "strategy=sync resume=auto", (out, argv)
+    assert requeues == "requeue 42\n" and "== srun exit 138" in out
+
+
+@pytest.mark.parametrize("code", [143, 2, 0])
+def test_job_script_leaves_sigterm_faults_and_success_to_the_scheduler(tmp_path, code):
+    """143 (plain scancel, preemption): scancel means stop, and preemption requeues by itself; 2: a fault."""
+    assert run_job_script(tmp_path, code)[::3] == (code, "")
+
+
+def test_job_script_waits_for_the_run_through_its_own_sigterm(tmp_path):
+    """scancel sends SIGTERM to the batch script too: it waits for the run's checkpoint and exits with the
+    run's status (143), where bash would die of the signal at once and leave srun behind."""
+    code, out, _, requeues = run_job_script(tmp_path, 143, sleep_s=1.5, sigterm_after_s=0.5)
+    assert code == 143 and requeues == "" and "== SIGTERM" in out and "== srun exit 143" in out, out
+
+
 def slurm_answers() -> bool:
     if shutil.which("srun") is None or shutil.which("sinfo") is None:
         return False
@@ -138,12 +190,13 @@ def slurm_answers() -> bool:
 @pytest.mark.slow
 def test_real_slurm_check(tmp_path):
     """recipes/slurm/check.sh: launcher, torchrun, srun and sbatch train the same parameters bit for bit,
-    srun -n stops in one line, and a requeued job ends as the uninterrupted run (~7 min on 2 cores)."""
+    srun -n stops in one line, and a job stopped by scancel --signal=USR1 and one stopped by plain scancel
+    (SIGTERM) are requeued and end as the uninterrupted run (minutes on a 2-core VM: docs/slurm.md)."""
     if not slurm_answers():
         pytest.skip("no SLURM here (srun not on PATH or sinfo fails); recipes/slurm/setup_local.sh starts one")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"EXP": str(tmp_path / "check"),
                                                                                "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "check.sh")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") >= 11, proc.stdout
+    assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") >= 12, proc.stdout

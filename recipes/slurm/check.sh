@@ -7,11 +7,15 @@
 #      the default hydra.run.dir, which must be one dir per job (outputs/train/slurm<job id>_...);
 #      results.json's numbers and every parameter of last.ckpt are compared with (a) by compare.py
 #   2  srun -n $NODES (no --ntasks-per-node) stops before training with one line naming the fix
-#   3  an sbatch --requeue job sent `scancel --signal=USR1` mid-run (Lightning's auto-requeue: it saves
-#      hpc_ckpt_N.ckpt and requeues the job) resumes in the same run dir and ends as the uninterrupted
-#      run does (train_frames aside: it counts the frames this process trained, and is not checkpointed)
+#   3  an sbatch --requeue job of recipes/slurm/requeue.sbatch (srun ... resume=auto), stopped mid-run twice:
+#      (USR1) `scancel --signal=USR1`: the run saves interrupted.ckpt and exits 138, the script requeues the
+#      job; (TERM) plain `scancel`, what preemption sends: interrupted.ckpt, exit 143, the job CANCELLED,
+#      then `scontrol requeue` (what PreemptMode=REQUEUE does). Each requeued start continues with
+#      resume=auto in the same run dir and must end as the uninterrupted run does (train_frames aside: it
+#      counts the frames this process trained, and is not checkpointed)
 # Each check prints PASS or FAIL with its reason; the script exits 1 when any failed. Runs go to $EXP.
-# Usage: recipes/slurm/check.sh   (env: EXP=outputs/slurm_check NODES=2 STEPS=12 PYTHON=.venv/bin/python)
+# Usage: recipes/slurm/check.sh   (env: EXP=outputs/slurm_check NODES=2 STEPS=12 PYTHON=.venv/bin/python
+#        STAGES="1 2 3": the checks to run; 0 always runs)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -24,6 +28,7 @@ mkdir -p "$exp"; exp=$(cd "$exp" && pwd)
 failed=0
 pass() { echo "PASS  $*"; }
 fail() { echo "FAIL  $*"; failed=$((failed + 1)); }
+stage() { [[ " ${STAGES:-1 2 3} " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- 0
 if ! sinfo -h >/dev/null 2>&1; then
@@ -59,7 +64,7 @@ job_dir() {  # job_dir JOB STRATEGY LOG: the one default run dir of a job; fails
 }
 
 # ---------------------------------------------------------------- 1
-for s in sync gtc_bmuf topk; do
+stage 1 && for s in sync gtc_bmuf topk; do
   echo "== 1: $s, nodes=$nodes, $steps steps"
   # shellcheck disable=SC2086  # knobs are words
   args=("${common[@]}" ${knobs[$s]} trainer.max_steps="$steps")
@@ -92,52 +97,78 @@ for s in sync gtc_bmuf topk; do
 done
 
 # ---------------------------------------------------------------- 2
-echo "== 2: srun -n $nodes without --ntasks-per-node"
-srun -n "$nodes" "${asrbench[@]}" train "${common[@]}" strategy=sync trainer.max_steps=1 >"$exp/srun_n.log" 2>&1
-rc=$?; lines=$(grep -c '^error: srun -n' "$exp/srun_n.log")
-if [ $rc != 0 ] && [ "$lines" = "$nodes" ] && ! grep -q Traceback "$exp/srun_n.log"; then
-  pass "srun -n $nodes stops before training, each task: $(grep -m1 '^error:' "$exp/srun_n.log")"
-else fail "srun -n $nodes: exit $rc, $lines 'error: srun -n' lines, see $exp/srun_n.log"; fi
+if stage 2; then
+  echo "== 2: srun -n $nodes without --ntasks-per-node"
+  srun -n "$nodes" "${asrbench[@]}" train "${common[@]}" strategy=sync trainer.max_steps=1 >"$exp/srun_n.log" 2>&1
+  rc=$?; lines=$(grep -c '^error: srun -n' "$exp/srun_n.log")
+  if [ $rc != 0 ] && [ "$lines" = "$nodes" ] && ! grep -q Traceback "$exp/srun_n.log"; then
+    pass "srun -n $nodes stops before training, each task: $(grep -m1 '^error:' "$exp/srun_n.log")"
+  else fail "srun -n $nodes: exit $rc, $lines 'error: srun -n' lines, see $exp/srun_n.log"; fi
+fi
 
 # ---------------------------------------------------------------- 3
-s=gtc_bmuf; long=$((steps * 3)); stop_at=$((steps + 2))
-echo "== 3: sbatch --requeue, $s, $long steps, scancel --signal=USR1 after step $stop_at"
-# shellcheck disable=SC2086
-args=("${common[@]}" ${knobs[$s]} trainer.max_steps="$long" checkpoint_every_n_steps=4)
-rm -rf "$exp/uninterrupted" "$exp/requeued"
-"${asrbench[@]}" train "${args[@]}" hydra.run.dir="$exp/uninterrupted" >"$exp/uninterrupted.log" 2>&1 \
-  || fail "requeue: the uninterrupted run failed (exit $?), see $exp/uninterrupted.log"
-cat >"$exp/requeue.sbatch" <<EOF
-#!/bin/bash
-echo "== start \$(date +%T), restart \${SLURM_RESTART_COUNT:-0}"
-srun $(printf '%q ' "${asrbench[@]}" train "${args[@]}")
-EOF
-job=$(sbatch --parsable --requeue --open-mode=append --ntasks-per-node="$nodes" -o "$exp/requeue.log" \
-      "$exp/requeue.sbatch")
-run=$root/outputs/train/slurm${job}_${s}_n$nodes
-state() { scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
-trained() { grep -c '"train/loss"' "$run/metrics.jsonl" 2>/dev/null || echo 0; }
-for _ in $(seq 600); do [ "$(trained)" -ge "$stop_at" ] && break; [ "$(state)" = RUNNING ] || [ "$(state)" = PENDING ] || break; sleep 0.2; done
-signalled=$(trained)
-scancel --signal=USR1 "$job"
-for _ in $(seq 900); do  # a requeued job waits for its BeginTime (about 2 min); start it at once
-  case "$(state)" in
-    PENDING) scontrol update JobId="$job" StartTime=now 2>/dev/null;;
-    COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|"") break;;
-  esac
-  sleep 1
-done
-restarts=$(scontrol show job "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
-hpc=$(ls "$run"/hpc_ckpt_*.ckpt 2>/dev/null | head -1)
-if [ "$(state)" = COMPLETED ] && [ "${restarts:-0}" -ge 1 ] && [ -f "$run/results.json" ]; then
-  mv "$run" "$exp/requeued"
-  line=$("$python" recipes/slurm/compare.py --ignore train_frames "$exp/uninterrupted" "$exp/requeued" 2>&1)
-  case "$line" in
-    same*) pass "requeue: job $job signalled after step $signalled, requeued $restarts time(s), resumed from ${hpc##*/}: $line";;
-    *) fail "requeue: job $job resumed but trained something else: $line";;
-  esac
-else
-  fail "requeue (REMAINING GAP): job $job $(state), restarts ${restarts:-0}, results.json $([ -f "$run/results.json" ] && echo written || echo missing), checkpoint ${hpc:-none}; see $exp/requeue.log"
+requeue_check() {  # requeue_check SIGNAL TAG WHAT: stop an sbatch --requeue job of recipes/slurm/requeue.sbatch mid-run
+  local sig=$1 tag=$2 name=$3 job run code stopped at resumed signalled restarts ckpt line i
+  local log=$exp/requeue_$tag.log
+  rm -rf "$exp/requeued_$tag" "$log"
+  job=$(sbatch --parsable --requeue --open-mode=append --ntasks-per-node="$nodes" -o "$log" \
+        recipes/slurm/requeue.sbatch "${asrbench[@]}" train "${args[@]}")
+  run=$root/outputs/train/slurm${job}_${s}_n$nodes
+  state() { scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
+  trained() { grep -c '"train/loss"' "$run/metrics.jsonl" 2>/dev/null || echo 0; }
+  for _ in $(seq 1500); do
+    [ "$(trained)" -ge "$stop_at" ] && break
+    case "$(state)" in RUNNING|PENDING) ;; *) break;; esac
+    sleep 0.2
+  done
+  signalled=$(trained)
+  if [ "$sig" = TERM ]; then scancel "$job"; else scancel --signal="$sig" "$job"; fi
+  # the job's first start ends: SIGUSR1 (138), the script requeues it; SIGTERM (plain scancel), CANCELLED, 143
+  for _ in $(seq 300); do
+    grep -q '^== srun exit' "$log" 2>/dev/null && break
+    sleep 0.2
+  done
+  code=$(sed -n 's/^== srun exit \([0-9]*\).*/\1/p' "$log" | head -1)
+  stopped=$(grep -m1 "stopped by SIG$sig after step" "$log")
+  ckpt=$(ls "$run"/checkpoints/interrupted.ckpt 2>/dev/null)
+  if [ "$sig" = TERM ]; then  # what preemption with PreemptMode=REQUEUE (or an operator) does next
+    for _ in $(seq 100); do [ "$(state)" = CANCELLED ] && break; sleep 0.2; done
+    scontrol requeue "$job"
+  fi
+  for i in $(seq 900); do  # a requeued job waits for its BeginTime (about 2 min); start it at once
+    case "$(state)" in
+      PENDING) scontrol update JobId="$job" StartTime=now 2>/dev/null;;
+      COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|"") [ "$i" -gt 5 ] && break;;
+    esac
+    sleep 1
+  done
+  restarts=$(scontrol show job "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+  # a fresh start would end the same: the requeued start must have continued from the stop's checkpoint
+  at=$(sed -n 's/.*stopped by SIG[A-Z0-9]* after step \([0-9]*\):.*/\1/p' <<<"$stopped")
+  resumed=$(grep -m1 "resume=auto: continuing from $run/checkpoints/interrupted.ckpt (step ${at:-?})" "$log")
+  if [ "$code" = "$((128 + $(kill -l "$sig")))" ] && [ -n "$stopped" ] && [ -n "$ckpt" ] && [ -n "$resumed" ] \
+     && [ "$(state)" = COMPLETED ] && [ "${restarts:-0}" -ge 1 ] && [ -f "$run/results.json" ]; then
+    mv "$run" "$exp/requeued_$tag"
+    line=$("$python" recipes/slurm/compare.py --ignore train_frames "$exp/uninterrupted" "$exp/requeued_$tag" 2>&1)
+    case "$line" in
+      same*) pass "requeue after $name: job $job signalled after step $signalled, exit $code, interrupted.ckpt at step $at, requeued $restarts time(s), continued from it with resume=auto: $line";;
+      *) fail "requeue after $name: job $job stopped after step $at, resumed from interrupted.ckpt, but trained something else: $line";;
+    esac
+  else
+    fail "requeue after $name: job $job $(state), first start's exit ${code:-?} (want $((128 + $(kill -l "$sig")))), stop line ${stopped:+found}${stopped:-missing}, interrupted.ckpt ${ckpt:-missing}, resumed from it: ${resumed:+yes}${resumed:-no}, restarts ${restarts:-0}, results.json $([ -f "$run/results.json" ] && echo written || echo missing); see $log"
+  fi
+}
+
+if stage 3; then
+  s=gtc_bmuf; long=$((steps * 3)); stop_at=$((steps + 2))
+  echo "== 3: sbatch --requeue recipes/slurm/requeue.sbatch, $s, $long steps, stopped after step $stop_at by scancel --signal=USR1 and by plain scancel (SIGTERM)"
+  # shellcheck disable=SC2086
+  args=("${common[@]}" ${knobs[$s]} trainer.max_steps="$long" checkpoint_every_n_steps=4)
+  rm -rf "$exp/uninterrupted"
+  if "${asrbench[@]}" train "${args[@]}" hydra.run.dir="$exp/uninterrupted" >"$exp/uninterrupted.log" 2>&1; then
+    requeue_check USR1 usr1 "scancel --signal=USR1"
+    requeue_check TERM term "scancel (SIGTERM)"
+  else fail "requeue: the uninterrupted run failed (exit $?), see $exp/uninterrupted.log"; fi
 fi
 
 echo "== $([ $failed = 0 ] && echo 'all checks passed' || echo "$failed check(s) failed") (runs in $exp)"

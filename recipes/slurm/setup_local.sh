@@ -3,7 +3,9 @@
 # Debian's slurm-wlm (22.05 on bookworm) and munge, one node `localhost` whose CPUs are oversubscribed
 # (a 2-core machine takes nodes=4), no cgroups (it runs in containers): proctrack/linuxproc, task/none.
 # Every step is idempotent: packages already installed, a config already written, daemons already up
-# are left as they are, so running it twice is safe. Needs root (apt-get, daemons). Usage:
+# are left as they are, so running it twice is safe. KillWait=30 (SLURM's default): on a plain scancel or a
+# preemption a job's tasks get SIGTERM and 30 s to save a checkpoint and exit before SIGKILL. Needs root
+# (apt-get, daemons). Usage:
 #   recipes/slurm/setup_local.sh          install, configure, start; wait until `sinfo` shows the node idle
 #   recipes/slurm/setup_local.sh stop     stop slurmd, slurmctld and munged (packages and config stay)
 #   CPUS=8 recipes/slurm/setup_local.sh   a node of 8 CPUs (default 4)
@@ -88,7 +90,7 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
 SlurmdLogFile=$LOGS/slurmd.log
 SchedulerType=sched/backfill
-KillWait=5
+KillWait=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE OverSubscribe=FORCE:4 State=UP
 EOF
