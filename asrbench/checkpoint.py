@@ -238,7 +238,8 @@ def _umask() -> int:
 def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """Write `checkpoint` to `path` through a temporary file in the same directory, flushed to disk,
     and a rename: a resume, a kill or a full disk finds the previous complete file or the new one,
-    never half of one or an empty one. A disk fault is one :class:`OutputError` naming `path`."""
+    never half of one or an empty one. A disk fault is one :class:`OutputError` naming `path`, the fix
+    and the newest complete checkpoint beside it, the one a resume continues from."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)  # in memory first: torch's file writer reports a full disk without errno
@@ -256,8 +257,9 @@ def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     except OSError as err:
         advice = _WRITE_ADVICE.get(err.errno, "check that directory")
         kept = "the previous one is unchanged" if path.is_file() else "none was there before"
+        resume = f"; {describe_last_checkpoint(path.parent)}" if last_checkpoint(path.parent) else ""
         raise OutputError(f"{path}: the checkpoint could not be written ({err.strerror or err}; {kept}); {advice}, "
-                          f"or write the run elsewhere with hydra.run.dir=DIR") from None
+                          f"or write the run elsewhere with hydra.run.dir=DIR{resume}") from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
