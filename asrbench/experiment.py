@@ -2,48 +2,29 @@
 
 config -> corpus and features -> module -> logger -> fit -> evaluation -> results.json. The fit
 is one of two runners with one interface (:class:`Runner`): :class:`TrainerRunner`, Lightning's
-Trainer over real processes (``cluster=processes``), and :class:`SimulatedRunner`, N workers in
-this process on the simulated cluster (``cluster=simulated``, :mod:`asrbench.cluster.simulated`).
-Hydra and Lightning stay here at the edge. The run's inputs (corpus, features, frame labels, the
-data module) are read by :mod:`asrbench.inputs`, its logger built by :mod:`asrbench.wandb_log`.
+Trainer over real processes (``cluster=processes``), and :class:`SimulatedRunner`
+(:mod:`asrbench.simulated_runner`), N workers in this process on the simulated cluster
+(``cluster=simulated``); what they share is in :mod:`asrbench.fitting`. Hydra and Lightning stay
+here at the edge. The run's inputs (corpus, features, frame labels, the data module) are read by
+:mod:`asrbench.inputs`, its logger built by :mod:`asrbench.wandb_log`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from asrbench import checkpoint, config, runinfo
-from asrbench.cluster import cost
-from asrbench.cluster.simulated import (
-    CHECKPOINT_KEY,
-    Diverged,
-    FitOutcome,
-    LoopConfig,
-    SimulatedCluster,
-    activation_bytes,
-    check_memory,
-    fit,
-    load_resume_state,
-    predict,
-    resolve_device,
-    resume_state,
-    stacked_arrays,
-)
-from asrbench.data import text
-from asrbench.data.dataset import SpeechDataset, train_batches_per_epoch
+from asrbench.data.dataset import train_batches_per_epoch
 from asrbench.data.features import SplitFeatures
 from asrbench.errors import CheckpointError, ConfigError, RunFailed
 from asrbench.inputs import (PROJECT_ROOT, RunData, SpeechDataModule, data_root, ensure_corpus,  # noqa: F401
@@ -54,6 +35,8 @@ from asrbench.model.module import AcousticModule, scaled_lr
 from asrbench.strategies import build_strategy, spec
 from asrbench.strategies.comm import is_collective_failure
 from asrbench.strategies.errors import NonFiniteGradientError
+from asrbench.fitting import FitResult, MetricsHistory, Runner, all_frames, lr_of_run  # noqa: F401 (re-exported)
+from asrbench.simulated_runner import SimulatedRunner  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +44,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- run pieces
-class MetricsHistory(L.Callback):
-    """Rank 0 appends logged scalars to `<run dir>/metrics.jsonl` (curves without a logger), each row
-    with `time_s`, the wall time since training started (curves against time)."""
-
-    def __init__(self, path: Path, every_n_steps: int) -> None:
-        self.path, self.every = Path(path), max(1, every_n_steps)
-        self.t0: float | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.t0 = time.perf_counter()
-
-    def _write(self, trainer: L.Trainer, prefix: tuple[str, ...]) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self.t0 is None:
-            self.t0 = time.perf_counter()
-        row = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k.startswith(prefix) and torch.as_tensor(v).numel() == 1}
-        if row:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                                    "time_s": round(time.perf_counter() - self.t0, 3)} | row) + "\n")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
-            self._write(trainer, ("train/", "comm/"))
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._write(trainer, ("val/",))
-
-
 def inner_optim(cfg: DictConfig) -> dict:
     """The worker's optimizer: `optim`, with a strategy preset's `inner_optimizer` taking precedence.
 
@@ -147,34 +98,6 @@ def trainer_devices(cfg: DictConfig) -> tuple[str, int, int]:
 
 
 # ---------------------------------------------------------------- the fit: two runners
-
-
-@dataclass
-class FitResult:
-    """What a runner's fit hands back to the run: counts, times, the model to evaluate, bytes."""
-
-    steps: int
-    epochs: int
-    train_frames: int  # all workers'
-    fit_wall_s: float
-    train_time_s: float  # the time those frames were trained in (each runner says which)
-    model: torch.nn.Module  # the one model of the run
-    comm_summary: Mapping[str, Any]  # the strategy's worker-0 means per step (empty: none)
-    extra: dict[str, Any] = field(default_factory=dict)  # the runner's own results.json keys
-
-
-class Runner(Protocol):
-    """One way to fit a run's module: built from the config, it checks what it can before the data
-    is read, fits, and closes the logger when the results are logged."""
-
-    progress: bool  # this process shows data preparation progress
-
-    def before_data(self, module: AcousticModule, strategy: Any) -> None: ...
-
-    def fit(self, module: AcousticModule, strategy: Any, data: RunData, logger: Any, *,
-            ident: Mapping[str, Any], resume: str | None) -> FitResult | None: ...
-
-    def close(self, logger: Any) -> None: ...
 
 
 class TrainerRunner:
@@ -279,186 +202,6 @@ def hook_divergence(message: str, step: int) -> str:
     detail = " ".join(message.split()).split("; lower the learning rate", 1)[0]
     detail = re.sub(r"^(\S+(?: \S+)?) step \d+: ", r"\1: ", detail, count=1)  # "GTC step 2: ..." -> "GTC: ..."
     return f"training hit NaN or inf at step {step} ({detail})"
-
-
-def lr_of_run(cfg: DictConfig, module: AcousticModule) -> tuple[float, float, str]:
-    """(optim.lr as configured, the peak lr the workers' optimizer steps with after optim.lr_scaling, the
-    scaling rule): what a divergence message names (:func:`asrbench.checkpoint.divergence_message`)."""
-    optim = module.optim_cfg  # inner_optim's: a *_group rule already applied to its lr
-    peak = scaled_lr(float(optim["lr"]), str(optim.get("lr_scaling", "none")), module.world_size)
-    return float(cfg.optim.lr), peak, str(cfg.optim.get("lr_scaling", "none"))
-
-
-def all_frames(frames_seen: int, nodes: int, device: torch.device | str = "cpu") -> int:
-    """Training frames of every rank: the sum over the process group (ranks' shards differ in length);
-    called by every rank. Without a process group this process is the only worker."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        assert nodes == 1, "workers train in one process group"
-        return int(frames_seen)
-    total = torch.tensor([int(frames_seen)], dtype=torch.long, device=device)  # NCCL needs it on the GPU
-    torch.distributed.all_reduce(total)
-    return int(total.item())
-
-
-@dataclass
-class _TrainerView:
-    """What :class:`MetricsHistory` reads from a Lightning Trainer, filled by the simulated loop."""
-
-    global_step: int = 0
-    current_epoch: int = 0
-    callback_metrics: dict[str, float] = field(default_factory=dict)
-    is_global_zero: bool = True
-    sanity_checking: bool = False
-
-
-class SimulatedRunner:
-    """``cluster=simulated``: `nodes` workers in this process (:class:`SimulatedCluster`), and the
-    cost model's prediction of their step time and speedup on ``cluster.network``
-    (:func:`asrbench.cluster.simulated.predict`), added to the results with ``simulated: true``."""
-
-    progress = True
-
-    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg, self.out_dir = cfg, out_dir
-        self.network = cost.load_network(cfg.cluster.get("network") or "paper")
-        self.profile = cost.load_compute_profile(cfg.cluster.get("compute_profile"))
-        self.loop = LoopConfig.from_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
-        self.device = resolve_device(cfg.accelerator)
-        self.fraction = float(cfg.cluster.get("memory_fraction", 0.9))
-        if cfg.cluster.get("threads"):
-            torch.set_num_threads(int(cfg.cluster.threads))
-        self.arrays: dict[str, int] = {}
-
-    def before_data(self, module: AcousticModule, strategy: Any) -> None:
-        """Refuse, before any data is read, workers whose stacked arrays cannot fit in memory."""
-        self.arrays = stacked_arrays(OmegaConf.to_container(self.cfg.strategy, resolve=True), module.optim_cfg,
-                                     int(self.cfg.nodes))
-        check_memory(int(self.cfg.nodes), _numel(module), self.arrays, self.device, fraction=self.fraction,
-                     report=False)
-
-    def fit(self, module: AcousticModule, strategy: Any, data: RunData, logger: Any, *,
-            ident: Mapping[str, Any], resume: str | None) -> FitResult:
-        cfg, loop, nodes = self.cfg, self.loop, int(self.cfg.nodes)
-        feats, frame_labels = data.feats, data.frame_labels
-        train_set = SpeechDataset(feats["train"], frame_labels)
-        max_frames = int(feats["train"].lengths.max()) if len(feats["train"]) else 0
-        check_memory(nodes, _numel(module), self.arrays, self.device, fraction=self.fraction,
-                     activations=activation_bytes(OmegaConf.to_container(cfg.model, resolve=True), feature_dim(cfg),
-                                                  text.vocab_size(), int(cfg.batch_size), max_frames))
-        if int(cfg.num_workers):
-            log.info("cluster=simulated reads every worker's batches in this process (num_workers=%s unused)",
-                     cfg.num_workers)
-        cluster = SimulatedCluster(module, strategy, nodes, device=self.device,
-                                   gradient_clip_val=loop.gradient_clip_val,
-                                   gradient_clip_algorithm=loop.gradient_clip_algorithm)
-        history = MetricsHistory(self.out_dir / "metrics.jsonl", loop.log_every_n_steps)
-        view = _TrainerView()
-        last = {"t": time.perf_counter(), "frames": 0}
-        history.t0 = last["t"]
-
-        def on_step(c: SimulatedCluster, losses: Tensor, step: int, epoch: int) -> None:
-            now = time.perf_counter()
-            frames = c.timings.frames - last["frames"]
-            metrics = {"train/loss": float(losses.mean()), "train/frames_per_s": frames / max(now - last["t"], 1e-9)}
-            metrics |= {f"comm/{k}": float(v) for k, v in c.comm_metrics().items()}
-            last.update(t=now, frames=c.timings.frames)
-            view.global_step, view.current_epoch = step, epoch
-            view.callback_metrics.update(metrics)
-            history.on_train_batch_end(view, None, None, None, step - 1)
-            if logger and step % loop.log_every_n_steps == 0:
-                logger.log_metrics(metrics, step=step)
-
-        def validate(epoch: int, step: int) -> None:
-            cluster.bind_global_model()  # BMUF: W_g at this block end, not a worker's local model
-            res = evaluate_split(cluster.module.model, feats["dev"], frame_labels,
-                                 batch_size=int(cfg.eval_batch_size), device=self.device, criterion=cfg.criterion)
-            cluster.module.model.train()
-            metrics = {"val/wer": res["wer"], "val/cer": res["cer"]}
-            if res["loss"] is not None:  # what the Trainer path logs as val/loss
-                metrics["val/loss"] = res["loss"]
-            if res["fer"] is not None:
-                metrics["val/fer"] = res["fer"]
-            view.global_step, view.current_epoch = step, epoch
-            view.callback_metrics.update(metrics)
-            history.on_validation_end(view, None)
-            if logger:
-                logger.log_metrics(metrics, step=step)
-
-        ckpt_dir = self.out_dir / "checkpoints"
-        last_path, stop_path = ckpt_dir / "last.ckpt", ckpt_dir / "interrupted.ckpt"
-        start = load_resume_state(cluster, _simulated_entry(Path(resume))) if resume else None
-        last["frames"] = cluster.timings.frames  # a resumed cluster's counts continue
-
-        def save(out: FitOutcome, path: Path = last_path) -> None:  # epoch ends, every n steps, a stop
-            checkpoint.save_atomic(_simulated_checkpoint(cluster, module, out, ident), path)
-
-        signals = checkpoint.StopSignals()
-        try:
-            with signals.installed():
-                outcome = fit(cluster, train_set, batch_size=int(cfg.batch_size), seed=int(cfg.seed), loop=loop,
-                              on_step=on_step, validate=validate, start=start,
-                              stop_requested=lambda: bool(signals.signum), save=save,
-                              every_n_steps=int(cfg.get("checkpoint_every_n_steps") or 0))
-        except Diverged as err:
-            self.close(logger, "failed")
-            what = f"training hit NaN or inf at step {err.step} ({str(err).removeprefix(f'step {err.step}: ')})"
-            raise RunFailed(f"{checkpoint.divergence_message(what, *lr_of_run(cfg, module))}; "
-                            f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from None
-        if outcome.stopped_by == "interrupted":
-            save(outcome, stop_path)
-            self.close(logger, "interrupted")
-            raise checkpoint.interrupted(signals.signum, outcome.steps, stop_path)
-        # the loop's state before BMUF's final block closes: a longer run continues from there
-        entry = resume_state(cluster, outcome, copy=cluster.blockwise)
-        cluster.finalize()
-        t = cluster.timings
-        prediction = predict(cluster, self.network, profile=self.profile,
-                                  overlap=float(cfg.cluster.get("overlap", 0.0)),
-                                  frames_per_worker_step=t.frames / max(t.worker_steps, 1)
-                                  ) if outcome.steps else {"simulated": True}
-        checkpoint.save_atomic(_simulated_checkpoint(cluster, module, outcome, ident, entry), last_path)
-        # train_time_s: the time this process spent training all workers, one after another.
-        return FitResult(steps=outcome.steps, epochs=outcome.epochs, train_frames=t.frames,
-                         fit_wall_s=outcome.fit_wall_s, train_time_s=outcome.train_time_s, model=cluster.module.model,
-                         comm_summary=cluster.comm_summary(),
-                         extra={"stopped_by": outcome.stopped_by,
-                                "simulator_s": {"compute": t.compute_s, "exchange": t.exchange_s,
-                                                "optimizer": t.optimizer_s, "averaging": t.averaging_s},
-                                **prediction})
-
-    def close(self, logger: Any, status: str = "success") -> None:
-        if logger:
-            logger.finalize(status)
-        finish_wandb(logger)
-
-
-def _simulated_checkpoint(cluster: SimulatedCluster, module: AcousticModule, outcome: FitOutcome,
-                          ident: Mapping[str, Any], entry: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A cluster=simulated checkpoint: the run's one model as `state_dict` (what init_from=, eval and align
-    read; BMUF's W_g), its identity, and the cluster's exact state (`entry`, else taken now) that resume= loads."""
-    entry = resume_state(cluster, outcome) if entry is None else entry
-    cluster.bind_global_model()  # views only: the next step binds each worker's row again
-    return {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-            "hyper_parameters": dict(module.hparams), "global_step": outcome.steps, "epoch": outcome.epochs,
-            "simulated": True, checkpoint.KEY: dict(ident), CHECKPOINT_KEY: entry}
-
-
-def _simulated_entry(path: Path) -> Mapping[str, Any]:
-    """The simulated cluster's state in checkpoint `path` (already checked against the run's identity)."""
-    entry = torch.load(path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY)  # not mapped: trained on
-    if not isinstance(entry, Mapping):
-        raise CheckpointError(f"{path}: holds no simulated cluster's state (written by cluster=processes, or by a "
-                              f"cluster=simulated run before its checkpoints could resume); resume it with the "
-                              f"cluster that wrote it, or start without resume=")
-    return entry
-
-
-def _numel(module: AcousticModule) -> int:
-    return sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-
-
-# ---------------------------------------------------------------- the run
 
 
 def planned_steps(per_epoch: int, trainer: Mapping) -> tuple[int | None, str]:
