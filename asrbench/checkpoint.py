@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from omegaconf import DictConfig, OmegaConf
 
+from asrbench import runinfo
 from asrbench.errors import AsrbenchError, CheckpointError, OutputError
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,7 @@ _WRITE_ADVICE = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free sp
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return runinfo.umask()
 
 
 def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:

@@ -50,6 +50,13 @@ def host() -> dict[str, Any]:
     return info
 
 
+def umask() -> int:
+    """This process's umask (read by setting and restoring it): the mode a plain open() would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file in the same directory, flushed to disk, and a rename: a reader,
     a kill or a full disk finds the previous complete file or the new one, never half of one, and no
@@ -65,6 +72,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())  # else a crash soon after the rename can leave an empty file behind the name
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would hide results.json from the run's group
         os.replace(tmp, path)
         tmp = None
     except OSError as err:

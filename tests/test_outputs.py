@@ -132,3 +132,20 @@ def test_last_checkpoint_is_named(tmp_path):
     torch.save({"state_dict": {}, "global_step": 12}, tmp_path / "last.ckpt")
     text = checkpoint.describe_last_checkpoint(tmp_path)
     assert "(step 12)" in text and f"resume={tmp_path / 'last.ckpt'}" in text
+
+
+def test_json_written_atomically_takes_the_umasks_mode_not_mkstemps(tmp_path):
+    """results.json (runinfo.write_json_atomic) is readable by the run's group and others as a plain open()
+    would make it under this umask; mkstemp alone gives 0600."""
+    import os
+    import stat
+
+    from asrbench import runinfo
+
+    old = os.umask(0o027)
+    try:
+        runinfo.write_json_atomic(tmp_path / "results.json", {"wer": 0.5})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o640
+    assert json.loads((tmp_path / "results.json").read_text()) == {"wer": 0.5}
