@@ -339,13 +339,7 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
         if base:
             lr_search["base"] = base
         for n, js in lr_jobs.items():
-            rows = [candidate_row(j, [*shared, *c], done.get(j.name), plan.runner.failed.get(j.name))
-                    for c, j in zip(cands, js)]
-            for row in rows:
-                row.pop("density")
-            best = pick_winner(rows)
-            if best is None:
-                raise no_winner(f"learning-rate search of {control} x{n}", rows)
+            rows, best = judge_lr(plan, f"{control} x{n}", [[*shared, *c] for c in cands], js, done)
             plan.lr_winners[n] = rows[best]["overrides"]
             if plan.same_budget:
                 plan.reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
@@ -373,17 +367,24 @@ def base_lr_search(plan: Plan, lr_cfg: Any, shared: Sequence[str], seed_s: int) 
                  *plan.job_type("lr_search")], plan.out / "lr_search" / f"{strategies.BASELINE}_{i}")
             for i, c in enumerate(cands)]
     done = plan.runner.run(jobs, may_fail={j.name for j in jobs})
-    rows = [candidate_row(j, [*shared, *c], done.get(j.name), plan.runner.failed.get(j.name))
-            for c, j in zip(cands, jobs)]
-    for row in rows:
-        row.pop("density")
-    best = pick_winner(rows)
-    if best is None:
-        raise no_winner(f"learning-rate search of the {strategies.BASELINE} baseline", rows)
+    rows, best = judge_lr(plan, f"the {strategies.BASELINE} baseline", [[*shared, *c] for c in cands], jobs, done)
     if plan.same_budget:
         plan.reused_paths[(strategies.BASELINE, 1, seed_s)] = Path(rows[best]["run"])
     use_base_lr(plan, rows[best]["overrides"])
     return {"candidates": rows, "winner": best, "winner_overrides": rows[best]["overrides"]}
+
+
+def judge_lr(plan: Plan, what: str, overrides: Sequence[Sequence[str]], jobs: Sequence[Job],
+             done: Mapping[str, dict]) -> tuple[list[dict], int]:
+    """One lr search's candidates as lr_search.json keeps them, and the winner's index; every candidate
+    diverged stops the invocation in one line."""
+    rows = [candidate_row(j, o, done.get(j.name), plan.runner.failed.get(j.name)) for o, j in zip(overrides, jobs)]
+    for row in rows:
+        row.pop("density")
+    best = pick_winner(rows)
+    if best is None:
+        raise no_winner(f"learning-rate search of {what}", rows)
+    return rows, best
 
 
 def use_base_lr(plan: Plan, winner: Sequence[str]) -> None:
