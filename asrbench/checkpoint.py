@@ -202,12 +202,22 @@ def describe_last_checkpoint(ckpt_dir: Path) -> str:
     return f"last checkpoint {path}{at}: continue with resume={path}"
 
 
+def restarts() -> tuple[str, int]:
+    """Who started this process again, and how often: a torchrun restart of the worker group
+    (TORCHELASTIC_RESTART_COUNT) or a requeued SLURM job (SLURM_RESTART_COUNT); ("", 0) on a first start."""
+    for what, key in (("torchrun restart", "TORCHELASTIC_RESTART_COUNT"), ("SLURM requeue", "SLURM_RESTART_COUNT")):
+        try:
+            n = int(os.environ.get(key, "0") or 0)
+        except ValueError:
+            n = 0
+        if n > 0:
+            return what, n
+    return "", 0
+
+
 def restart_count() -> int:
-    """How often torchrun restarted this worker group (TORCHELASTIC_RESTART_COUNT; 0 outside torchrun)."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
+    """How often torchrun restarted this worker group or SLURM requeued this job (0 on a first start)."""
+    return restarts()[1]
 
 
 def auto_resume(run_dir: Path, expected: Mapping[str, Any]) -> Path | None:

@@ -265,12 +265,13 @@ def make_runner(cfg: DictConfig, out_dir: Path) -> Runner:
 def resume_checkpoint(cfg: DictConfig, out_dir: Path, ident: Mapping[str, Any]) -> str | None:
     """The checkpoint this run continues from: ``resume=<checkpoint or run dir>``; ``resume=auto``, the
     newest in `<out_dir>/checkpoints` if any (else a fresh start); a torchrun restart
-    (TORCHELASTIC_RESTART_COUNT > 0) without ``resume=`` counts as ``resume=auto``. Each is checked
-    against the run's identity before any process starts."""
+    (TORCHELASTIC_RESTART_COUNT > 0) or a requeued SLURM job (SLURM_RESTART_COUNT > 0) without ``resume=``
+    counts as ``resume=auto``. Each is checked against the run's identity before any process starts."""
     resume = cfg.get("resume")
-    if not resume and checkpoint.restart_count() > 0:
+    what, count = checkpoint.restarts()
+    if not resume and count > 0:
         if checkpoint.launching_process():
-            log.info("torchrun restart %d: resume=auto", checkpoint.restart_count())
+            log.info("%s %d: resume=auto", what, count)
         resume = checkpoint.AUTO
     if not resume:
         return None

@@ -149,3 +149,26 @@ def test_json_written_atomically_takes_the_umasks_mode_not_mkstemps(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o640
     assert json.loads((tmp_path / "results.json").read_text()) == {"wer": 0.5}
+
+
+def test_a_torchrun_restart_or_a_slurm_requeue_counts_as_resume_auto(tmp_path, monkeypatch):
+    """checkpoint.restarts names who started the process again; experiment.resume_checkpoint then takes the
+    run dir's newest checkpoint as resume=auto does (none here: a fresh start), and without a restart nothing."""
+    from omegaconf import OmegaConf
+
+    from asrbench import checkpoint, experiment
+
+    for key in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    assert checkpoint.restarts() == ("", 0)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert checkpoint.restarts() == ("SLURM requeue", 2) and checkpoint.restart_count() == 2
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert checkpoint.restarts() == ("torchrun restart", 1)
+    seen = []
+    monkeypatch.setattr(checkpoint, "auto_resume", lambda run_dir, ident: seen.append(run_dir))
+    assert experiment.resume_checkpoint(OmegaConf.create({"resume": None}), tmp_path, {}) is None
+    assert seen == [tmp_path]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert experiment.resume_checkpoint(OmegaConf.create({"resume": None}), tmp_path, {}) is None and len(seen) == 1
