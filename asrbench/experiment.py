@@ -197,9 +197,9 @@ def non_finite_gradient(err: BaseException) -> str | None:
 
 def hook_divergence(message: str, step: int) -> str:
     """What a compressing hook's NaN/inf error `message` says, in the words of the simulated cluster's line:
-    `step`, the run's optimizer step (from 1), in place of the hook's own counter (from 0), and without the
-    hook's generic advice, which :func:`asrbench.checkpoint.divergence_message` gives with the run's values."""
-    detail = " ".join(message.split()).split("; lower the learning rate", 1)[0]
+    `step`, the run's optimizer step (from 1), in place of the hook's own counter (from 0); the advice, with
+    the run's values, is :func:`asrbench.checkpoint.divergence_message`'s."""
+    detail = " ".join(message.split())
     detail = re.sub(r"^(\S+(?: \S+)?) step \d+: ", r"\1: ", detail, count=1)  # "GTC step 2: ..." -> "GTC: ..."
     return f"training hit NaN or inf at step {step} ({detail})"
 
