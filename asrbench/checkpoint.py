@@ -240,10 +240,6 @@ _WRITE_ADVICE = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free sp
                  errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
 
 
-def _umask() -> int:
-    return runinfo.umask()
-
-
 def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """Write `checkpoint` to `path` through a temporary file in the same directory, flushed to disk,
     and a rename: a resume, a kill or a full disk finds the previous complete file or the new one,
@@ -256,7 +252,7 @@ def save_atomic(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run's checkpoints from its group
+        os.chmod(tmp, 0o666 & ~runinfo.umask())  # mkstemp's 0600 would hide the run's checkpoints from its group
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()

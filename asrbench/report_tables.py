@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asrbench import strategies
 from asrbench.paper import PAPER_NODES, paper_rel_wer_text, paper_value
@@ -182,28 +182,35 @@ def search_table(search: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _lr_searches(lr_search: Mapping) -> list[tuple[Any, Mapping]]:
+    """(workers, search) of every lr search: the baseline's at 1 worker first, then the control's at each N."""
+    base = lr_search.get("base")
+    return ([(1, base)] if base else []) + list((lr_search.get("nodes") or {}).items())
+
+
+def _at_edge(search: Mapping) -> bool:
+    """The winner is the first or last of three or more candidates (listed low to high)."""
+    return len(search["candidates"]) >= 3 and search["winner"] in (0, len(search["candidates"]) - 1)
+
+
 def lr_search_table(lr_search: Mapping) -> str:
     """The learning-rate candidates, the baseline's (1 worker) first, then the control's at each worker
     count: dev WER, the peak lr, the winner. A winner at either end of its candidates (more than two, in
     the order the preset lists them, low to high) is marked: the best lr may lie beyond the grid."""
     lines = ["| workers | candidate overrides | peak lr | dev WER | test WER | steps | |", "|" + "---|" * 7]
-    base = lr_search.get("base")
-    for n, v in ([(1, base)] if base else []) + list((lr_search.get("nodes") or {}).items()):
-        last = len(v["candidates"]) - 1
+    for n, v in _lr_searches(lr_search):
         for i, c in enumerate(v["candidates"]):
             lr = "-" if c.get("lr") is None else f"{c['lr']:.2g}"
             row = f"| {n} | `{' '.join(c['overrides'])}` | {lr} | {_candidate(c, i == v['winner'])} |"
-            if i == v["winner"] and last >= 2 and i in (0, last):
+            if i == v["winner"] and _at_edge(v):
                 row = row[:-2] + " (at the grid's edge) |"
             lines.append(row)
     return "\n".join(lines)
 
 
 def lr_edge_winners(lr_search: Mapping) -> list[str]:
-    """The worker counts whose lr winner is the first or last of three or more candidates ("1" the baseline)."""
-    base = lr_search.get("base")
-    return [str(n) for n, v in ([(1, base)] if base else []) + list((lr_search.get("nodes") or {}).items())
-            if len(v["candidates"]) >= 3 and v["winner"] in (0, len(v["candidates"]) - 1)]
+    """The worker counts whose lr winner is at its grid's edge ("1" the baseline)."""
+    return [str(n) for n, v in _lr_searches(lr_search) if _at_edge(v)]
 
 
 def _candidate(c: Mapping, winner: bool, density: str | None = None) -> str:

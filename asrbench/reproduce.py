@@ -345,13 +345,19 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
                 plan.reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
             lr_search["nodes"][n] = {"candidates": rows, "winner": best, "winner_overrides": plan.lr_winners[n]}
         lr_search["wall_s"] = time.perf_counter() - t_lr
-        every = [*(base or {}).get("candidates", []), *(c for v in lr_search["nodes"].values() for c in v["candidates"])]
+        every = lr_candidates(lr_search)
         lr_search["runs"] = len(every)
         lr_search["run_s"] = sum(c.get("wall_s") or 0.0 for c in every)
         runinfo.write_json_atomic(plan.out / "lr_search" / "lr_search.json", lr_search)
     plan.inherit_lr = {control, *(lr_search.get("inherit") or [])} if plan.lr_winners else set()
     plan.inherit_group = set(lr_search.get("inherit_group") or []) - plan.inherit_lr if plan.lr_winners else set()
     return lr_search
+
+
+def lr_candidates(lr_search: Mapping) -> list[dict]:
+    """Every candidate of an lr search (lr_search.json's content): the baseline's first, then the control's."""
+    searches = [*filter(None, [lr_search.get("base")]), *(lr_search.get("nodes") or {}).values()]
+    return [c for v in searches for c in v["candidates"]]
 
 
 def base_lr_search(plan: Plan, lr_cfg: Any, shared: Sequence[str], seed_s: int) -> dict[str, Any] | None:
@@ -535,8 +541,8 @@ def run_reproduce(cfg: Any, out: Path, conf_dir: str | Path) -> dict:
     search_cfg, lr_cfg = rc.get("search"), rc.get("lr_search")
     searched = [c for v in search.get("strategies", {}).values() for c in v["candidates"]
                 if search_cfg and not search_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
-    searched += [c for v in [*lr_search.get("nodes", {}).values(), *filter(None, [lr_search.get("base")])]
-                 for c in v["candidates"] if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
+    searched += [c for c in lr_candidates(lr_search)
+                 if lr_cfg and not lr_cfg.get("reuse") and Path(c["run"]) not in grid_paths]
     every = [*warm_results.values(), *(done[j.name] for j in [*jobs, *plan.baselines])]
     wall = time.perf_counter() - t0
     return {"runs": len(every) + len(searched),

@@ -187,16 +187,12 @@ def check_finite(values: Tensor, step: int, workers: str = "rank") -> None:
     finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)
     if not bool(finite.all()):
         bad = ", ".join(str(int(w)) for w in torch.nonzero(~finite).view(-1))
-        raise NonFiniteGradientError(f"1-bit SGD step {step}: NaN/inf in the gradient of {workers}(s) {bad}; "
-                                     f"lower the learning rate or clip gradients")
+        raise NonFiniteGradientError(f"1-bit SGD step {step}: NaN/inf in the gradient of {workers}(s) {bad}")
 
 
 def _slices(x: Tensor, memory: Sequence[Tensor]) -> list[Tensor]:
     """The columns of x (W, E) that each parameter's error (W, m) is the memory of."""
-    offsets = [0]
-    for e in memory:
-        offsets.append(offsets[-1] + e.shape[-1])
-    return [x[:, a:b] for a, b in zip(offsets, offsets[1:])]
+    return hooked.split_columns(x, [e.shape[-1] for e in memory])
 
 
 class Plan(NamedTuple):
