@@ -209,6 +209,13 @@ def evidence_sections(result: Mapping) -> list[str]:
     return parts
 
 
+def _means(lr_search: Mapping) -> str:
+    """lr_search.select=one_rule's mean dev WER per candidate, in the table's words."""
+    means = (lr_search.get("one_rule") or {}).get("mean_dev_wer") or []
+    return "mean dev WER per candidate " + ", ".join("diverged somewhere" if m is None else f"{100 * m:.1f}%"
+                                                      for m in means)
+
+
 def search_sections(result: Mapping) -> list[str]:
     """The control's learning-rate search and the knob search, with what they cost."""
     parts = []
@@ -224,8 +231,11 @@ def search_sections(result: Mapping) -> list[str]:
                 if lr_search.get("base") else "")
         edges = lr_edge_winners(lr_search)
         parts += [f"## The learning-rate search ({control})", "",
-                  f"{base}{control}'s learning rate at each worker count on dev WER ({cost}); the winner "
-                  f"at each N is {control}'s there and is inherited by {inherit}"
+                  f"{base}{control}'s learning rate at each worker count on dev WER ({cost}); "
+                  + (f"one candidate for every N (lr_search.select=one_rule: the lowest mean dev WER over the worker "
+                     f"counts, {_means(lr_search)}) is {control}'s at each N and is inherited by {inherit}"
+                     if lr_search.get("select") == "one_rule" else
+                     f"the winner at each N is {control}'s there and is inherited by {inherit}")
                   + (f"; {group} take{'s' if ',' not in group else ''} its scaling rule applied to the workers one "
                      f"of {'its' if ',' not in group else 'their'} exchanges combines (`lr_scaling=<rule>_group`)"
                      if group else "") + ". A candidate that diverged is not eligible."

@@ -174,6 +174,10 @@ def check_config(rc: Any) -> None:
         if not any(_key(str(o)) == "optim.lr" for o in cand):
             raise ConfigError(f"reproduce.lr_search.base_candidates: {list(cand)} sets no optim.lr; each candidate is "
                               f"the baseline's learning rate, e.g. [optim.lr=0.001]")
+    select = (rc.get("lr_search") or {}).get("select") or "each_n"
+    if select not in ("each_n", "one_rule"):
+        raise ConfigError(f"reproduce.lr_search.select={select} is unknown; use each_n (each worker count's own "
+                          f"best candidate) or one_rule (the candidate best on average over them, for every N)")
     if rc.get("lr_search") and not control:
         raise ConfigError("reproduce.lr_search needs reproduce.control (the strategy whose lr is searched at each N, "
                           "e.g. sync); set it, or lr_search: null")
@@ -338,8 +342,14 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
                      "inherit_group": list(lr_cfg.get("inherit_group") or []), "nodes": {}}
         if base:
             lr_search["base"] = base
-        for n, js in lr_jobs.items():
-            rows, best = judge_lr(plan, f"{control} x{n}", [[*shared, *c] for c in cands], js, done)
+        judged = {n: judge_lr(plan, f"{control} x{n}", [[*shared, *c] for c in cands], js, done)
+                  for n, js in lr_jobs.items()}
+        select = str(lr_cfg.get("select") or "each_n")
+        lr_search["select"] = select
+        if select == "one_rule":
+            lr_search["one_rule"] = one_rule(plan, {n: rows for n, (rows, _) in judged.items()})
+        for n, (rows, best) in judged.items():
+            best = lr_search["one_rule"]["winner"] if select == "one_rule" else best
             plan.lr_winners[n] = rows[best]["overrides"]
             if plan.same_budget:
                 plan.reused_paths[(control, n, seed_s)] = Path(rows[best]["run"])
@@ -352,6 +362,22 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
     plan.inherit_lr = {control, *(lr_search.get("inherit") or [])} if plan.lr_winners else set()
     plan.inherit_group = set(lr_search.get("inherit_group") or []) - plan.inherit_lr if plan.lr_winners else set()
     return lr_search
+
+
+def one_rule(plan: Plan, rows_at: Mapping[int, Sequence[Mapping]]) -> dict[str, Any]:
+    """lr_search.select=one_rule: the one candidate (scaling rule) every N takes, the lowest mean dev WER
+    over the worker counts; a candidate that diverged at any N is not eligible. Each N's own pick rests on
+    one dev set's noise (a 0.7-point margin picked no scaling at 8 workers between sqrt(N) at 4 and 16 in
+    the 2026-12-07 default); the mean over the N tiers has a third of its variance."""
+    count = len(next(iter(rows_at.values())))
+    mean = [None if any(rows[i]["dev_wer"] is None for rows in rows_at.values())
+            else sum(rows[i]["dev_wer"] for rows in rows_at.values()) / len(rows_at) for i in range(count)]
+    best = pick_winner([{"dev_wer": m} for m in mean])
+    if best is None:
+        raise RunFailed("reproduce.lr_search.select=one_rule: no candidate finished at every worker count (each "
+                        "diverged somewhere: lr_search.json lists where); give it smaller learning rates or more "
+                        "warm-up, or select=each_n")
+    return {"winner": best, "mean_dev_wer": mean}
 
 
 def lr_candidates(lr_search: Mapping) -> list[dict]:

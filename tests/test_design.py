@@ -239,3 +239,55 @@ def test_the_baselines_lr_is_searched_first_and_becomes_every_later_runs_base(tm
     with pytest.raises(ConfigError, match=r"^reproduce.lr_search.base_candidates: \['optim.lr_scaling=sqrt'\] sets no"):
         reproduce.check_config(OmegaConf.create({"epochs": 2, "strategies": ["sync"], "control": "sync",
                                                  "lr_search": {"base_candidates": [["optim.lr_scaling=sqrt"]]}}))
+
+
+def test_one_rule_gives_every_n_the_candidate_best_on_average(tmp_path, monkeypatch) -> None:
+    """lr_search.select=one_rule over fake jobs: at 8 workers `none` is best by a hair, at 4 and 16 `sqrt`
+    by more; each_n picks none at 8, one_rule sqrt at every N (the lowest mean dev WER); a candidate that
+    diverged at any N is not eligible, and none finishing everywhere stops in one line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omegaconf import OmegaConf
+
+    from asrbench import jobs, reproduce
+    from asrbench.errors import ConfigError, RunFailed
+
+    dev = {("none", "4"): 0.374, ("sqrt", "4"): 0.349, ("none", "8"): 0.372, ("sqrt", "8"): 0.379,
+           ("none", "16"): 0.398, ("sqrt", "16"): 0.363}
+
+    def train(conf_dir, overrides, run_dir, threads):
+        over = dict(o.split("=", 1) for o in overrides)
+        rule, n = over["optim.lr_scaling"], over["nodes"]
+        if (rule, n) == ("linear", "16") or ((rule, n) == ("none", "4") and "none_left" in str(run_dir)):
+            raise RunFailed("the training loss is NaN or inf at step 2: the run diverged and was stopped")
+        wer = 0.30 if rule == "linear" else dev[rule, n]  # linear: best where it finished, but not at 16
+        return {"eval": {"dev": {"wer": wer}}, "wer": wer, "steps": 10, "wall_s": 1.0, "config": {}}
+
+    monkeypatch.setattr(jobs, "_train_job", train)
+    monkeypatch.setattr(jobs, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+
+    def plan(select, out, candidates=("none", "sqrt", "linear")) -> reproduce.Plan:
+        rc = OmegaConf.create({"nodes": [4, 8, 16], "search": None, "lr_search": {
+            "select": select, "inherit": [], "candidates": [[f"optim.lr_scaling={c}"] for c in candidates]}})
+        return reproduce.Plan(rc=rc, out=tmp_path / out, runner=jobs.Runner("conf", parallel=1), seeds=[0],
+                              common=[], logger="csv", warm=0, warm_dir={}, start={0: []}, rest=[], search_rest=[],
+                              same_budget=True, control="sync", fer=None, fixed={"sync": []})
+
+    each = plan("each_n", "each")
+    reproduce.lr_search_step(each)
+    assert each.lr_winners == {4: ["optim.lr_scaling=linear"], 8: ["optim.lr_scaling=linear"],
+                               16: ["optim.lr_scaling=sqrt"]}
+    one = plan("one_rule", "one")
+    lr = reproduce.lr_search_step(one)
+    assert one.lr_winners == {n: ["optim.lr_scaling=sqrt"] for n in (4, 8, 16)}
+    assert lr["select"] == "one_rule" and lr["one_rule"]["winner"] == 1
+    assert lr["one_rule"]["mean_dev_wer"][2] is None  # linear diverged at 16
+    assert lr["one_rule"]["mean_dev_wer"][1] == pytest.approx((0.349 + 0.379 + 0.363) / 3)
+    saved = json.loads((tmp_path / "one" / "lr_search" / "lr_search.json").read_text())
+    assert saved["nodes"]["8"]["winner"] == 1 and saved["select"] == "one_rule"
+    assert one.reused_paths[("sync", 8, 0)] == tmp_path / "one" / "lr_search" / "sync_n8_1"
+    with pytest.raises(RunFailed, match=r"^reproduce.lr_search.select=one_rule: no candidate finished at every"):
+        reproduce.lr_search_step(plan("one_rule", "none_left", candidates=("none", "linear")))
+    with pytest.raises(ConfigError, match=r"^reproduce.lr_search.select=pooled is unknown; use each_n"):
+        reproduce.check_config(OmegaConf.create({"epochs": 2, "strategies": ["sync"], "control": "sync",
+                                                 "lr_search": {"select": "pooled"}}))
