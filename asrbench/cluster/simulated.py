@@ -46,6 +46,23 @@ One optimizer step of the cluster:
 6. Divergence: a non-finite loss or gradient (before step 2) or parameter (after step 5) stops
    the cluster with :class:`Diverged`, naming the step and the worker.
 
+Batched sync (``batched_sync=True``, sync only; off by default): every row is equal before a sync
+step, so steps 1-2 are one forward and backward of the model (bound to P[0] and G[0]) over the N
+workers' batches concatenated, on the mean of the N workers' losses
+(:meth:`AcousticModule.worker_losses`: each reduced over its own worker's utterances and frames
+exactly as alone), whose gradient is the all-reduce's mean of the N gradients. Results equal the
+per-worker path's up to float summation order, not bit for bit (tests/cluster/test_batched_sync.py
+states the tolerance). What the per-worker path records stays: every worker's padded frames
+(the straggler factor), worker 0's byte counts (the exchange of the one mean row), clipping (once,
+of the mean gradient every row holds), each worker's loss and the step of a divergence (a
+non-finite gradient is then the mean's: no worker's own gradient is formed). The cost model
+charges compute per worker step, which the batched step does not measure: every
+``timing_sample_every``-th step (the first included) also times one worker's forward and backward
+alone (workers in turn, into a scratch gradient that training never reads), and
+:meth:`SimulatedCluster.compute_s_per_worker_step` is the mean of those samples. Refused for every
+other strategy, and for a model with dropout (each worker's own random stream cannot be replayed
+in one batch). The concatenated batch holds N workers' activations at once.
+
 A checkpoint (:meth:`SimulatedCluster.state_dict`, :func:`resume_state`) holds everything the
 next step reads: P, the optimizer and its lr schedulers, every tensor and counter the
 strategy's exchange and averager keep (GTC residuals; BMUF's S, W_g, Δ and step in the block;
@@ -80,6 +97,7 @@ from asrbench.cluster.memory import activation_bytes, available_memory, check_me
 from asrbench.cluster.rows import (RowBinding, build_worker_optimizer, clip_rows, row_parameters,
                                    step_schedulers)
 from asrbench.cluster.state import load_object_state, object_state, rng_state, set_rng_state
+from asrbench.data.dataset import IGNORE_INDEX
 from asrbench.errors import CheckpointError, ConfigError
 from asrbench.strategies import spec_of
 from asrbench.strategies.contract import FP32_BYTES, SimContext
@@ -117,6 +135,29 @@ def _first_nonfinite_row(rows: Tensor) -> int:
     return int((~torch.isfinite(rows.amax(1) - rows.amin(1))).nonzero()[0])
 
 
+def _concatenated(batches: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
+    """The workers' batches as one, in worker order, padded as the collate pads (feats and targets
+    with 0, frame labels with IGNORE_INDEX) to the longest of all; no valid frame reads the padding
+    (a unidirectional LSTM), nor does a loss (lengths, ignored labels)."""
+    out: dict[str, Any] = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        if not torch.is_tensor(values[0]):
+            out[key] = [v for vs in values for v in vs]
+        elif values[0].dim() == 1:
+            out[key] = torch.cat(values).to(device, non_blocking=True)
+        else:
+            shape = [sum(v.shape[0] for v in values), *(max(v.shape[d] for v in values)
+                                                        for d in range(1, values[0].dim()))]
+            joined = values[0].new_full(shape, IGNORE_INDEX if key == "frame_labels" else 0)
+            row = 0
+            for v in values:
+                joined[(slice(row, row + v.shape[0]), *(slice(0, s) for s in v.shape[1:]))] = v
+                row += v.shape[0]
+            out[key] = joined.to(device, non_blocking=True)
+    return out
+
+
 def _copy_state(source: dict[str, Any], target: dict[str, Any]) -> None:
     """One parameter's optimizer state written into another's: tensors in place where they exist."""
     for key, value in source.items():
@@ -130,7 +171,7 @@ def _copy_state(source: dict[str, Any], target: dict[str, Any]) -> None:
 class Timings:
     """Seconds spent in each part of the cluster's steps (all workers together)."""
 
-    compute_s: float = 0.0  # forward + backward of every worker
+    compute_s: float = 0.0  # forward + backward of every worker (batched sync: of the one batched step)
     exchange_s: float = 0.0  # the gradient exchange (sync's mean, GTC's encode/decode)
     optimizer_s: float = 0.0  # clipping + the optimizer step of the N rows
     averaging_s: float = 0.0  # BMUF's block syncs
@@ -138,6 +179,9 @@ class Timings:
     frames: int = 0
     # padded frames (batch x longest utterance: what the LSTM runs over) of each worker, per step
     worker_frames: list[list[int]] = field(default_factory=list)
+    # batched sync: one worker's forward + backward timed alone every timing_sample_every steps
+    sampled_compute_s: float = 0.0
+    sampled_steps: int = 0
 
 
 class SimulatedCluster:
@@ -148,10 +192,15 @@ class SimulatedCluster:
     strategy's settings (τ, g, the BMUF config) and the accounting the real strategy keeps, so
     :meth:`comm_summary` has the real path's keys. Call :meth:`train_step` with one batch per
     worker, then :meth:`finalize` once; the model then holds the model to evaluate.
+
+    `batched_sync` (sync only) computes the workers' mean gradient in one forward and backward over
+    their concatenated batches, timing one worker's step alone every `timing_sample_every` steps
+    (module docstring: Batched sync).
     """
 
     def __init__(self, module: Any, strategy: Any, nodes: int, *, device: str | torch.device = "cpu",
-                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
+                 batched_sync: bool = False, timing_sample_every: int = 10) -> None:
         if nodes < 1:
             raise ConfigError(f"nodes={nodes} must be a positive number of workers")
         if gradient_clip_algorithm not in ("norm", "value"):
@@ -189,7 +238,25 @@ class SimulatedCluster:
         # Rows of a group stay equal without an averager (equal start, equal exchanged gradients): the
         # optimizer steps each group's first row and the others copy it (step_representatives).
         self.step_representatives = self.averager is None and self.group_size > 1
+        self.batched_sync = bool(batched_sync)
+        if self.batched_sync:
+            self._check_batched_sync(timing_sample_every)
+            self.timing_sample_every = int(timing_sample_every)
+            self._scratch = torch.zeros(n, device=self.device)  # the sampled worker step's gradient
+            self._scratch_views = self.binding.views(self._scratch)
         self.binding.bind(self.P[0])
+
+    def _check_batched_sync(self, every: int) -> None:
+        """Batched sync is exact (up to float order) only where every row is equal before the step and
+        the exchange is the plain mean: strategy=sync; and only without dropout (module docstring)."""
+        if self.kind != "sync" or self.averager is not None or self.group_size != self.nodes:
+            raise ConfigError(f"batched_sync=True holds only for strategy=sync (one mean gradient of equal rows); "
+                              f"this run has strategy={self.kind}: set batched_sync=False")
+        if self._rng is not None:
+            raise ConfigError("batched_sync=True cannot replay each worker's own dropout stream in one batch; "
+                              "set model.dropout=0 or batched_sync=False")
+        if int(every) < 1:
+            raise ConfigError(f"timing_sample_every={every} must be a positive number of steps")
 
     def _worker_rng_states(self, model: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
         """Every worker starts from this process's RNG state, as every rank does after seed_everything."""
@@ -235,20 +302,59 @@ class SimulatedCluster:
         t.worker_steps += len(batches)
         return torch.stack(losses)
 
+    def _batched_gradients(self, batches: Sequence[Mapping[str, Any]]) -> Tensor:
+        """Steps 1-2 of batched sync: the N workers' mean gradient into G[0] by one forward and backward
+        of their concatenated batches; returns the N losses, each its worker's own."""
+        t = self.timings
+        t.worker_frames.append([int(b["feats"].shape[0] * b["feats"].shape[1]) for b in batches])
+        sizes = [int(b["feats"].shape[0]) for b in batches]
+        batch = _concatenated(batches, self.device)
+        self.G[0].zero_()
+        self.binding.bind_views(self._P_views[0], self._G_views[0])
+        _synchronize(self.device)
+        t0 = time.perf_counter()
+        losses = self.module.worker_losses(self.module(batch["feats"], batch["feat_lens"]), batch, sizes)
+        losses.mean().backward()
+        _synchronize(self.device)
+        t.compute_s += time.perf_counter() - t0
+        t.frames += int(batch["feat_lens"].sum())
+        t.worker_steps += len(batches)
+        if self.steps % self.timing_sample_every == 0 or not t.sampled_steps:
+            self._time_worker_step(batches[(self.steps // self.timing_sample_every) % self.nodes])
+        return losses.detach()
+
+    def _time_worker_step(self, batch: Mapping[str, Any]) -> None:
+        """One worker's forward and backward alone, timed for the cost model (its gradient discarded)."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self._scratch.zero_()
+        self.binding.bind_views(self._P_views[0], self._scratch_views)
+        _synchronize(self.device)
+        t0 = time.perf_counter()
+        self.module.loss(self.module(batch["feats"], batch["feat_lens"]), batch).backward()
+        _synchronize(self.device)
+        self.timings.sampled_compute_s += time.perf_counter() - t0
+        self.timings.sampled_steps += 1
+        self.binding.bind_views(self._P_views[0], self._G_views[0])
+
     def train_step(self, batches: Sequence[Mapping[str, Any]]) -> Tensor:
         """One optimizer step of every worker (steps 1-5 of the module docstring); returns the N losses."""
         if len(batches) != self.nodes:
             raise ValueError(f"train_step needs one batch per worker ({self.nodes}), got {len(batches)}")
-        losses = self._local_gradients(batches)
+        batched = self.batched_sync
+        losses = self._batched_gradients(batches) if batched else self._local_gradients(batches)
         self._check_finite(losses)
         t = self.timings
         t0 = time.perf_counter()
+        grads = self.G[:1] if batched else self.G  # batched: G[0] holds the mean already, its accounting follows
         if self.exchange is not None:
-            self.exchange.exchange(self.G, self.steps)
+            self.exchange.exchange(grads, self.steps)
         _synchronize(self.device)
         t1 = time.perf_counter()
         if self.clip_val is not None:
-            clip_rows(self.G, self.binding, self.clip_val, self.group_size, self.clip_algorithm, self.clip_split)
+            clip_rows(grads, self.binding, self.clip_val, 1 if batched else self.group_size, self.clip_algorithm,
+                      self.clip_split)
+        if batched and self.nodes > 1:
+            self.G[1:].copy_(self.G[:1].expand(self.nodes - 1, self.numel))  # every row holds the exchanged gradient
         if self.step_representatives:
             self._step_representatives()
         else:
@@ -298,7 +404,11 @@ class SimulatedCluster:
         if bad.numel():
             i = int(bad[0])
             raise Diverged(step, f"the loss of worker {i} is {float(losses[i])}")
-        if not _finite(self.G):
+        if self.batched_sync:
+            if not _finite(self.G[0]):
+                raise Diverged(step, "the workers' mean gradient holds NaN or inf (batched sync forms no "
+                                     "worker's own gradient)")
+        elif not _finite(self.G):
             raise Diverged(step, f"the gradient of worker {_first_nonfinite_row(self.G)} holds NaN or inf")
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -410,11 +520,14 @@ class SimulatedCluster:
         return cost.straggler_factor(self.timings.worker_frames, g, k)
 
     def compute_s_per_worker_step(self) -> float:
-        """Measured seconds of one worker's step without communication: forward + backward, plus
-        its share (1/N) of the clipping and the optimizer step over the rows of P."""
+        """Measured seconds of one worker's step without communication: forward + backward (batched
+        sync: the mean of the sampled unbatched steps), plus its share (1/N) of the clipping and the
+        optimizer step over the rows of P."""
         t = self.timings
         if not t.worker_steps:
             return 0.0
+        if self.batched_sync:  # the batched step is no worker's: the sampled unbatched steps are
+            return t.sampled_compute_s / t.sampled_steps + t.optimizer_s / t.worker_steps
         return t.compute_s / t.worker_steps + t.optimizer_s / t.worker_steps
 
     def encode_s_per_worker_step(self) -> float:

@@ -1,12 +1,15 @@
 """LightningModule for the acoustic model: CTC or frame cross-entropy, greedy decoding, WER/CER/FER.
 
 Training loss is per frame for CE and per utterance (summed over frames, averaged over the
-batch) for CTC. Validation metrics use torchmetrics so they are exact across DDP ranks.
+batch) for CTC. :meth:`AcousticModule.worker_losses` gives that loss for each of several workers'
+batches concatenated into one (the simulated cluster's batched sync), each reduced as alone.
+Validation metrics use torchmetrics so they are exact across DDP ranks.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -40,6 +43,45 @@ def probe_loss(phone_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     if not bool((labels != -100).any()):
         return phone_logits.sum() * 0.0
     return F.cross_entropy(phone_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _owners(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Each utterance's worker, for workers of sizes[i] utterances each, in worker order."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.as_tensor(sizes, device=device))
+
+
+def _worker_means(values: torch.Tensor, counts: torch.Tensor, owner: torch.Tensor, workers: int) -> torch.Tensor:
+    """Per worker: the sum of `values` whose `owner` is that worker, over that worker's `counts`."""
+    sums = values.new_zeros(workers).index_add(0, owner, values)
+    return sums / counts.to(values.dtype)
+
+
+def _frame_losses(logits: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, workers: int, *,
+                  empty_is_zero: bool) -> torch.Tensor:
+    """Frame cross-entropy averaged over each worker's labelled frames: NaN (as torch's mean gives) or,
+    with `empty_is_zero`, 0 in the graph for a worker without any."""
+    per_frame = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    frame_owner = owner.repeat_interleave(labels.shape[1])
+    counts = torch.zeros(workers, dtype=torch.long, device=labels.device).index_add(
+        0, frame_owner, (labels.flatten() != -100).long())
+    return _worker_means(per_frame, counts.clamp(min=1) if empty_is_zero else counts, frame_owner, workers)
+
+
+def criterion_losses(logits: torch.Tensor, batch: dict, criterion: str, sizes: Sequence[int]) -> torch.Tensor:
+    """:func:`criterion_loss` of each worker whose batch of sizes[i] utterances lies, in worker order,
+    in `batch`: (len(sizes),), each reduced over its own worker's utterances (CTC: per utterance over
+    its target length, averaged over the worker's batch) or labelled frames (CE), as alone."""
+    workers = len(sizes)
+    owner = _owners(sizes, logits.device)
+    if criterion == "ctc":
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        per_utt = F.ctc_loss(log_probs, batch["targets"], batch["feat_lens"], batch["target_lens"],
+                             blank=0, reduction="none", zero_infinity=True)
+        per_utt = per_utt / batch["target_lens"].to(per_utt.device).clamp(min=1).to(per_utt.dtype)
+        return _worker_means(per_utt, torch.as_tensor(sizes, device=logits.device), owner, workers)
+    if "frame_labels" not in batch:
+        raise ValueError("criterion=ce needs frame labels: run `asrbench align` and set data.alignments=DIR")
+    return _frame_losses(logits, batch["frame_labels"], owner, workers, empty_is_zero=False)
 
 
 def targets_to_text(targets: torch.Tensor, target_lens: torch.Tensor) -> list[str]:
@@ -80,6 +122,17 @@ class AcousticModule(L.LightningModule):
         if self.model.phone_probe is not None and "frame_labels" in batch:
             loss = loss + probe_loss(self.model.phone_logits(), batch["frame_labels"])
         return loss
+
+    def worker_losses(self, logits: torch.Tensor, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
+        """:meth:`loss` of each of len(sizes) workers whose batches (sizes[i] utterances each, in worker
+        order) were concatenated into `batch`: each reduced over its own utterances and frames as
+        :meth:`loss` reduces that worker's batch alone, so the gradient of their mean is the mean of the
+        workers' gradients (sync's all-reduce), up to float summation order."""
+        losses = criterion_losses(logits, batch, self.criterion, sizes)
+        if self.model.phone_probe is not None and "frame_labels" in batch:
+            losses = losses + _frame_losses(self.model.phone_logits(), batch["frame_labels"],
+                                            _owners(sizes, logits.device), len(sizes), empty_is_zero=True)
+        return losses
 
     def probe_parameters(self) -> list[torch.nn.Parameter]:
         """The phone probe's parameters (none without one); they come last in the model's parameters."""
