@@ -79,8 +79,10 @@ def build_worker_optimizer(module: Any, rows: Sequence[nn.Parameter]) -> tuple[t
 
     Adam, AdamW and SGD (with momentum and weight decay) update each element from that element's
     gradient and state alone, so one optimizer over the rows of P equals N optimizers, one per
-    worker. The return value is parsed by Lightning's own parser, so the schedulers come back as
-    its ``LRSchedulerConfig`` (scheduler, interval, frequency), stepped by :func:`step_schedulers`.
+    worker: bit for bit, and with ``optim.fused`` but for a few elements at the ends of a worker's
+    tensors (:func:`asrbench.model.optim.fused_option`). The return value is parsed by Lightning's
+    own parser, so the schedulers come back as its ``LRSchedulerConfig`` (scheduler, interval,
+    frequency), stepped by :func:`step_schedulers`.
     """
     conf = AcousticModule.configure_optimizers(_WorkerRows(module, rows))
     optimizers, schedulers, monitor = _configure_optimizers(conf)

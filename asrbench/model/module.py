@@ -200,16 +200,19 @@ class AcousticModule(L.LightningModule):
         cfg = self.optim_cfg
         lr = scaled_lr(cfg["lr"], cfg.get("lr_scaling", "none"), self.world_size)
         name = cfg.get("name", "adam")
+        from asrbench.model.optim import fused_option
+
+        fused = fused_option(cfg)  # True or None (torch's default, as before optim.fused existed)
         if name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=cfg.get("momentum", 0.0),
-                                  weight_decay=cfg.get("weight_decay", 0.0))
+                                  weight_decay=cfg.get("weight_decay", 0.0), fused=fused)
         elif name in ("adam", "adamw") and cfg.get("freeze_variance_after"):
             opt = FrozenVarianceAdam(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0),
                                      freeze_after=int(cfg["freeze_variance_after"]),
                                      decoupled_weight_decay=name == "adamw")
         elif name in ("adam", "adamw"):
             cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-            opt = cls(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0))
+            opt = cls(self.parameters(), lr=lr, weight_decay=cfg.get("weight_decay", 0.0), fused=fused)
         else:
             raise ValueError(f"optim.name={name!r} is unknown; use sgd, adam or adamw")
         warmup = int(cfg.get("warmup_steps", 0))
