@@ -144,8 +144,8 @@ def _exchange_bucket(state: GTCState, bucket: dist.GradBucket, words: Tensor, no
         raise collective_error(err, f"GTC exchange of bucket {bucket.index()}", state.iter) from err
     if bool(headers[:, 1].any()):
         bad = [int(r) for r in torch.nonzero(headers[:, 1]).view(-1)]
-        raise NonFiniteGradientError(f"GTC step {state.iter}: NaN/inf in the gradient of rank(s) "
-                                     f"{', '.join(map(str, bad))} (bucket {bucket.index()})")
+        raise NonFiniteGradientError(f"NaN/inf in the gradient of rank(s) {', '.join(map(str, bad))} "
+                                     f"(bucket {bucket.index()})", method="GTC", step=state.iter)
     return headers, fut
 
 
@@ -374,7 +374,7 @@ class GroupGTC:
         try:
             return encode(self.residual[i], grads[i], self.state.tau, scratch=grads[i], mask=self.mask)
         except NonFiniteGradientError:
-            raise NonFiniteGradientError(f"GTC step {step}: NaN/inf in the gradient of worker {i}") from None
+            raise NonFiniteGradientError(f"NaN/inf in the gradient of worker {i}", method="GTC", step=step) from None
 
     def _record_worker0(self, sent: int, largest_in_group: int) -> None:
         """Worker 0's bytes, as :func:`gtc_hook` records them for one bucket."""

@@ -54,6 +54,7 @@ from asrbench.strategies.accounting import CommStats
 from asrbench.strategies.base import AccountedDDPStrategy, refuse_hook_keywords
 from asrbench.strategies.contract import (FP32_BYTES, Collective, SimContext, Simulation, StrategySpec, read_stats,
                                           synchronize, time_codec)
+from asrbench.strategies.errors import NonFiniteGradientError
 
 # The parts that run inside a worker live in their own module; every name stays importable from here.
 from asrbench.strategies.hooked_parts import (ALL_GATHER, ALL_REDUCE, Communicator, Compressor,  # noqa: F401
@@ -200,8 +201,9 @@ class SimulatedHook:
         t1 = time.perf_counter()
         try:
             c.decode(c.communicator.stacked(messages), self.plan, grads[0], n, step)
-        except FloatingPointError as err:
-            raise type(err)(str(err).replace("rank(s)", "worker(s)")) from None
+        except NonFiniteGradientError as err:  # the simulated cluster's words: workers, not ranks
+            raise NonFiniteGradientError(err.where.replace("rank(s)", "worker(s)"), method=err.method,
+                                         step=err.step) from None
         grads[1:].copy_(grads[0].expand(n - 1, -1))
         synchronize(self.device)
         self.encode_s += t1 - t0

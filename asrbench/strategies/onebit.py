@@ -187,7 +187,7 @@ def check_finite(values: Tensor, step: int, workers: str = "rank") -> None:
     finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)
     if not bool(finite.all()):
         bad = ", ".join(str(int(w)) for w in torch.nonzero(~finite).view(-1))
-        raise NonFiniteGradientError(f"1-bit SGD step {step}: NaN/inf in the gradient of {workers}(s) {bad}")
+        raise NonFiniteGradientError(f"NaN/inf in the gradient of {workers}(s) {bad}", method="1-bit SGD", step=step)
 
 
 def _slices(x: Tensor, memory: Sequence[Tensor]) -> list[Tensor]:
