@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,69 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         save_atomic(checkpoint, path)
+
+
+# ---------------------------------------------------------------- what results.json counts, across a resume
+class RunCounts(L.Callback):
+    """What a run's results.json counts, continued across a resume on Lightning's path: each rank's
+    training frames and time inside training batches (the module's ``frames_seen`` and ``train_time_s``),
+    the fit's wall time, and the strategy's CommStats (comm_steps and the bytes per step) where the
+    strategy's own checkpoint state does not bring them back: sync's (GTC's, the hooks', PowerSGD's and
+    BMUF's come back with their residuals, memory or block state).
+
+    Every checkpoint holds every rank's counts as this callback's state (gathered to rank 0, which writes
+    it); on a resume each rank sets its own back at train start, once Lightning has loaded the checkpoint.
+    A checkpoint written before these were saved still resumes, its counts starting from the resume (a
+    warning says so). The times are the sums of the pieces up to the checkpoint each one resumed from.
+    """
+
+    def __init__(self) -> None:
+        self.resumed: dict[str, Any] | None = None  # this rank's counts from the checkpoint resumed, if it had any
+        self._saved: Mapping[str, Any] | None = None  # every rank's, as loaded
+        self._trainer: L.Trainer | None = None
+        self._t0 = time.perf_counter()
+
+    @property
+    def fit_wall_s_before(self) -> float:
+        """Seconds of fit wall time of the pieces before this one (0.0 without a resume)."""
+        return float(self.resumed["fit_wall_s"]) if self.resumed else 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer, self._t0 = trainer, time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Called on every rank as a checkpoint is written (all of them write it together)."""
+        trainer = self._trainer
+        if trainer is None or trainer.lightning_module is None:
+            return {}
+        module, stats = trainer.lightning_module, getattr(trainer.strategy, "comm_stats", None)
+        mine = {"frames_seen": int(module.frames_seen), "train_time_s": float(module.train_time_s),
+                "fit_wall_s": self.fit_wall_s_before + time.perf_counter() - self._t0,
+                "comm_stats": stats.state_dict() if stats is not None else None}
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return {"world_size": 1, "ranks": [mine]}
+        ranks: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+        dist.gather_object(mine, ranks, dst=0)
+        return {"world_size": trainer.world_size, "ranks": ranks} if trainer.is_global_zero else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved = state
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        if self._saved is None:
+            if trainer.is_global_zero:
+                log.warning("%s was written without the run's counts: results.json's train_frames, train_time_s and "
+                            "fit_wall_s (and, for a strategy that does not checkpoint its own, comm_steps and the bytes "
+                            "per step) count from this resume at step %d", trainer.ckpt_path, trainer.global_step)
+            return
+        assert self._saved["world_size"] == trainer.world_size, "a resume keeps nodes (MUST_MATCH)"
+        self.resumed = mine = dict(self._saved["ranks"][trainer.global_rank])
+        pl_module.frames_seen, pl_module.train_time_s = int(mine["frames_seen"]), float(mine["train_time_s"])
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        if stats is not None and mine["comm_stats"] is not None and stats.steps == 0:  # not restored by the strategy
+            stats.load_state_dict(mine["comm_stats"])
 
 
 # ---------------------------------------------------------------- stopping: signals and divergence

@@ -11,7 +11,6 @@ here at the edge. The run's inputs (corpus, features, frame labels, the data mod
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,12 +126,13 @@ class TrainerRunner:
                                          check_every=cfg.get("stop_check_every_n_steps", 10))
         if hasattr(strategy, "checkpoint_dir"):
             strategy.checkpoint_dir = str(ckpt_dir)
+        counts = checkpoint.RunCounts()  # frames, times and bytes continue across a resume
         progress = [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.get("enable_progress_bar", True) else []
         history = MetricsHistory(out_dir / "metrics.jsonl", cfg.trainer.get("log_every_n_steps", 10))
         trainer_kw = {"enable_checkpointing": False} | OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer = L.Trainer(accelerator=self.accelerator, devices=self.devices, num_nodes=self.machines,
                             strategy=strategy, logger=logger, plugins=[checkpoint.AtomicCheckpointIO()],
-                            callbacks=[guard, checkpoint.RunIdentity(ident), *progress, history],
+                            callbacks=[guard, checkpoint.RunIdentity(ident), counts, *progress, history],
                             default_root_dir=str(out_dir), use_distributed_sampler=False,
                             deterministic=cfg.deterministic, **trainer_kw)
         if resume and checkpoint.read(Path(resume)).get("simulated"):
@@ -153,7 +153,7 @@ class TrainerRunner:
                 raise RunFailed(f"{' '.join(str(err).split())}; "
                                 f"{checkpoint.describe_last_checkpoint(ckpt_dir)}") from err
             raise
-        fit_s = time.perf_counter() - t_fit
+        fit_s = counts.fit_wall_s_before + time.perf_counter() - t_fit
         if guard.diverged is not None:  # every rank stopped at the same step; rank 0 speaks for the run
             if trainer.is_global_zero:
                 raise RunFailed(f"{guard.divergence_message(*lr_of_run(cfg, module))}; "
@@ -165,7 +165,8 @@ class TrainerRunner:
         if not trainer.is_global_zero:
             return None
         comm = getattr(trainer.strategy, "comm_summary", None)
-        # All workers' frames over rank 0's time inside training batches (validation excluded).
+        # All workers' frames over rank 0's time inside training batches (validation excluded), both from
+        # the run's start: a resumed run's continue from its checkpoint (checkpoint.RunCounts).
         return FitResult(steps=int(trainer.global_step), epochs=int(trainer.current_epoch),
                          train_frames=frames, fit_wall_s=fit_s,
                          train_time_s=module.train_time_s, model=module.model, comm_summary=comm() if comm else {})
@@ -178,30 +179,30 @@ class TrainerRunner:
 _CALLBACK_ERROR = f"{NonFiniteGradientError.__name__}: "
 
 
-def non_finite_gradient(err: BaseException) -> str | None:
-    """The message of a compressing hook's NaN/inf gradient error (GTC's, 1-bit SGD's), found along the
-    exception's chain as a traceback shows it (causes, unsuppressed contexts), also when autograd wrapped
-    it in a RuntimeError (raised in the hook's future callback, only its text kept); None for any other."""
+def non_finite_gradient(err: BaseException) -> NonFiniteGradientError | None:
+    """A compressing hook's NaN/inf gradient error (GTC's, 1-bit SGD's), found along the exception's chain
+    as a traceback shows it (causes, unsuppressed contexts); where autograd wrapped it in a RuntimeError
+    (raised in the hook's future callback), only its text is left, and the error is read back from that
+    (:meth:`NonFiniteGradientError.from_text`). None for any other."""
     seen: set[int] = set()
     link: BaseException | None = err
     while link is not None and id(link) not in seen:
         seen.add(id(link))
         if isinstance(link, NonFiniteGradientError):
-            return str(link)
+            return link
         text = str(link)
         if isinstance(link, RuntimeError) and _CALLBACK_ERROR in text:
-            return text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip()
+            return NonFiniteGradientError.from_text(text.split(_CALLBACK_ERROR, 1)[1].split("\n\nAt:", 1)[0].strip())
         link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)  # as a traceback reads
     return None
 
 
-def hook_divergence(message: str, step: int) -> str:
-    """What a compressing hook's NaN/inf error `message` says, in the words of the simulated cluster's line:
-    `step`, the run's optimizer step (from 1), in place of the hook's own counter (from 0); the advice, with
-    the run's values, is :func:`asrbench.checkpoint.divergence_message`'s."""
-    detail = " ".join(message.split())
-    detail = re.sub(r"^(\S+(?: \S+)?) step \d+: ", r"\1: ", detail, count=1)  # "GTC step 2: ..." -> "GTC: ..."
-    return f"training hit NaN or inf at step {step} ({detail})"
+def hook_divergence(error: NonFiniteGradientError, step: int) -> str:
+    """What a compressing hook's NaN/inf `error` says, in the words of the simulated cluster's line: `step`,
+    the run's optimizer step (from 1), in place of the hook's own counter (from 0, ``error.step``); the
+    advice, with the run's values, is :func:`asrbench.checkpoint.divergence_message`'s."""
+    detail = " ".join(error.where.split())
+    return f"training hit NaN or inf at step {step} ({f'{error.method}: ' if error.method else ''}{detail})"
 
 
 def planned_steps(per_epoch: int, trainer: Mapping) -> tuple[int | None, str]:

@@ -138,14 +138,16 @@ def test_a_diverged_simulated_run_stops_with_one_line_and_no_results(corpus, tmp
 
 def test_one_non_finite_gradient_error_is_found_through_its_wrappings():
     """GTC's and 1-bit SGD's error is one class, found by isinstance along the chain a traceback shows, and
-    by its text where autograd kept only that (raised in a comm hook's future callback)."""
-    from asrbench.experiment import non_finite_gradient
+    read back from its text where autograd kept only that (raised in a comm hook's future callback): its
+    method and its hook's step are fields, and the command line's line puts the run's step in place of it."""
+    from asrbench.experiment import hook_divergence, non_finite_gradient
     from asrbench.strategies import errors, gtc, gtc_codec, onebit
 
     assert gtc.NonFiniteGradientError is gtc_codec.NonFiniteGradientError is onebit.NonFiniteGradientError \
         is errors.NonFiniteGradientError
-    error = onebit.NonFiniteGradientError("1-bit SGD step 1: NaN/inf in the gradient of rank(s) 0, 1")
-    assert non_finite_gradient(error) == str(error)
+    error = onebit.NonFiniteGradientError("NaN/inf in the gradient of rank(s) 0, 1", method="1-bit SGD", step=1)
+    assert str(error) == "1-bit SGD step 1: NaN/inf in the gradient of rank(s) 0, 1"
+    assert non_finite_gradient(error) is error
     for cause in (True, False):
         try:
             try:
@@ -155,7 +157,7 @@ def test_one_non_finite_gradient_error_is_found_through_its_wrappings():
                     raise RuntimeError("a wrapper") from err
                 raise RuntimeError("raised while handling it")  # noqa: B904  (its context)
         except RuntimeError as wrapped:
-            assert non_finite_gradient(wrapped) == str(error)
+            assert non_finite_gradient(wrapped) is error
     try:
         try:
             raise error
@@ -164,7 +166,13 @@ def test_one_non_finite_gradient_error_is_found_through_its_wrappings():
     except ValueError as other:
         assert non_finite_gradient(other) is None  # suppressed: not what the traceback shows
     by_autograd = RuntimeError(f"NonFiniteGradientError: {error}\n\nAt:\n  onebit.py(190): check_finite")
-    assert non_finite_gradient(by_autograd) == str(error)
+    found = non_finite_gradient(by_autograd)
+    assert (str(found), found.method, found.step, found.where) == (str(error), "1-bit SGD", 1, error.where)
+    assert hook_divergence(found, 2) == "training hit NaN or inf at step 2 (1-bit SGD: NaN/inf in the gradient of " \
+                                        "rank(s) 0, 1)"
+    codec = gtc_codec.NonFiniteGradientError("3 non-finite gradient elements")  # no method, no step: the text alone
+    assert non_finite_gradient(RuntimeError(f"NonFiniteGradientError: {codec}")).where == str(codec)
+    assert hook_divergence(codec, 4) == "training hit NaN or inf at step 4 (3 non-finite gradient elements)"
     assert non_finite_gradient(RuntimeError("Connection closed by peer")) is None
 
 
@@ -193,6 +201,12 @@ def processes_ref(corpus, tmp_path_factory) -> Path:  # noqa: F811
     return ref
 
 
+def counts(run: Path) -> dict:
+    """results.json's counts that continue across a resume: steps, comm_steps, train_frames, every bytes figure."""
+    results = json.loads((run / "results.json").read_text())
+    return {k: v for k, v in results.items() if k in ("steps", "comm_steps", "train_frames") or "bytes" in k}
+
+
 def assert_within_1e_6(ref: Path, run: Path) -> None:
     a, b = params(ref / "checkpoints" / "last.ckpt"), params(run / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
@@ -206,6 +220,9 @@ def test_sigterm_on_two_processes_then_resume_auto_matches(corpus, tmp_path, pro
     _, step = sigterm_mid_run(run, data(corpus), after_steps=3)
     asrbench("train", *data(corpus), "resume=auto", f"hydra.run.dir={run}", timeout=300)
     assert_within_1e_6(processes_ref, run)
+    # GTC's bytes come back with its residuals, the frames with the run's counts (checkpoint.RunCounts)
+    ref = counts(processes_ref)
+    assert counts(run) == ref and ref["comm_steps"] == STEPS and ref["bytes_sent_per_worker_per_step"] > 0, ref
 
 
 def test_torchrun_restarts_after_a_killed_worker_and_resumes_from_last_ckpt(corpus, tmp_path,  # noqa: F811
@@ -239,14 +256,26 @@ def test_torchrun_restarts_after_a_killed_worker_and_resumes_from_last_ckpt(corp
 def test_a_checkpoint_at_an_epoch_end_resumes_bit_exact_over_two_processes(corpus, tmp_path):  # noqa: F811
     """last.ckpt written at the end of epoch 3 (step 18) and resumed to step 36 equals 36 steps straight, every
     parameter bit for bit: a checkpoint saved in on_train_epoch_end resumed (Lightning 2.6) to a model up to
-    1.7e-3 away, which made a stop that fell on an epoch end inexact (recipes/slurm/check.sh stage 3)."""
+    1.7e-3 away, which made a stop that fell on an epoch end inexact (recipes/slurm/check.sh stage 3). Its
+    results.json counts as 36 steps straight do (sync's CommStats and the frames come back with the run's
+    counts); a checkpoint written without them still resumes, counting from the resume, with a warning."""
     args = (*data(corpus), "strategy=sync", "trainer.max_epochs=100")
-    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref, run, old = tmp_path / "ref", tmp_path / "run", tmp_path / "old"
     asrbench("train", *args, "trainer.max_steps=36", f"hydra.run.dir={ref}", timeout=300)
     asrbench("train", *args, "trainer.max_steps=18", f"hydra.run.dir={run}", timeout=300)
     assert step_of(run / "checkpoints" / "last.ckpt") == 3 * PER_EPOCH
+    (old / "checkpoints").mkdir(parents=True)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["callbacks"]["RunCounts"]  # as a checkpoint written before the counts were saved
+    torch.save(ckpt, old / "checkpoints" / "last.ckpt")
     asrbench("train", *args, "trainer.max_steps=36", "resume=auto", f"hydra.run.dir={run}", timeout=300)
     a, b = params(ref / "checkpoints" / "last.ckpt"), params(run / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
         {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert json.loads((run / "results.json").read_text())["eval"] == json.loads((ref / "results.json").read_text())["eval"]
+    assert counts(run) == counts(ref) and counts(ref)["comm_steps"] == 36, counts(ref)
+
+    proc = asrbench("train", *args, "trainer.max_steps=24", "resume=auto", f"hydra.run.dir={old}", timeout=300)
+    assert "was written without the run's counts" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    resumed = counts(old)
+    assert resumed["steps"] == 24 and resumed["comm_steps"] == 24 - 18, resumed  # counted from the resume
