@@ -11,8 +11,8 @@
 #      (USR1) `scancel --signal=USR1`: the run saves interrupted.ckpt and exits 138, the script requeues the
 #      job; (TERM) plain `scancel`, what preemption sends: interrupted.ckpt, exit 143, the job CANCELLED,
 #      then `scontrol requeue` (what PreemptMode=REQUEUE does). Each requeued start continues with
-#      resume=auto in the same run dir and must end as the uninterrupted run does (train_frames aside: it
-#      counts the frames this process trained, and is not checkpointed)
+#      resume=auto in the same run dir and must end as the uninterrupted run does, train_frames, comm_steps
+#      and the bytes per step included (checkpoints carry the run's counts: asrbench.checkpoint.RunCounts)
 # Each check prints PASS or FAIL with its reason; the script exits 1 when any failed. Runs go to $EXP.
 # Usage: recipes/slurm/check.sh   (env: EXP=outputs/slurm_check NODES=2 STEPS=12 PYTHON=.venv/bin/python
 #        STAGES="1 2 3": the checks to run; 0 always runs)
@@ -149,7 +149,7 @@ requeue_check() {  # requeue_check SIGNAL TAG WHAT: stop an sbatch --requeue job
   if [ "$code" = "$((128 + $(kill -l "$sig")))" ] && [ -n "$stopped" ] && [ -n "$ckpt" ] && [ -n "$resumed" ] \
      && [ "$(state)" = COMPLETED ] && [ "${restarts:-0}" -ge 1 ] && [ -f "$run/results.json" ]; then
     mv "$run" "$exp/requeued_$tag"
-    line=$("$python" recipes/slurm/compare.py --ignore train_frames "$exp/uninterrupted" "$exp/requeued_$tag" 2>&1)
+    line=$("$python" recipes/slurm/compare.py "$exp/uninterrupted" "$exp/requeued_$tag" 2>&1)
     case "$line" in
       same*) pass "requeue after $name: job $job signalled after step $signalled, exit $code, interrupted.ckpt at step $at, requeued $restarts time(s), continued from it with resume=auto: $line";;
       *) fail "requeue after $name: job $job stopped after step $at, resumed from interrupted.ckpt, but trained something else: $line";;

@@ -1,7 +1,8 @@
-"""Whether runs of `asrbench train` trained the same thing: `compare.py [--ignore KEY]... REF RUN...`
-compares each RUN dir with REF exactly, results.json's numbers (timings and paths aside) and every tensor of
-checkpoints/last.ckpt, prints one line per RUN and exits 1 when any differs. recipes/slurm/check.sh
-uses it to hold srun and sbatch runs to the launcher's run."""
+"""Whether runs of `asrbench train` trained the same thing: `compare.py REF RUN...` compares each RUN dir
+with REF exactly, results.json's numbers (timings and paths aside; the counts, train_frames, comm_steps and
+the bytes per step, included) and every tensor of checkpoints/last.ckpt, prints one line per RUN and exits
+1 when any differs. recipes/slurm/check.sh uses it to hold srun and sbatch runs to the launcher's run, and a
+requeued run to the uninterrupted one."""
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): value}
 
 
-def differences(ref: Path, run: Path, ignore: frozenset[str] = frozenset()) -> list[str]:
+def differences(ref: Path, run: Path) -> list[str]:
     """`key: ref -> run` for every compared number or tensor that is not bit-for-bit the same."""
     a, b = (json.loads((p / "results.json").read_text()) for p in (ref, run))
-    fa, fb = (flatten({k: v for k, v in r.items() if k not in NOT_COMPARED | ignore}) for r in (a, b))
+    fa, fb = (flatten({k: v for k, v in r.items() if k not in NOT_COMPARED}) for r in (a, b))
     out = [f"{k}: {fa.get(k)} -> {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
     pa, pb = (torch.load(p / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
               for p in (ref, run))
@@ -36,16 +37,12 @@ def differences(ref: Path, run: Path, ignore: frozenset[str] = frozenset()) -> l
 
 
 def main(argv: list[str]) -> int:
-    ignore = set()
-    while len(argv) > 1 and argv[0] == "--ignore":
-        ignore.add(argv[1])
-        argv = argv[2:]
     if len(argv) < 2:
-        print("usage: compare.py [--ignore KEY]... REF_RUN_DIR RUN_DIR...", file=sys.stderr)
+        print("usage: compare.py REF_RUN_DIR RUN_DIR...", file=sys.stderr)
         return 2
     ref, failed = Path(argv[0]), 0
     for run in map(Path, argv[1:]):
-        diffs = differences(ref, run, frozenset(ignore))
+        diffs = differences(ref, run)
         summary = json.loads((run / "results.json").read_text())
         what = f"steps {summary['steps']}, dev loss {summary['eval']['dev'].get('loss')}, WER {summary['wer']}"
         if diffs:
