@@ -66,6 +66,8 @@ SCHEMA: dict[str, Knob] = {
     "features.min_frames": Knob(int, 0),
     # the simulated cluster's
     "cluster.overlap": Knob(float, 0, 1),
+    "cluster.batched_sync": Knob(bool),
+    "optim.fused": Knob(bool),
     "cluster.threads": Knob(int, 1, nullable=True),
     "cluster.memory_fraction": Knob(float, 0, 1, low_open=True),
 }

@@ -93,7 +93,8 @@ class SimulatedRunner:
                      cfg.num_workers)
         cluster = SimulatedCluster(module, strategy, nodes, device=self.device,
                                    gradient_clip_val=self.loop.gradient_clip_val,
-                                   gradient_clip_algorithm=self.loop.gradient_clip_algorithm)
+                                   gradient_clip_algorithm=self.loop.gradient_clip_algorithm,
+                                   batched_sync=bool(cfg.cluster.get("batched_sync", False)))
         on_step, validate, last = self._callbacks(cluster, data, logger)
         start = load_resume_state(cluster, _simulated_entry(Path(resume))) if resume else None
         last["frames"] = cluster.timings.frames  # a resumed cluster's counts continue

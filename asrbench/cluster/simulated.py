@@ -250,11 +250,11 @@ class SimulatedCluster:
         """Batched sync is exact (up to float order) only where every row is equal before the step and
         the exchange is the plain mean: strategy=sync; and only without dropout (module docstring)."""
         if self.kind != "sync" or self.averager is not None or self.group_size != self.nodes:
-            raise ConfigError(f"batched_sync=True holds only for strategy=sync (one mean gradient of equal rows); "
-                              f"this run has strategy={self.kind}: set batched_sync=False")
+            raise ConfigError(f"cluster.batched_sync=true holds only for strategy=sync (one mean gradient of equal "
+                              f"rows); this run has strategy={self.kind}: set cluster.batched_sync=false")
         if self._rng is not None:
-            raise ConfigError("batched_sync=True cannot replay each worker's own dropout stream in one batch; "
-                              "set model.dropout=0 or batched_sync=False")
+            raise ConfigError("cluster.batched_sync=true cannot replay each worker's own dropout stream in one batch; "
+                              "set model.dropout=0 or cluster.batched_sync=false")
         if int(every) < 1:
             raise ConfigError(f"timing_sample_every={every} must be a positive number of steps")
 
