@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,10 @@ def asrbench(*args: str, check: bool = True, timeout: int = 300) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, synth_tiny_prepared) -> Path:
+    """The prepared synth_tiny corpus, a copy per module (conftest's synth_tiny_prepared runs `asrbench prepare`)."""
     root = tmp_path_factory.mktemp("corpus") / "synth_tiny"
-    asrbench("prepare", "data=synth_tiny", f"data.root={root}", f"hydra.run.dir={root.parent}/prepare")
+    shutil.copytree(synth_tiny_prepared, root)  # copy2: mtimes kept, so the feature cache's key still matches
     return root
 
 
