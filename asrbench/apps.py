@@ -134,11 +134,24 @@ def prepare(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------- train
+def close_process_group() -> None:
+    """Each rank's own teardown of torch.distributed once its part of the run is over (a local call, no
+    collective: a rank other than 0 returns from training while rank 0 still evaluates). Left to the
+    interpreter's exit, Gloo's worker threads were destroyed still joinable now and then: "terminate called
+    without an active exception", SIGABRT (exit 134) after results.json was written, which SLURM counts as
+    the job failing (recipes/slurm/check.sh, 2026-12-07)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 @user_errors
 def train(cfg: DictConfig) -> None:
     third_party_to_log_file()
-    results = experiment.train(cfg, run_dir())
+    try:
+        results = experiment.train(cfg, run_dir())
+    finally:
+        close_process_group()
     if results:
         rows = [results]
         baseline = cfg.get("baseline")
