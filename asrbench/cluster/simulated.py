@@ -249,7 +249,7 @@ class SimulatedCluster:
     def _check_batched_sync(self, every: int) -> None:
         """Batched sync is exact (up to float order) only where every row is equal before the step and
         the exchange is the plain mean: strategy=sync; and only without dropout (module docstring)."""
-        if self.kind != "sync" or self.averager is not None or self.group_size != self.nodes:
+        if self.kind != strategies.MEAN_OF_EQUAL_ROWS or self.averager is not None or self.group_size != self.nodes:
             raise ConfigError(f"cluster.batched_sync=true holds only for strategy=sync (one mean gradient of equal "
                               f"rows); this run has strategy={self.kind}: set cluster.batched_sync=false")
         if self._rng is not None:
