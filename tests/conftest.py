@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -90,18 +87,3 @@ def gtc_kernel_built() -> None:
     from asrbench.strategies import gtc_kernel
 
     gtc_kernel.load()
-
-
-@pytest.fixture(scope="session")
-def synth_tiny_prepared(tmp_path_factory) -> Path:
-    """`asrbench prepare data=synth_tiny` (corpus and feature cache) once per test process. Modules take
-    a copy of it (tests/test_pipeline.py's `corpus`): the copy keeps the audio's mtimes, so its feature
-    cache stays valid, and each module still writes into a corpus of its own."""
-    root = tmp_path_factory.mktemp("synth_tiny_prepared") / "synth_tiny"
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    env.pop("ASRBENCH_COMMAND", None)
-    proc = subprocess.run([sys.executable, "-m", "asrbench.cli", "prepare", "data=synth_tiny", f"data.root={root}",
-                           f"hydra.run.dir={root.parent}/prepare"], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"asrbench prepare failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return root

@@ -1,7 +1,6 @@
-"""Faults through the command line: a killed worker names the rank and the last checkpoint and
-resuming reaches the uninterrupted run's parameters, bad checkpoints give one line each, and a soak
-records every process's memory. Ctrl-C and its resume are in test_faults_resume.py (a file of its own,
-so that `make test`'s two workers share these runs)."""
+"""Faults through the command line: Ctrl-C saves a checkpoint, a killed worker names the rank and
+the last checkpoint, resuming reaches the uninterrupted run's parameters, and bad checkpoints or
+output directories give one line each."""
 from __future__ import annotations
 
 import json
@@ -78,57 +77,43 @@ def assert_same_params(a: Path, b: Path) -> None:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End every process of a run start() began (its own session), if it still runs."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+@pytest.mark.parametrize("strategy", ["gtc", "bmuf"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(corpus, tmp_path, strategy):  # noqa: F811
+    data = ("data=synth_tiny", f"data.root={corpus}", f"strategy={strategy}", *TWO)
+    ref = tmp_path / "ref"  # three trainings and a refusal: their budgets add up to less than the test's 600 s
+    asrbench("train", *data, f"hydra.run.dir={ref}", timeout=150)
 
+    run = tmp_path / "interrupted"
+    proc = start("train", *data, f"hydra.run.dir={run}")
+    wait_for(lambda: trained_steps(run) >= 3, proc, timeout=120)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every rank gets SIGINT
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "stopped by Ctrl-C after step" in lines[0] and "Traceback" not in err
+    ckpt = run / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.is_file() and f"resume={ckpt}" in lines[0]
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < STEPS and not (run / "results.json").exists()
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Wait for a run start() began; its outcome (on a timeout, every process of it is ended)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        stop(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    # a changed world size or strategy is refused before any process starts, in one line
+    bad = asrbench("train", *data, "nodes=1", "strategy=single", f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'x'}",
+                   check=False, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "written by a different run" in bad.stderr and f"strategy={strategy}" in bad.stderr and "nodes=2" in bad.stderr
 
-
-def side_by_side(*commands: tuple[str, ...], timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Run independent `asrbench` command lines at the same time, each its own process as a user would
-    start it; their outcomes in order."""
-    procs = [start(*args) for args in commands]
-    try:
-        return [finish(proc, timeout) for proc in procs]
-    finally:
-        for proc in procs:
-            stop(proc)
-
-
-def trained(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """`done`, after checking that its run finished (exit status 0)."""
-    command = " ".join(done.args[3:])
-    assert done.returncode == 0, f"asrbench {command} failed ({done.returncode}):\n{done.stderr[-3000:]}"
-    return done
+    resumed = tmp_path / "resumed"
+    asrbench("train", *data, f"resume={ckpt}", f"hydra.run.dir={resumed}", timeout=150)
+    assert json.loads((resumed / "results.json").read_text())["steps"] == STEPS
+    assert_same_params(ref / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
 def test_killed_worker_names_rank_and_checkpoint_and_resume_matches(corpus, tmp_path):  # noqa: F811
     data = ("data=synth_tiny", f"data.root={corpus}", "strategy=sync", *TWO, "checkpoint_every_n_steps=4")
-    ref = tmp_path / "ref"  # trained beside the killed run: neither depends on the other
-    ref_proc = start("train", *data, f"hydra.run.dir={ref}")
-    try:
-        ckpt = kill_rank_1(tmp_path / "killed", data)
-        trained(finish(ref_proc))
-    finally:
-        stop(ref_proc)
+    ref = tmp_path / "ref"
+    asrbench("train", *data, f"hydra.run.dir={ref}")
 
-    resumed = tmp_path / "resumed"
-    asrbench("train", *data, f"resume={ckpt}", f"hydra.run.dir={resumed}")
-    assert_same_params(ref / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
-
-
-def kill_rank_1(run: Path, data: tuple[str, ...]) -> Path:
-    """Start a run, kill its rank 1 after a checkpoint, and check rank 0's one line; the checkpoint it names."""
+    run = tmp_path / "killed"
     proc = start("train", *data, f"hydra.run.dir={run}")
     last = run / "checkpoints" / "last.ckpt"
     wait_for(lambda: last.is_file() and trained_steps(run) >= 6, proc)
@@ -145,39 +130,40 @@ def kill_rank_1(run: Path, data: tuple[str, ...]) -> Path:
     assert "rank 1" in line and "last checkpoint" in line and "resume=" in line, line
     ckpt = Path(line.split("resume=")[1].split()[0])
     assert ckpt.is_file()
-    return ckpt
+
+    resumed = tmp_path / "resumed"
+    asrbench("train", *data, f"resume={ckpt}", f"hydra.run.dir={resumed}")
+    assert_same_params(ref / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
 def test_bad_checkpoints_are_one_line_errors(corpus, tmp_path):  # noqa: F811
     data = ("data=synth_tiny", f"data.root={corpus}", "model=lstm_tiny", "batch_size=4", "logger=none",
             "trainer.max_steps=2", "trainer.enable_progress_bar=false")
     good_run = tmp_path / "good"
+    asrbench("train", *data, f"hydra.run.dir={good_run}")
     good = good_run / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint\n" * 100)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "global_step": 1}, foreign)
-    truncated = tmp_path / "truncated.ckpt"
-    cases = {  # the first four need no trained checkpoint: they run beside the good run's training
+    cases = {
         str(tmp_path / "missing.ckpt"): "no such checkpoint",
         str(tmp_path): "directory without checkpoints/last.ckpt",
+        str(truncated): "not a readable checkpoint",
         str(garbage): "not a readable checkpoint",
         str(foreign): "without asrbench's run identity",
-        str(truncated): "not a readable checkpoint",
     }
-    refusals = [("train", *data, f"resume={resume}", f"hydra.run.dir={tmp_path / 'out' / str(i)}")
-                for i, resume in enumerate(cases)]
-    good_training, *first = side_by_side(("train", *data, f"hydra.run.dir={good_run}"), *refusals[:4])
-    trained(good_training)
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    other_model = ("train", *data, "model=lstm_small", f"resume={good_run}", f"hydra.run.dir={tmp_path / 'out' / 'm'}")
-    more = ("train", *data, "trainer.max_steps=4", f"resume={good_run}", f"hydra.run.dir={tmp_path / 'more'}")
-    *last, other_model, more = side_by_side(*refusals[4:], other_model, more)
-    for (resume, expected), proc in zip(cases.items(), [*first, *last]):
+    for resume, expected in cases.items():
+        proc = asrbench("train", *data, f"resume={resume}", f"hydra.run.dir={tmp_path / 'out'}", check=False)
         assert proc.returncode == 2 and expected in proc.stderr, (resume, proc.stderr[-1500:])
         assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-    assert other_model.returncode == 2 and "written by a different run: model=" in other_model.stderr
-    trained(more)  # the run dir itself resumes from its last.ckpt
+    proc = asrbench("train", *data, "model=lstm_small", f"resume={good_run}", f"hydra.run.dir={tmp_path / 'out'}",
+                    check=False)
+    assert proc.returncode == 2 and "written by a different run: model=" in proc.stderr
+    # the run dir itself resumes from its last.ckpt
+    asrbench("train", *data, "trainer.max_steps=4", f"resume={good_run}", f"hydra.run.dir={tmp_path / 'more'}")
     assert json.loads((tmp_path / "more" / "results.json").read_text())["steps"] == 4
 
 

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +30,9 @@ def asrbench(*args: str, check: bool = True, timeout: int = 300) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, synth_tiny_prepared) -> Path:
-    """The prepared synth_tiny corpus, a copy per module (conftest's synth_tiny_prepared runs `asrbench prepare`)."""
+def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus") / "synth_tiny"
-    shutil.copytree(synth_tiny_prepared, root)  # copy2: mtimes kept, so the feature cache's key still matches
+    asrbench("prepare", "data=synth_tiny", f"data.root={root}", f"hydra.run.dir={root.parent}/prepare")
     return root
 
 
