@@ -46,6 +46,7 @@ SCHEMA: dict[str, Knob] = {
     "optim.lr_decay_per_epoch": Knob(float, 0, 1, low_open=True),
     "optim.lr_decay_interval": Knob(str, choices=("epoch", "step")),
     "optim.freeze_variance_after": Knob(int, 0, nullable=True),
+    "optim.fused": Knob(bool),
     "model.hidden_size": Knob(int, 1),
     "model.num_layers": Knob(int, 1),
     "model.proj_size": Knob(int, 0),
@@ -67,7 +68,6 @@ SCHEMA: dict[str, Knob] = {
     # the simulated cluster's
     "cluster.overlap": Knob(float, 0, 1),
     "cluster.batched_sync": Knob(bool),
-    "optim.fused": Knob(bool),
     "cluster.threads": Knob(int, 1, nullable=True),
     "cluster.memory_fraction": Knob(float, 0, 1, low_open=True),
 }

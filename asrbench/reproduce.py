@@ -174,7 +174,7 @@ def check_config(rc: Any) -> None:
         if not any(_key(str(o)) == "optim.lr" for o in cand):
             raise ConfigError(f"reproduce.lr_search.base_candidates: {list(cand)} sets no optim.lr; each candidate is "
                               f"the baseline's learning rate, e.g. [optim.lr=0.001]")
-    select = (rc.get("lr_search") or {}).get("select") or "each_n"
+    select = lr_select(rc.get("lr_search"))
     if select not in ("each_n", "one_rule"):
         raise ConfigError(f"reproduce.lr_search.select={select} is unknown; use each_n (each worker count's own "
                           f"best candidate) or one_rule (the candidate best on average over them, for every N)")
@@ -344,10 +344,10 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
             lr_search["base"] = base
         judged = {n: judge_lr(plan, f"{control} x{n}", [[*shared, *c] for c in cands], js, done)
                   for n, js in lr_jobs.items()}
-        select = str(lr_cfg.get("select") or "each_n")
+        select = lr_select(lr_cfg)
         lr_search["select"] = select
         if select == "one_rule":
-            lr_search["one_rule"] = one_rule(plan, {n: rows for n, (rows, _) in judged.items()})
+            lr_search["one_rule"] = one_rule({n: rows for n, (rows, _) in judged.items()})
         for n, (rows, best) in judged.items():
             best = lr_search["one_rule"]["winner"] if select == "one_rule" else best
             plan.lr_winners[n] = rows[best]["overrides"]
@@ -364,7 +364,12 @@ def lr_search_step(plan: Plan) -> dict[str, Any]:
     return lr_search
 
 
-def one_rule(plan: Plan, rows_at: Mapping[int, Sequence[Mapping]]) -> dict[str, Any]:
+def lr_select(lr_cfg: Any) -> str:
+    """reproduce.lr_search.select: each_n (each worker count's own best candidate) unless set."""
+    return str((lr_cfg or {}).get("select") or "each_n")
+
+
+def one_rule(rows_at: Mapping[int, Sequence[Mapping]]) -> dict[str, Any]:
     """lr_search.select=one_rule: the one candidate (scaling rule) every N takes, the lowest mean dev WER
     over the worker counts; a candidate that diverged at any N is not eligible. Each N's own pick rests on
     one dev set's noise (a 0.7-point margin picked no scaling at 8 workers between sqrt(N) at 4 and 16 in

@@ -21,7 +21,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from asrbench.data import text
 from asrbench.model.decode import greedy_decode
 from asrbench.model.lstm import LSTMAcousticModel
-from asrbench.model.optim import FrozenVarianceAdam
+from asrbench.model.optim import FrozenVarianceAdam, fused_option
 
 CRITERIA = ("ctc", "ce")
 
@@ -108,7 +108,7 @@ class AcousticModule(L.LightningModule):
         self.val_frames_wrong, self.val_frames = SumMetric(), SumMetric()
         self._t_last: float | None = None
         self.steps_per_epoch = 0  # optimizer steps per epoch per worker, set once the data is read (experiment.train)
-        self.frames_seen = 0  # stacked frames this worker trained on (not checkpointed)
+        self.frames_seen = 0  # stacked frames this worker trained on (checkpoint.RunCounts carries it over a resume)
         self.train_time_s = 0.0  # wall time inside training batches (forward, backward, communication)
         self._t_batch = 0.0
 
@@ -200,8 +200,6 @@ class AcousticModule(L.LightningModule):
         cfg = self.optim_cfg
         lr = scaled_lr(cfg["lr"], cfg.get("lr_scaling", "none"), self.world_size)
         name = cfg.get("name", "adam")
-        from asrbench.model.optim import fused_option
-
         fused = fused_option(cfg)  # True or None (torch's default, as before optim.fused existed)
         if name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=cfg.get("momentum", 0.0),

@@ -19,7 +19,8 @@ from typing import Any
 from asrbench.errors import ConfigError
 from asrbench.strategies.contract import StrategySpec, strategy_kwargs
 
-__all__ = ["BASELINE", "MEAN_OF_EQUAL_ROWS", "StrategySpec", "build_strategy", "names", "registry", "spec", "spec_of", "strategy_kwargs"]
+__all__ = ["BASELINE", "MEAN_OF_EQUAL_ROWS", "StrategySpec", "build_strategy", "names", "registry", "spec", "spec_of",
+           "strategy_kwargs"]
 
 BASELINE = "single"  # the one-worker run every other is compared with (asrbench/strategies/single.py)
 MEAN_OF_EQUAL_ROWS = "sync"  # the one whose exchange is the plain mean of equal rows (cluster.batched_sync)
